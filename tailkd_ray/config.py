@@ -1,0 +1,299 @@
+"""Typed configuration: one dataclass per YAML section, every field documented and validated early.
+
+A config file is YAML with the sections below; any field can be overridden on the command line with a
+dotted ``section.key=value`` (the value is parsed as YAML, so ``loss.beta=2``, ``tune.k=[5,10]`` and
+``summary.cache_dir=null`` all work). Unknown keys and bad values raise ``ConfigError`` naming the key and
+what is allowed, before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key and what is allowed."""
+
+
+def doc(default: Any, text: str) -> Any:
+    """A dataclass field with a documentation string (used for errors and the generated reference)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
+def _positive(section: str, name: str, value: float, *, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{section}.{name} must be {bound}, got {value!r}")
+
+
+@dataclass
+class TeacherConfig:
+    model: Optional[str] = doc(None, "Teacher: any AutoModelForCausalLM path or hub id (local files only here).")
+    batch_size: int = doc(8, "Packed sequences per teacher forward pass.")
+    min_actors: int = doc(1, "Minimum size of the teacher actor pool.")
+    max_actors: int = doc(1, "Maximum size of the teacher actor pool (autoscales between min and max).")
+    num_gpus: float = doc(0.0, "GPUs per teacher actor (0 = CPU).")
+    resources: dict = doc({}, "Custom Ray resources per teacher actor, e.g. {tailkd_inference: 1}, to pin "
+                              "actors to inference nodes.")
+    trust_remote_code: bool = doc(False, "Allow the teacher repo's own Python code. Off: only enable for code you trust.")
+
+    def validate(self) -> None:
+        for name in ("batch_size", "min_actors", "max_actors"):
+            _positive("teacher", name, getattr(self, name))
+        _positive("teacher", "num_gpus", self.num_gpus, allow_zero=True)
+        if self.max_actors < self.min_actors:
+            raise ConfigError(f"teacher.max_actors ({self.max_actors}) must be >= teacher.min_actors "
+                              f"({self.min_actors})")
+        _check_resources("teacher.resources", self.resources)
+
+
+@dataclass
+class StudentConfig:
+    model: Optional[str] = doc(None, "Student: an AutoModelForCausalLM path. Leave null to derive the "
+                                     "student from the teacher's config with `student.config` overrides.")
+    config: dict = doc({}, "HF config overrides applied to the teacher's config, e.g. {num_hidden_layers: 4}.")
+    init: Literal["random", "truncate"] = doc(
+        "random", "`random` initialisation, or `truncate`: teacher weights truncated to the student's dims "
+                  "and first layers (as in the paper).")
+
+    def validate(self) -> None:
+        if self.model is not None and self.config:
+            raise ConfigError("set either student.model or student.config, not both")
+
+
+@dataclass
+class DataConfig:
+    train: Optional[str] = doc(None, "Training corpus: a path, directory or glob (any pyarrow filesystem URI).")
+    val: Optional[str] = doc(None, "Validation corpus; null = hold out `data.val_fraction` of the train blocks.")
+    format: Literal["text", "jsonl", "parquet", "tokens"] = doc(
+        "text", "`text` files, `jsonl` / `parquet` with a text column, or `tokens` (pre-tokenized ids).")
+    text_document: Literal["line", "file"] = doc(
+        "file", "For `text`: is a document one line or one whole file?")
+    text_column: str = doc("text", "Text column of jsonl / parquet corpora.")
+    tokens_column: str = doc("input_ids", "Token-id list column of `tokens` corpora (parquet or jsonl).")
+    tokenizer: Optional[str] = doc(None, "Tokenizer path; null = the teacher's.")
+    seq_len: int = doc(512, "Tokens per training sequence (blocks are packed with seq_len + 1 tokens).")
+    val_fraction: float = doc(0.02, "Fraction of packed blocks held out when `data.val` is null.")
+
+    def validate(self) -> None:
+        _positive("data", "seq_len", self.seq_len)
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction!r}")
+
+
+@dataclass
+class SummaryConfig:
+    top_m: Optional[int] = doc(64, "Teacher top-M ids/log-probs kept per token. null = co-located teacher "
+                                    "in each training worker, exact loss on full logits.")
+    tail_samples: int = doc(16, "S far-tail ids sampled per token from the teacher beyond the top M "
+                                "(unbiased tail estimate; 0 drops the far-tail KL term).")
+    cache_dir: Optional[str] = doc(None, "Parquet summary cache directory; null = stream summaries straight "
+                                         "into training, no disk.")
+    logp_dtype: Literal["float16", "float32"] = doc("float16", "Storage dtype of the teacher log-probs.")
+
+    def validate(self) -> None:
+        if self.top_m is not None:
+            _positive("summary", "top_m", self.top_m)
+        _positive("summary", "tail_samples", self.tail_samples, allow_zero=True)
+
+
+@dataclass
+class LossConfig:
+    kind: Literal["tad", "kd", "rkl", "topk", "clm"] = doc(
+        "tad", "Divergence: `tad` (tail-aware), `kd` (forward KL), `rkl` (reverse KL), `topk` (top-K "
+               "renormalised KL, tail dropped) or `clm` (no teacher term).")
+    k: int = doc(10, "K: teacher top-K set of TAD and `topk` (must be <= summary.top_m).")
+    beta: float = doc(1.0, "β: weight of TAD's tail term (>= 0; 0 = top-K + residual bucket only).")
+    normalize: bool = doc(True, "Sequence-normalised β(X) = β / mean tail mass (the paper's final loss). "
+                                "false = two-term form, where β = 1 is forward KL.")
+    temperature: float = doc(1.0, "τ applied to both teacher and student logits (no τ² rescaling).")
+    weight: float = doc(1.0, "λ: objective = CLM + λ · divergence.")
+    chunk_tokens: int = doc(1024, "Tokens per loss chunk: peak loss memory is O(chunk_tokens × vocab).")
+
+    def validate(self) -> None:
+        if self.k < 1:
+            raise ConfigError(f"loss.k must be >= 1, got {self.k!r}")
+        _positive("loss", "beta", self.beta, allow_zero=True)
+        _positive("loss", "temperature", self.temperature)
+        _positive("loss", "weight", self.weight, allow_zero=True)
+        _positive("loss", "chunk_tokens", self.chunk_tokens)
+
+
+@dataclass
+class TrainConfig:
+    num_workers: int = doc(2, "Ray Train workers (one per GPU on a GPU cluster).")
+    use_gpu: bool = doc(False, "Train on GPUs.")
+    strategy: Literal["fsdp", "ddp", "deepspeed"] = doc("fsdp", "FSDP2, DDP or DeepSpeed ZeRO-3.")
+    max_steps: int = doc(100, "Optimizer steps.")
+    batch_size: int = doc(8, "Sequences per worker per micro-step.")
+    grad_accum: int = doc(1, "Micro-steps accumulated per optimizer step.")
+    lr: float = doc(1e-4, "Peak AdamW learning rate (paper default 1e-4).")
+    weight_decay: float = doc(0.1, "AdamW weight decay (paper default 0.1).")
+    warmup_steps: int = doc(10, "Linear warmup steps before the cosine decay.")
+    grad_clip: float = doc(1.0, "Gradient-norm clip (0 = off).")
+    checkpoint_every: int = doc(50, "Steps between distributed checkpoints (at most this much work is lost).")
+    eval_every: int = doc(50, "Steps between validation runs.")
+    max_failures: int = doc(0, "Worker-group restarts allowed before the run fails.")
+    seed: int = doc(0, "Seed of model init, data order and tail sampling.")
+    run_name: str = doc("distill", "Ray Train run name; relaunching with the same name resumes.")
+    resources_per_worker: dict = doc({}, "Custom Ray resources per trainer worker, e.g. {tailkd_training: 1}.")
+
+    def validate(self) -> None:
+        for name in ("num_workers", "max_steps", "batch_size", "grad_accum", "checkpoint_every", "eval_every"):
+            _positive("train", name, getattr(self, name))
+        for name in ("lr", "weight_decay", "warmup_steps", "grad_clip", "max_failures"):
+            _positive("train", name, getattr(self, name), allow_zero=name != "lr")
+        _check_resources("train.resources_per_worker", self.resources_per_worker)
+
+
+@dataclass
+class TuneConfig:
+    k: list = doc([5, 10, 20], "K values to search (each <= summary.top_m).")
+    beta: list = doc([0.5, 1.0, 2.0], "β values to search.")
+    max_concurrent: int = doc(1, "Trials running at once.")
+    metric: str = doc("val_loss", "Validation metric the search minimises.")
+
+    def validate(self) -> None:
+        if not self.k or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in self.k):
+            raise ConfigError(f"tune.k must be a non-empty list of integers >= 1, got {self.k!r}")
+        if not self.beta or not all(isinstance(v, (int, float)) and v >= 0 for v in self.beta):
+            raise ConfigError(f"tune.beta must be a non-empty list of numbers >= 0, got {self.beta!r}")
+        _positive("tune", "max_concurrent", self.max_concurrent)
+
+
+@dataclass
+class Config:
+    output_dir: str = doc("runs/tailkd", "Where students, metrics, eval and tune results are written.")
+    teacher: TeacherConfig = field(default_factory=TeacherConfig, metadata={"doc": "The teacher and its actor pool."})
+    student: StudentConfig = field(default_factory=StudentConfig, metadata={"doc": "The student model."})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"doc": "Corpora and tokenization."})
+    summary: SummaryConfig = field(default_factory=SummaryConfig, metadata={"doc": "Teacher summaries."})
+    loss: LossConfig = field(default_factory=LossConfig, metadata={"doc": "The distillation loss."})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"doc": "Ray Train student training."})
+    tune: TuneConfig = field(default_factory=TuneConfig, metadata={"doc": "Ray Tune K/β search."})
+
+    def validate(self) -> "Config":
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if dataclasses.is_dataclass(section):
+                section.validate()
+        if self.summary.top_m is not None and self.loss.kind in ("tad", "topk") and self.loss.k > self.summary.top_m:
+            raise ConfigError(f"loss.k = {self.loss.k} exceeds summary.top_m = {self.summary.top_m}: the summary "
+                              f"keeps only the teacher's top {self.summary.top_m}; raise summary.top_m or lower loss.k")
+        if self.summary.top_m is not None and self.loss.kind == "rkl":
+            raise ConfigError("loss.kind = rkl needs the full teacher distribution: set summary.top_m: null "
+                              "(co-located teacher) or pick another loss.kind")
+        return self
+
+
+def _check_resources(key: str, resources: dict) -> None:
+    for name, amount in resources.items():
+        if not isinstance(name, str) or not isinstance(amount, (int, float)) or amount <= 0:
+            raise ConfigError(f"{key} must map resource names to positive amounts, got {name!r}: {amount!r}")
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check ``value`` against a field's type annotation; ints are accepted where floats are expected."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union or origin is types.UnionType:
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [a for a in options if a is not type(None)]
+        return _coerce(key, value, inner)
+    if origin is Literal:
+        allowed = typing.get_args(annotation)
+        if value not in allowed:
+            raise ConfigError(f"{key} must be one of {', '.join(map(str, allowed))}; got {value!r}")
+        return value
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    expected = origin or annotation
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise ConfigError(f"{key} must be {getattr(expected, '__name__', expected)}, got {value!r}")
+    return value
+
+
+def _build(cls: type, values: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        where = f"section '{prefix.rstrip('.')}'" if prefix else "the top level"
+        raise ConfigError(f"unknown key {prefix}{unknown[0]} in {where}; allowed: {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{prefix}{name} must be a mapping of keys, got {value!r}")
+            kwargs[name] = _build(hint, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(f"{prefix}{name}", value, hint)
+    return cls(**kwargs)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``section.key=value`` overrides (values parsed as YAML) to a raw config mapping."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        node[leaf] = yaml.safe_load(text) if text else None
+    return raw
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Load a YAML config (or the defaults when ``path`` is None), apply overrides and validate it."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
+    raw = apply_overrides(raw, list(overrides or []))
+    return _build(Config, raw, "").validate()
+
+
+def to_dict(config: Config) -> dict:
+    """The config as plain data (for YAML dumps, manifests and Ray's train_loop_config)."""
+    return dataclasses.asdict(config)
+
+
+def from_dict(values: dict) -> Config:
+    """Inverse of ``to_dict``; validates."""
+    return _build(Config, values, "").validate()
+
+
+def reference_markdown() -> str:
+    """The config reference, generated from the dataclasses' own documentation so it cannot drift."""
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    hints = typing.get_type_hints(Config)
+    for top in dataclasses.fields(Config):
+        if dataclasses.is_dataclass(hints[top.name]):
+            lines += [_row(f"{top.name}.{f.name}", f) for f in dataclasses.fields(hints[top.name])]
+        else:
+            lines.append(_row(top.name, top))
+    return "\n".join(lines) + "\n"
+
+
+def _row(key: str, f: dataclasses.Field) -> str:
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return f"| `{key}` | `{yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}` | {f.metadata['doc']} |"

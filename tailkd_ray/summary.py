@@ -1,0 +1,179 @@
+"""The teacher summary: what crosses Ray's object store (or the Parquet cache) instead of full logits.
+
+For each token position the teacher distribution p = softmax(z / τ) is summarised by
+
+- ``top_ids [M]`` (int32): the ids of its M most probable tokens, by descending probability;
+- ``top_logp [M]`` (float16, or float32 on request): log p of those ids;
+- ``rest_logmass`` (float32): log α_M = log Σ_{rank > M} p, computed with logsumexp over the rest of the
+  vocabulary (no 1 − Σ cancellation);
+- ``tail_ids [S]`` (int32): S ids drawn i.i.d. from p restricted to ranks > M;
+- ``tail_logp [S]`` (float16 / float32): log p of those ids.
+
+Any K ≤ M can be trained from one summary, since α_K = α_M + Σ_{ranks K+1..M} p is exact: one teacher
+pass serves a whole K/β search. The summary is pure torch + pyarrow (no Ray).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+FIELDS = ("top_ids", "top_logp", "rest_logmass", "tail_ids", "tail_logp")
+
+
+@dataclass
+class TeacherSummary:
+    """Compact teacher distribution per position; leading dims are [B, T] (or [N] once flattened)."""
+
+    top_ids: torch.Tensor  # [..., M] int32
+    top_logp: torch.Tensor  # [..., M] float16 / float32
+    rest_logmass: torch.Tensor  # [...] float32
+    tail_ids: torch.Tensor  # [..., S] int32
+    tail_logp: torch.Tensor  # [..., S] float16 / float32
+
+    @property
+    def top_m(self) -> int:
+        return self.top_ids.shape[-1]
+
+    @property
+    def tail_samples(self) -> int:
+        return self.tail_ids.shape[-1]
+
+    @property
+    def shape(self) -> torch.Size:
+        """Leading (position) shape, e.g. [B, T]."""
+        return self.rest_logmass.shape
+
+    def map(self, fn) -> "TeacherSummary":
+        """Apply ``fn`` to every field tensor (e.g. indexing, ``.to(device)``)."""
+        return TeacherSummary(**{name: fn(getattr(self, name)) for name in FIELDS})
+
+    def flatten_positions(self) -> "TeacherSummary":
+        """[B, T, ...] -> [B*T, ...]."""
+        return self.map(lambda t: t.reshape(-1, *t.shape[self.rest_logmass.dim():]))
+
+    def to(self, device) -> "TeacherSummary":
+        return self.map(lambda t: t.to(device, non_blocking=True))
+
+    def nbytes_per_position(self) -> int:
+        return sum(getattr(self, name)[(0,) * self.rest_logmass.dim()].nbytes for name in FIELDS)
+
+    # --- Arrow / Parquet / Ray Data batches -------------------------------------------------------
+    def to_numpy(self) -> dict[str, np.ndarray]:
+        """Field name -> numpy array (a Ray Data ``batch_format="numpy"`` batch; no copy on CPU)."""
+        return {name: getattr(self, name).detach().cpu().numpy() for name in FIELDS}
+
+    @classmethod
+    def from_batch(cls, batch: Mapping[str, object]) -> "TeacherSummary":
+        """Build from a mapping holding the five columns as numpy arrays or tensors (zero-copy for numpy)."""
+        missing = [name for name in FIELDS if name not in batch]
+        if missing:
+            raise KeyError(f"batch lacks teacher-summary column(s) {missing}; it has {sorted(batch)}")
+        return cls(**{name: torch.as_tensor(batch[name]) for name in FIELDS})
+
+    def to_arrow(self, extra: Optional[Mapping[str, np.ndarray]] = None) -> pa.RecordBatch:
+        """A record batch with one row per leading index (per sequence for [B, T] summaries).
+
+        Each field is stored as a fixed-size-list column whose flat values are the tensor's contiguous
+        buffer (no per-element conversion). ``extra`` adds columns such as ``input_ids`` with the same
+        leading dimension.
+        """
+        columns = {**{name: getattr(self, name).detach().cpu().numpy() for name in FIELDS}, **(extra or {})}
+        return pa.RecordBatch.from_pydict({name: _fixed_list(array) for name, array in columns.items()})
+
+    @classmethod
+    def from_arrow(cls, batch: pa.RecordBatch | pa.Table, *, tokens_per_row: int) -> "TeacherSummary":
+        """Inverse of ``to_arrow`` for [B, T] summaries with ``tokens_per_row`` = T."""
+        arrays = {name: _unfixed(batch.column(name), len(batch)) for name in FIELDS}
+        out = {}
+        for name, array in arrays.items():
+            trailing = () if name == "rest_logmass" else (-1,)
+            out[name] = torch.from_numpy(array.reshape(len(batch), tokens_per_row, *trailing))
+        return cls(**out)
+
+
+def _fixed_list(array: np.ndarray) -> pa.Array:
+    """[rows, ...] numpy -> FixedSizeList column over a flat buffer (zero-copy for contiguous arrays)."""
+    array = np.ascontiguousarray(array)
+    flat = pa.array(array.reshape(-1))
+    width = int(np.prod(array.shape[1:])) if array.ndim > 1 else 1
+    return pa.FixedSizeListArray.from_arrays(flat, width)
+
+
+def _unfixed(column: pa.Array | pa.ChunkedArray, rows: int) -> np.ndarray:
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    values = column.flatten() if pa.types.is_fixed_size_list(column.type) else column
+    return values.to_numpy(zero_copy_only=False).reshape(rows, -1)
+
+
+@torch.inference_mode()
+def summarize(
+    teacher_logits: torch.Tensor,
+    *,
+    top_m: int,
+    tail_samples: int = 0,
+    temperature: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+    logp_dtype: torch.dtype = torch.float16,
+) -> TeacherSummary:
+    """Summarise teacher logits ``[..., V]`` into a ``TeacherSummary`` (log-probs at temperature τ).
+
+    Tail samples are drawn i.i.d. (with replacement) from p restricted to ranks > M, i.e. with
+    probabilities p_i / α_M. Positions whose far tail is empty (M = V) or has zero mass get
+    ``tail_ids = 0`` and ``tail_logp = -inf``; the loss ignores them since α_M = 0 there.
+    Raises ``ValueError`` if a logit is NaN or +inf, naming the first such position.
+    """
+    vocab = teacher_logits.shape[-1]
+    if not 1 <= top_m <= vocab:
+        raise ValueError(f"top_m must be in [1, vocab={vocab}], got {top_m}")
+    if tail_samples < 0:
+        raise ValueError(f"tail_samples must be >= 0, got {tail_samples}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if logp_dtype not in (torch.float16, torch.float32):
+        raise ValueError(f"logp_dtype must be torch.float16 or torch.float32, got {logp_dtype}")
+    bad = torch.isnan(teacher_logits) | (teacher_logits == float("inf"))
+    if bad.any():
+        position = tuple(int(i) for i in bad.nonzero()[0][:-1])
+        raise ValueError(f"teacher logits are not finite at position {position} (index {tuple(bad.nonzero()[0].tolist())}); "
+                         f"check the teacher's dtype/overflow or its input tokens there")
+
+    leading = teacher_logits.shape[:-1]
+    logp = torch.log_softmax(teacher_logits.reshape(-1, vocab).float() / temperature, dim=-1)
+    top_logp, top_ids = logp.topk(top_m, dim=-1, sorted=True)
+    rest = logp.scatter(-1, top_ids, float("-inf"))  # the far tail only
+    rest_logmass = rest.logsumexp(-1)
+
+    rows = logp.shape[0]
+    tail_ids = torch.zeros(rows, tail_samples, dtype=torch.long, device=logp.device)
+    tail_logp = torch.full((rows, tail_samples), float("-inf"), device=logp.device)
+    has_tail = rest_logmass > float("-inf")
+    if tail_samples and has_tail.any():
+        probs = (rest[has_tail] - rest_logmass[has_tail, None]).exp()
+        drawn = torch.multinomial(probs, tail_samples, replacement=True, generator=generator)
+        tail_ids[has_tail] = drawn
+        tail_logp[has_tail] = rest[has_tail].gather(-1, drawn)
+
+    def shaped(t: torch.Tensor, dtype: torch.dtype, trailing: tuple = (-1,)) -> torch.Tensor:
+        return t.to(dtype).reshape(*leading, *trailing)
+
+    return TeacherSummary(
+        top_ids=shaped(top_ids, torch.int32),
+        top_logp=shaped(top_logp, logp_dtype),
+        rest_logmass=shaped(rest_logmass, torch.float32, ()),
+        tail_ids=shaped(tail_ids, torch.int32),
+        tail_logp=shaped(tail_logp, logp_dtype),
+    )
+
+
+def bytes_per_position(top_m: int, tail_samples: int, logp_dtype: torch.dtype = torch.float16) -> int:
+    """Storage per token position: ids int32, log-probs ``logp_dtype``, rest mass float32."""
+    logp_bytes = torch.finfo(logp_dtype).bits // 8
+    return (top_m + tail_samples) * (4 + logp_bytes) + 4
+
+

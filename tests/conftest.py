@@ -1,0 +1,79 @@
+"""Shared fixtures: one local Ray instance per test session, a tiny tokenizer and tiny HF models.
+
+Nothing is downloaded: the tokenizer is trained on the built-in corpus (DESIGN §6) and the models are
+built from configs with random weights (saved as safetensors).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Keep every Ray process on 127.0.0.1 (DESIGN §5) before anything imports ray.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY_VOCAB = 320
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A local Ray with 8 logical CPUs (oversubscribing the 2 real cores), shared by the whole session."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def builtin_corpus(tmp_path_factory):
+    """A ~300 KB slice of the built-in corpus: (train_dir, val_dir) of .txt documents."""
+    from tailkd_ray.corpus import write_builtin_corpus
+
+    return write_builtin_corpus(tmp_path_factory.mktemp("corpus"), max_bytes=300_000)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(builtin_corpus, tmp_path_factory):
+    from tailkd_ray.corpus import train_bpe_tokenizer
+
+    train_dir, _ = builtin_corpus
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_bpe_tokenizer(sorted(train_dir.glob("*.txt")), TINY_VOCAB, out)
+    return out
+
+
+def _save_tiny_model(config, tokenizer_dir, out_dir, seed=0):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tiny_tokenizer_dir, tmp_path_factory):
+    """A 2-layer, 64-wide Llama-style teacher with the tiny tokenizer's vocabulary."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return _save_tiny_model(config, tiny_tokenizer_dir, tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tiny_tokenizer_dir, tmp_path_factory):
+    """A 2-layer, 64-wide GPT-2-style model (tied embeddings) with the tiny tokenizer's vocabulary."""
+    from transformers import GPT2Config
+
+    config = GPT2Config(vocab_size=TINY_VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=256,
+                        bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return _save_tiny_model(config, tiny_tokenizer_dir, tmp_path_factory.mktemp("tiny_gpt2"))
