@@ -64,6 +64,8 @@ class StudentConfig:
     init: Literal["random", "truncate"] = doc(
         "random", "`random` initialisation, or `truncate`: teacher weights truncated to the student's dims "
                   "and first layers (as in the paper).")
+    trust_remote_code: bool = doc(False, "Allow the `student.model` repo's own Python code (a student derived from "
+                                         "the teacher's config follows teacher.trust_remote_code).")
 
     def validate(self) -> None:
         if self.model is not None and self.config:

@@ -15,6 +15,7 @@ pass serves a whole K/β search. The summary is pure torch + pyarrow (no Ray).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
@@ -54,7 +55,8 @@ class TeacherSummary:
 
     def flatten_positions(self) -> "TeacherSummary":
         """[B, T, ...] -> [B*T, ...]."""
-        return self.map(lambda t: t.reshape(-1, *t.shape[self.rest_logmass.dim():]))
+        positions, dims = self.rest_logmass.numel(), self.rest_logmass.dim()
+        return self.map(lambda t: t.reshape(positions, *t.shape[dims:]))
 
     def to(self, device) -> "TeacherSummary":
         return self.map(lambda t: t.to(device, non_blocking=True))
@@ -88,11 +90,13 @@ class TeacherSummary:
     @classmethod
     def from_arrow(cls, batch: pa.RecordBatch | pa.Table, *, tokens_per_row: int) -> "TeacherSummary":
         """Inverse of ``to_arrow`` for [B, T] summaries with ``tokens_per_row`` = T."""
-        arrays = {name: _unfixed(batch.column(name), len(batch)) for name in FIELDS}
         out = {}
-        for name, array in arrays.items():
+        for name in FIELDS:
+            array = _unfixed(batch.column(name), len(batch))
             trailing = () if name == "rest_logmass" else (-1,)
-            out[name] = torch.from_numpy(array.reshape(len(batch), tokens_per_row, *trailing))
+            with warnings.catch_warnings():  # Arrow buffers are read-only; the losses never write to them
+                warnings.simplefilter("ignore", UserWarning)
+                out[name] = torch.from_numpy(array.reshape(len(batch), tokens_per_row, *trailing))
         return cls(**out)
 
 

@@ -1,0 +1,5 @@
+import sys
+
+from tailkd_ray.cli import main
+
+sys.exit(main())

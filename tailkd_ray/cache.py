@@ -1,0 +1,361 @@
+"""The summary cache: one teacher pass written to Parquet, read by many training runs (DESIGN §1, §3).
+
+Layout of ``summary.cache_dir/<split>/`` (split = ``train`` or ``val``):
+
+- ``part-<hash>.parquet``: scored rows with fixed-size-list columns ``input_ids`` (seq_len + 1),
+  ``top_ids``/``top_logp`` (seq_len·M), ``rest_logmass`` (seq_len), ``tail_ids``/``tail_logp`` (seq_len·S)
+  and ``block_hash`` (int64 content hash of the row's ids). A shard's name is a hash of the set of blocks
+  it holds, so a retried write task replaces its own file instead of duplicating rows.
+- ``manifest.json``: what the cache was computed from (teacher identity and weights hash, tokenizer hash,
+  top_m, tail_samples, seq_len, temperature, logp_dtype, seed, data fingerprint), the shards and their
+  row counts, and ``complete``.
+
+Crash safety: the manifest is written first with ``complete: false``; every shard is written under a
+temporary name and renamed when whole; the manifest with ``complete: true`` replaces the first one last
+(atomic rename). A cache is only read when complete. Re-running resumes: the blocks already in finished
+shards (by content hash) are skipped and only the rest is scored; a complete cache is not re-scored. A
+cache whose identity differs from the config is refused with the list of differing fields.
+Identical blocks are one identity: if the corpus repeats a whole packed block, a resumed run keeps one copy
+of it per shard already written.
+"""
+
+from __future__ import annotations
+
+import datetime
+import fnmatch
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from tailkd_ray.config import Config
+from tailkd_ray.summary import FIELDS, TeacherSummary, bytes_per_position
+from tailkd_ray.teacher import block_hashes, input_ids_matrix, score_dataset
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1  # bump when the shard layout changes; older caches are then refused
+SHARD_BYTES = 256 * 2**20  # target Parquet shard size
+_SAMPLE_BYTES = 64 * 2**10
+_SAMPLES_PER_FILE = 32
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "merges.txt",
+                    "special_tokens_map.json", "added_tokens.json", "tokenizer.model", "spiece.model")
+
+
+@dataclass
+class CacheInfo:
+    """A complete cache: where it is, what it holds, and how many rows this call scored."""
+
+    path: str
+    rows: int
+    tokens: int
+    shards: dict  # shard file name -> rows
+    scored_rows: int  # rows scored by this call (0 when the cache was already complete)
+    manifest: dict
+
+
+# --- identity: what a cache was computed from ---------------------------------------------------------
+
+def teacher_identity(model_path: str) -> dict:
+    """Teacher identity: hashes of its config.json and of its weight files.
+
+    The weights hash covers each weight file's name and size, its first MiB (the whole safetensors header:
+    tensor names, dtypes, shapes, offsets) and 32 evenly spaced 64 KiB samples of its bytes: a few MiB read
+    per file, yet any retrained or fine-tuned checkpoint (whose tensors all change) hashes differently.
+    """
+    directory = _local_model_dir(model_path)
+    weights = sorted(name for name in os.listdir(directory) if name.endswith(_WEIGHT_SUFFIXES))
+    if not weights:
+        raise ValueError(f"teacher {model_path} has no weight files ({', '.join(_WEIGHT_SUFFIXES)})")
+    digest = hashlib.sha256()
+    for name in weights:
+        digest.update(name.encode() + b"\0")
+        _update_with_samples(digest, os.path.join(directory, name))
+    with open(os.path.join(directory, "config.json"), "rb") as f:
+        config_hash = hashlib.sha256(f.read()).hexdigest()
+    return {"config_sha256": config_hash, "weights_sha256": digest.hexdigest()}
+
+
+def _local_model_dir(model_path: str) -> str:
+    if os.path.isdir(model_path):
+        return model_path
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(model_path, local_files_only=True)
+
+
+def _update_with_samples(digest, path: str) -> None:
+    size = os.path.getsize(path)
+    digest.update(size.to_bytes(8, "little"))
+    with open(path, "rb") as f:
+        digest.update(f.read(2**20))
+        for offset in np.linspace(0, max(size - _SAMPLE_BYTES, 0), _SAMPLES_PER_FILE, dtype=np.int64):
+            f.seek(int(offset))
+            digest.update(f.read(_SAMPLE_BYTES))
+
+
+def tokenizer_hash(tokenizer_path: str) -> str:
+    """SHA-256 over the tokenizer's files (vocabulary, merges, special tokens, settings)."""
+    directory = _local_model_dir(tokenizer_path)
+    digest = hashlib.sha256()
+    names = [name for name in _TOKENIZER_FILES if os.path.isfile(os.path.join(directory, name))]
+    if not names:
+        raise ValueError(f"no tokenizer files ({', '.join(_TOKENIZER_FILES)}) in {tokenizer_path}; set "
+                         f"data.tokenizer to the teacher's tokenizer")
+    for name in names:
+        with open(os.path.join(directory, name), "rb") as f:
+            digest.update(name.encode() + b"\0" + f.read())
+    return digest.hexdigest()
+
+
+def data_fingerprint(cfg: Config) -> dict:
+    """The data section of the config plus the count, total size and a hash of (path, size, mtime) of its files."""
+    files = sorted(info for pattern in (cfg.data.train, cfg.data.val) if pattern for info in _list_files(pattern))
+    listing = json.dumps(files).encode()
+    return {"config": asdict(cfg.data), "files": len(files), "bytes": sum(size for _, size, _ in files),
+            "files_sha256": hashlib.sha256(listing).hexdigest()}
+
+
+def _list_files(pattern: str) -> list[tuple[str, int, int]]:
+    """(path, size, mtime_ns) of the files a path, directory or glob names, on any pyarrow filesystem."""
+    fs, path = _filesystem(pattern)
+    magic = [path.find(c) for c in "*?[" if c in path]
+    if magic:
+        base = path[:min(magic)].rpartition("/")[0] or "/"
+        infos = [i for i in fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+                 if fnmatch.fnmatch(i.path, path)]
+    else:
+        info = fs.get_file_info(path)
+        infos = ([info] if info.type == pafs.FileType.File else
+                 fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                 if info.type == pafs.FileType.Directory else [])
+    return [(i.path, i.size, i.mtime_ns or 0) for i in infos if i.type == pafs.FileType.File]
+
+
+def cache_identity(cfg: Config, *, teacher_id: dict, split: str) -> dict:
+    """Everything a cache's content depends on; a cache is reused only when all of it matches."""
+    return {"format_version": FORMAT_VERSION, "split": split, "teacher": teacher_id,
+            "tokenizer_sha256": tokenizer_hash(cfg.data.tokenizer or cfg.teacher.model),
+            "top_m": cfg.summary.top_m, "tail_samples": cfg.summary.tail_samples, "seq_len": cfg.data.seq_len,
+            "temperature": cfg.loss.temperature, "logp_dtype": cfg.summary.logp_dtype, "seed": cfg.train.seed,
+            "data": data_fingerprint(cfg)}
+
+
+def _mismatches(cached: Any, wanted: Any, key: str = "") -> list[str]:
+    """Dotted keys where two nested identities differ, with both values."""
+    if isinstance(cached, dict) and isinstance(wanted, dict):
+        return [m for k in sorted(set(cached) | set(wanted))
+                for m in _mismatches(cached.get(k), wanted.get(k), f"{key}.{k}" if key else k)]
+    return [] if cached == wanted else [f"{key}: cache has {cached!r}, config gives {wanted!r}"]
+
+
+def _require_match(manifest: dict, identity: dict, root: str) -> None:
+    differing = _mismatches({k: manifest.get(k) for k in identity}, identity)
+    if differing:
+        raise ValueError(f"summary cache {root} was computed from other inputs than this config; differing "
+                         f"field(s):\n  " + "\n  ".join(differing) + "\nset summary.cache_dir to another "
+                         f"directory (or delete this one) to score a new cache")
+
+
+# --- files ------------------------------------------------------------------------------------------
+
+def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def split_dir(cfg: Config, split: str) -> str:
+    if cfg.summary.cache_dir is None:
+        raise ValueError("summary.cache_dir is null (streaming mode): set it to a directory to use a cache")
+    return f"{cfg.summary.cache_dir.rstrip('/')}/{split}"
+
+
+def _read_manifest(fs: pafs.FileSystem, base: str) -> Optional[dict]:
+    if fs.get_file_info(f"{base}/{MANIFEST}").type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(f"{base}/{MANIFEST}") as f:
+        return json.loads(f.read())
+
+
+def _write_atomically(fs: pafs.FileSystem, path: str, write) -> None:
+    """Write through ``write(stream)`` under a temporary name, then rename: readers never see half a file."""
+    directory, _, name = path.rpartition("/")
+    temporary = f"{directory}/.tmp-{name}-{uuid.uuid4().hex}"
+    with fs.open_output_stream(temporary) as stream:
+        write(stream)
+    fs.move(temporary, path)
+
+
+def _write_manifest(fs: pafs.FileSystem, base: str, manifest: dict) -> None:
+    _write_atomically(fs, f"{base}/{MANIFEST}",
+                      lambda stream: stream.write(json.dumps(manifest, indent=1, sort_keys=True).encode()))
+
+
+def _entries(fs: pafs.FileSystem, base: str) -> list[pafs.FileInfo]:
+    return [i for i in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True)) if i.type == pafs.FileType.File]
+
+
+def _finished_shards(fs: pafs.FileSystem, base: str) -> dict[str, int]:
+    """Shard file name -> rows, for the whole shards present (temporaries excluded)."""
+    shards = {}
+    for info in _entries(fs, base):
+        if info.base_name.startswith("part-") and info.base_name.endswith(".parquet"):
+            with fs.open_input_file(info.path) as f:
+                shards[info.base_name] = pq.ParquetFile(f).metadata.num_rows
+    return dict(sorted(shards.items()))
+
+
+def _remove_temporaries(fs: pafs.FileSystem, base: str) -> int:
+    stale = [i.path for i in _entries(fs, base) if i.base_name.startswith(".tmp-")]
+    for path in stale:
+        fs.delete_file(path)
+    return len(stale)
+
+
+def _cached_block_hashes(fs: pafs.FileSystem, base: str, shards: dict[str, int]) -> np.ndarray:
+    hashes = [np.empty(0, dtype=np.int64)]
+    for name in shards:
+        with fs.open_input_file(f"{base}/{name}") as f:
+            hashes.append(pq.read_table(f, columns=["block_hash"]).column("block_hash").to_numpy())
+    return np.unique(np.concatenate(hashes))
+
+
+def write_shard(batch: dict[str, np.ndarray], *, root: str) -> dict[str, np.ndarray]:
+    """Ray Data task: write one batch of scored rows as a Parquet shard; returns its name and row count."""
+    hashes = block_hashes(batch["input_ids"])
+    record = TeacherSummary.from_batch(batch).to_arrow(extra={"input_ids": batch["input_ids"]})
+    table = pa.Table.from_batches([record]).append_column("block_hash", pa.array(hashes))
+    name = f"part-{hashlib.blake2b(np.sort(hashes).tobytes(), digest_size=10).hexdigest()}.parquet"
+    fs, base = _filesystem(root)
+    _write_atomically(fs, f"{base}/{name}", lambda stream: pq.write_table(table, stream))
+    return {"shard": np.array([name]), "rows": np.array([len(hashes)])}
+
+
+def drop_cached(batch: dict[str, np.ndarray], *, cached: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
+    """Ray Data task: keep only the blocks whose content hash is not among the cached ones."""
+    ids = input_ids_matrix(batch, seq_len)
+    return {"input_ids": ids[~np.isin(block_hashes(ids), cached)].astype(np.int32)}
+
+
+def rows_per_shard(cfg: Config) -> int:
+    """Rows per Parquet shard for about ``SHARD_BYTES`` per file."""
+    row_bytes = cfg.data.seq_len * bytes_per_position(cfg.summary.top_m, cfg.summary.tail_samples) \
+        + 4 * (cfg.data.seq_len + 1)
+    return max(1, SHARD_BYTES // row_bytes)
+
+
+# --- the public entry points ------------------------------------------------------------------------
+
+def score_to_cache(cfg: Config, blocks, *, teacher_id: dict, split: str = "train",
+                   shard_rows: Optional[int] = None) -> CacheInfo:
+    """Score ``blocks`` (packed ``input_ids``) with the teacher pool into the cache; resume or skip if begun.
+
+    ``teacher_id`` comes from ``teacher_identity(cfg.teacher.model)``; ``shard_rows`` overrides the rows per
+    shard (default: ``rows_per_shard(cfg)``).
+    """
+    root = split_dir(cfg, split)
+    fs, base = _filesystem(root)
+    identity = cache_identity(cfg, teacher_id=teacher_id, split=split)
+    manifest = _read_manifest(fs, base)
+    if manifest is not None:
+        _require_match(manifest, identity, root)
+        if manifest.get("complete"):
+            log.info("summary cache %s is complete (%d rows in %d shards): nothing to score", root,
+                     manifest["rows"], len(manifest["shards"]))
+            return _info(root, manifest, scored_rows=0)
+    elif _finished_shards(fs, base):
+        raise ValueError(f"{root} holds Parquet shards but no {MANIFEST}: it is not a tailkd summary cache "
+                         f"(or its manifest was deleted); set summary.cache_dir to another directory or empty it")
+    else:
+        fs.create_dir(base, recursive=True)
+        _write_manifest(fs, base, {**identity, "complete": False})
+
+    removed = _remove_temporaries(fs, base)
+    done = _finished_shards(fs, base)
+    todo = blocks
+    if done:
+        log.info("resuming summary cache %s: %d shards (%d rows) already written, %d stale temporary file(s) "
+                 "removed; scoring the remaining blocks", root, len(done), sum(done.values()), removed)
+        todo = blocks.map_batches(drop_cached, fn_kwargs={"cached": _cached_block_hashes(fs, base, done),
+                                                          "seq_len": cfg.data.seq_len}, batch_format="numpy")
+    started = time.monotonic()
+    written = score_dataset(todo, cfg).map_batches(
+        write_shard, fn_kwargs={"root": root}, batch_size=shard_rows or rows_per_shard(cfg),
+        batch_format="numpy").take_all()
+    scored_rows = sum(int(r["rows"]) for r in written)
+    seconds = time.monotonic() - started
+    log.info("scored %d blocks (%d tokens) into %d new shard(s) in %.1f s (%.0f tokens/s)", scored_rows,
+             scored_rows * cfg.data.seq_len, len(written), seconds, scored_rows * cfg.data.seq_len / max(seconds, 1e-9))
+
+    shards = _finished_shards(fs, base)
+    rows = sum(shards.values())
+    if rows == 0:
+        raise ValueError(f"no packed blocks to score for split {split!r}: the corpus produced no blocks of "
+                         f"data.seq_len + 1 = {cfg.data.seq_len + 1} tokens; check data.{split} and data.seq_len")
+    from tailkd_ray import __version__
+
+    manifest = {**identity, "complete": True, "shards": shards, "rows": rows, "tokens": rows * cfg.data.seq_len,
+                "teacher_path": str(cfg.teacher.model), "tool_version": __version__,
+                "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    _write_manifest(fs, base, manifest)
+    log.info("summary cache %s complete: %d rows in %d shards", root, rows, len(shards))
+    return _info(root, manifest, scored_rows=scored_rows)
+
+
+def _info(root: str, manifest: dict, *, scored_rows: int) -> CacheInfo:
+    return CacheInfo(path=root, rows=manifest["rows"], tokens=manifest["tokens"], shards=manifest["shards"],
+                     scored_rows=scored_rows, manifest=manifest)
+
+
+def open_cache(cfg: Config, *, split: str = "train", teacher_id: Optional[dict] = None):
+    """The complete cache as a Dataset with ``input_ids`` [B, T+1] and the five summary columns.
+
+    The manifest is checked against ``cfg`` first (teacher, tokenizer, summary settings, data; K ≤ top_m);
+    ``teacher_id`` defaults to ``teacher_identity(cfg.teacher.model)``.
+    """
+    import ray.data
+
+    root = split_dir(cfg, split)
+    fs, base = _filesystem(root)
+    manifest = _read_manifest(fs, base)
+    if manifest is None:
+        raise ValueError(f"no summary cache at {root} (no {MANIFEST}): run `tailkd score --config F` first")
+    if not manifest.get("complete"):
+        raise ValueError(f"summary cache {root} is incomplete (its scoring run was interrupted): run "
+                         f"`tailkd score --config F` again to finish it")
+    identity = cache_identity(cfg, teacher_id=teacher_id or teacher_identity(cfg.teacher.model), split=split)
+    _require_match(manifest, identity, root)
+    if cfg.loss.kind in ("tad", "topk") and cfg.loss.k > manifest["top_m"]:
+        raise ValueError(f"loss.k = {cfg.loss.k} exceeds the cache's top_m = {manifest['top_m']}: lower loss.k "
+                         f"or score a cache with a larger summary.top_m")
+    paths = [f"{root}/{name}" for name in manifest["shards"]]
+    return ray.data.read_parquet(paths, columns=["input_ids", *FIELDS]).map_batches(
+        restore_shapes, fn_kwargs={"seq_len": manifest["seq_len"]}, batch_format="pyarrow")
+
+
+def restore_shapes(table: pa.Table, *, seq_len: int) -> dict[str, np.ndarray]:
+    """Ray Data task: flat fixed-size-list columns -> [B, T+1] ids and [B, T, ...] summary arrays."""
+    ids = table.column("input_ids").combine_chunks().flatten().to_numpy().reshape(len(table), seq_len + 1)
+    return {"input_ids": ids, **TeacherSummary.from_arrow(table, tokens_per_row=seq_len).to_numpy()}
+
+
+def summaries_for_training(cfg: Config, blocks, *, split: str = "train"):
+    """The teacher summaries training consumes: the cache when ``summary.cache_dir`` is set (scored first if
+    missing or unfinished), else the teacher pool's output streamed straight into training (no disk)."""
+    if cfg.summary.cache_dir is None:
+        return score_dataset(blocks, cfg)
+    teacher_id = teacher_identity(cfg.teacher.model)
+    score_to_cache(cfg, blocks, teacher_id=teacher_id, split=split)
+    return open_cache(cfg, split=split, teacher_id=teacher_id)

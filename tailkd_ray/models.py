@@ -1,0 +1,213 @@
+"""Student and teacher models: build the student from an HF path or from overrides of the teacher's config,
+initialise it randomly (seeded) or by truncating the teacher, and wrap it for the chunked objective.
+
+Truncation (``student.init: truncate``, as in the paper): every student tensor is copied from the teacher
+tensor of the same name, keeping its **leading slice along every dimension**,
+``student[name] = teacher[name][:s0, :s1, ...]``. With HF's layer naming (``layers.{i}.`` / ``h.{i}.``) the
+student's layer i is the teacher's layer i, so the student keeps the teacher's *first* N layers. Concretely:
+
+- embeddings ``[V, d_T] -> [V, d_S]`` (first d_S features; the vocabulary must be the teacher's);
+- q / k / v / o projections and MLP matrices: leading rows and columns. Slicing rows of q_proj
+  ``[n_heads·head_dim, d]`` keeps whole heads only if the student's ``head_dim`` equals the teacher's, so
+  that is required (``ConfigError`` otherwise; e.g. halve ``num_attention_heads`` with ``hidden_size``);
+  the student then keeps the teacher's first heads (and first key/value heads under GQA);
+- fused projections whose output concatenates equal parts (GPT-2 ``c_attn`` = [q | k | v] along the last
+  dim of its Conv1D weight) are sliced part by part, so each of q, k, v keeps its leading slice;
+- norms, biases and the LM head: leading entries / rows.
+
+Architectures with other fused layouts (e.g. unequal GQA ``qkv_proj``) are not truncated correctly by this
+rule; use ``init: random`` or an explicit ``student.model`` for them.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from tailkd_ray.config import Config, ConfigError, StudentConfig, TeacherConfig
+
+# Fused projections: parameter-name suffix -> (number of equal parts, dimension that concatenates them).
+FUSED_PROJECTIONS = {"attn.c_attn.weight": (3, -1), "attn.c_attn.bias": (3, -1)}
+
+
+def _auto():
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    return AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+
+def load_teacher(teacher: TeacherConfig, *, device: str | torch.device = "cpu",
+                 dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """The teacher as a frozen eval-mode ``AutoModelForCausalLM`` (co-located exact mode and evaluation)."""
+    if teacher.model is None:
+        raise ConfigError("teacher.model is not set: give the teacher's HF path")
+    _, AutoModelForCausalLM, _ = _auto()
+    model = AutoModelForCausalLM.from_pretrained(teacher.model, trust_remote_code=teacher.trust_remote_code,
+                                                 dtype=dtype or torch.float32)
+    model.to(device).eval().requires_grad_(False)
+    return model
+
+
+def student_config(cfg: Config):
+    """The student's HF config: ``student.model``'s own, or the teacher's with ``student.config`` overrides.
+
+    Override keys must already exist in the teacher's config (a typo would otherwise be silently ignored).
+    """
+    AutoConfig, _, _ = _auto()
+    if cfg.student.model is not None:
+        return AutoConfig.from_pretrained(cfg.student.model, trust_remote_code=cfg.student.trust_remote_code)
+    if cfg.teacher.model is None:
+        raise ConfigError("set student.model, or teacher.model so the student can be derived from its config")
+    config = AutoConfig.from_pretrained(cfg.teacher.model, trust_remote_code=cfg.teacher.trust_remote_code)
+    known = set(config.to_dict())
+    unknown = sorted(set(cfg.student.config) - known)
+    if unknown:
+        raise ConfigError(f"student.config.{unknown[0]} is not a field of the teacher's {type(config).__name__} "
+                          f"({cfg.teacher.model}); known fields include: {', '.join(sorted(known)[:40])}")
+    for key, value in cfg.student.config.items():
+        setattr(config, key, value)
+    return config
+
+
+def build_student(cfg: Config, *, teacher_state: Optional[dict] = None) -> nn.Module:
+    """The student model on CPU in float32, initialised per ``student.init`` (seeded by ``train.seed``).
+
+    ``teacher_state`` (a state dict) avoids re-reading the teacher for ``truncate`` when it is already loaded.
+    """
+    _, AutoModelForCausalLM, _ = _auto()
+    student_cfg: StudentConfig = cfg.student
+    if student_cfg.model is not None and student_cfg.init == "random":
+        # An explicit student checkpoint is used as is: its weights are the initialisation.
+        model = AutoModelForCausalLM.from_pretrained(student_cfg.model, dtype=torch.float32,
+                                                     trust_remote_code=student_cfg.trust_remote_code)
+    else:
+        config = student_config(cfg)
+        torch.manual_seed(cfg.train.seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                                 trust_remote_code=_remote_code(cfg))
+        if student_cfg.init == "truncate":
+            if teacher_state is None:
+                teacher_state = load_teacher(cfg.teacher).state_dict()
+            teacher_config = _auto()[0].from_pretrained(cfg.teacher.model,
+                                                        trust_remote_code=cfg.teacher.trust_remote_code)
+            check_truncatable(teacher_config, config)
+            truncate_into(model, teacher_state)
+    _check_vocab(cfg, model)
+    return model
+
+
+def _remote_code(cfg: Config) -> bool:
+    return cfg.student.trust_remote_code if cfg.student.model is not None else cfg.teacher.trust_remote_code
+
+
+def _check_vocab(cfg: Config, model: nn.Module) -> None:
+    if cfg.teacher.model is None:
+        return
+    teacher_vocab = _auto()[0].from_pretrained(cfg.teacher.model, trust_remote_code=cfg.teacher.trust_remote_code).vocab_size
+    student_vocab = model.get_output_embeddings().weight.shape[0]
+    if student_vocab != teacher_vocab:
+        raise ConfigError(f"student vocabulary {student_vocab} != teacher vocabulary {teacher_vocab}: distillation "
+                          f"compares distributions over the same tokens; use a student with the teacher's tokenizer")
+
+
+def head_dim(config) -> Optional[int]:
+    """Attention head width of an HF config (None if it has no attention heads)."""
+    explicit = getattr(config, "head_dim", None)
+    heads = getattr(config, "num_attention_heads", None)
+    if explicit:
+        return explicit
+    return config.hidden_size // heads if heads else None
+
+
+def check_truncatable(teacher_config, student_config_) -> None:
+    """Truncation keeps whole heads only if both models have the same head width."""
+    t, s = head_dim(teacher_config), head_dim(student_config_)
+    if t is not None and s is not None and t != s:
+        raise ConfigError(f"student.init = truncate needs the teacher's head_dim ({t}) but the student's is {s} "
+                          f"(hidden_size {student_config_.hidden_size} / {student_config_.num_attention_heads} "
+                          f"heads): set num_attention_heads = hidden_size / {t}")
+
+
+def truncate_tensor(name: str, teacher: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Leading slice of ``teacher`` with the student's ``shape`` (fused projections part by part)."""
+    if any(s > t for s, t in zip(shape, teacher.shape)) or len(shape) != teacher.dim():
+        raise ConfigError(f"student.init = truncate: student tensor {name} {tuple(shape)} is larger than the "
+                          f"teacher's {tuple(teacher.shape)}; a truncated student must be no wider than its teacher")
+    fused = next((spec for suffix, spec in FUSED_PROJECTIONS.items() if name.endswith(suffix)), None)
+    if fused is not None:
+        parts, dim = fused
+        pieces = [truncate_tensor(f"{name}[part {i}]", piece, _part_shape(shape, dim, parts))
+                  for i, piece in enumerate(teacher.chunk(parts, dim=dim))]
+        return torch.cat(pieces, dim=dim)
+    return teacher[tuple(slice(0, s) for s in shape)]
+
+
+def _part_shape(shape: torch.Size, dim: int, parts: int) -> torch.Size:
+    sizes = list(shape)
+    sizes[dim] //= parts
+    return torch.Size(sizes)
+
+
+@torch.no_grad()
+def truncate_into(student: nn.Module, teacher_state: dict) -> None:
+    """Copy the leading slices of the teacher's tensors into every student parameter and buffer."""
+    for name, tensor in student.state_dict().items():
+        if name not in teacher_state:
+            if name.endswith("inv_freq") or "rotary" in name:
+                continue  # derived from the config, not learned
+            raise ConfigError(f"student.init = truncate: student tensor {name} has no counterpart in the teacher "
+                              f"(the student needs the teacher's architecture)")
+        tensor.copy_(truncate_tensor(name, teacher_state[name], tensor.shape))
+    if getattr(student.config, "tie_word_embeddings", False):
+        student.tie_weights()
+
+
+def load_tokenizer(cfg: Config):
+    """The tokenizer exported with the student: ``data.tokenizer``, else the teacher's, else the student's."""
+    _, _, AutoTokenizer = _auto()
+    path = cfg.data.tokenizer or cfg.teacher.model or cfg.student.model
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.teacher.trust_remote_code and path == cfg.teacher.model)
+
+
+def decoder_blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks (HF's ``_no_split_modules`` classes): FSDP2 shards each one as a unit."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise ValueError(f"cannot find the decoder blocks of {type(model).__name__} (no _no_split_modules); "
+                         f"use train.strategy = ddp for this architecture")
+    return blocks
+
+
+HeadFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], object]
+
+
+class StudentWithHead(nn.Module):
+    """Runs the student's decoder, then ``head_fn(hidden, lm_head_weight, lm_head_bias)`` inside one forward.
+
+    The chunked objective needs the final hidden states and the LM-head weight rather than logits. Doing
+    both inside this module's own forward keeps every strategy's parameter management correct: FSDP2
+    unshards the root-level parameters (embeddings, final norm, LM head) for the root's forward and
+    backward, DDP syncs gradients of everything used in its forward, and DeepSpeed ZeRO-3 gathers the LM
+    head because it is registered as an external parameter of this module (see ``register_for_zero3``).
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    @property
+    def head(self) -> nn.Module:
+        return self.model.get_output_embeddings()
+
+    def forward(self, input_ids: torch.Tensor, head_fn: HeadFn):
+        hidden = self.model.base_model(input_ids=input_ids).last_hidden_state
+        return head_fn(hidden, self.head.weight, getattr(self.head, "bias", None))
+
+    def register_for_zero3(self) -> None:
+        import deepspeed
+
+        for param in self.head.parameters():
+            deepspeed.zero.register_external_parameter(self, param)

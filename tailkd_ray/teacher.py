@@ -1,0 +1,256 @@
+"""The teacher actor pool: packed token blocks in, teacher-summary columns out (DESIGN §1, §3).
+
+``TeacherScorer`` is a callable class for ``Dataset.map_batches`` with an ``ActorPoolStrategy``: each actor
+loads the teacher once and scores batches of packed blocks ``input_ids [B, T+1]``. It runs the teacher on
+``input_ids[:, :-1]``, so summary position t is the teacher's distribution p(· | x_0..x_t) over the
+student's next-token target x_{t+1}. Tail samples are drawn with one generator per block, seeded from
+(``train.seed``, the block's content hash): a block gets the same samples whichever actor scores it and
+however batches are formed, so re-scoring after a failure reproduces the same rows (on one device type;
+CPU and CUDA samplers differ).
+
+``check_vocab_compatible`` is the start-up check that teacher, student and data tokenizer share one
+vocabulary. ``score_dataset`` wires the pool into a Ray Data pipeline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any, Mapping, Optional
+
+import numpy as np
+import torch
+
+from tailkd_ray.config import Config
+from tailkd_ray.summary import FIELDS, summarize
+
+log = logging.getLogger(__name__)
+
+# A teacher actor that dies (preempted node, OOM kill) is restarted without limit, but one task is retried
+# at most this many times: a block that kills its actor every time fails the run instead of looping.
+MAX_TASK_RETRIES = 4
+
+_LOGP_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+def block_hashes(input_ids: np.ndarray) -> np.ndarray:
+    """64-bit content hash of each packed block (row of int32 ids), as int64: a block's identity."""
+    rows = np.ascontiguousarray(input_ids, dtype=np.int32)
+    return np.array([int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8).digest(), "little", signed=True)
+                     for row in rows], dtype=np.int64)
+
+
+def row_generator_seed(seed: int, block_hash: int) -> int:
+    """Seed of a block's tail-sampling generator: a hash of (train.seed, block content hash)."""
+    key = int(seed).to_bytes(8, "little", signed=True) + int(block_hash).to_bytes(8, "little", signed=True)
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1  # < 2**63
+
+
+def input_ids_matrix(batch: Mapping[str, Any], seq_len: int) -> np.ndarray:
+    """The batch's ``input_ids`` as an int64 [B, seq_len + 1] array; ragged or wrong-length rows are errors."""
+    if "input_ids" not in batch:
+        raise KeyError(f"teacher input batch has no 'input_ids' column (it has {sorted(batch)}); "
+                       f"score packed blocks of seq_len + 1 token ids")
+    ids = batch["input_ids"]
+    if ids.dtype == object:  # list column of possibly ragged rows
+        for row, values in enumerate(ids):
+            if len(values) != seq_len + 1:
+                raise ValueError(f"input_ids row {row} of this batch has {len(values)} tokens; packed blocks "
+                                 f"must have data.seq_len + 1 = {seq_len + 1}")
+        ids = np.stack(ids)
+    if ids.ndim != 2 or ids.shape[1] != seq_len + 1:
+        raise ValueError(f"input_ids has shape {ids.shape}; packed blocks must be [rows, data.seq_len + 1 = "
+                         f"{seq_len + 1}]")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"input_ids must hold integer token ids, got dtype {ids.dtype}")
+    return ids.astype(np.int64, copy=False)
+
+
+def model_vocab_size(config) -> int:
+    """Rows of the model's embedding / LM head (may exceed the tokenizer's size: padded vocabularies)."""
+    return int(config.get_text_config().vocab_size)
+
+
+class TeacherScorer:
+    """Ray Data callable class: ``{"input_ids": [B, T+1]}`` -> ``input_ids`` + the five summary columns.
+
+    Output shapes: ``top_ids``/``top_logp`` [B, T, M], ``rest_logmass`` [B, T], ``tail_ids``/``tail_logp``
+    [B, T, S]. Other input columns are not passed on (they only serve to name a row in errors).
+    """
+
+    def __init__(self, *, model_path: str, seq_len: int, top_m: int, tail_samples: int, temperature: float,
+                 seed: int, logp_dtype: str = "float16", use_gpu: bool = False, trust_remote_code: bool = False):
+        from transformers import AutoModelForCausalLM
+
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype,
+                                                          trust_remote_code=trust_remote_code)
+        self.model.to(self.device).eval()
+        self.vocab = self.model.get_input_embeddings().num_embeddings
+        self.model_path = model_path
+        self.seq_len = seq_len
+        self.summary_args = dict(top_m=top_m, tail_samples=tail_samples, temperature=temperature,
+                                 logp_dtype=_LOGP_DTYPES[logp_dtype])
+        self.seed = seed
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids = input_ids_matrix(batch, self.seq_len)
+        hashes = block_hashes(ids)
+        self._check_ids_in_vocab(ids, batch, hashes)
+        tokens = torch.from_numpy(ids).to(self.device)
+        with torch.inference_mode():
+            logits = self.model(input_ids=tokens[:, :-1], use_cache=False).logits
+            rows = [self._summarize_row(logits[row], row, batch, hashes) for row in range(len(ids))]
+        out = {name: np.stack([r[name] for r in rows]) for name in FIELDS}
+        return {"input_ids": ids.astype(np.int32), **out}
+
+    def _summarize_row(self, logits: torch.Tensor, row: int, batch: Mapping[str, Any],
+                       hashes: np.ndarray) -> dict[str, np.ndarray]:
+        generator = torch.Generator(device=logits.device)
+        generator.manual_seed(row_generator_seed(self.seed, hashes[row]))
+        try:
+            return summarize(logits, generator=generator, **self.summary_args).to_numpy()
+        except ValueError as err:
+            raise ValueError(f"teacher {self.model_path}: {describe_row(batch, row, hashes[row])}: {err}") from err
+
+    def _check_ids_in_vocab(self, ids: np.ndarray, batch: Mapping[str, Any], hashes: np.ndarray) -> None:
+        bad = (ids < 0) | (ids >= self.vocab)
+        if bad.any():
+            row, pos = (int(i) for i in np.argwhere(bad)[0])
+            raise ValueError(f"{describe_row(batch, row, hashes[row])}: token id {ids[row, pos]} at position {pos} "
+                             f"is outside the teacher's vocabulary [0, {self.vocab}); the data was tokenized with "
+                             f"another tokenizer than the teacher's (check data.tokenizer)")
+
+
+def describe_row(batch: Mapping[str, Any], row: int, block_hash: int) -> str:
+    """A row's identity for error messages: its content hash, first ids and any other columns it carries."""
+    ids = np.asarray(batch["input_ids"][row])
+    extra = {name: values[row] for name, values in batch.items() if name != "input_ids"}
+    where = "".join(f", {name}={value!r}" for name, value in extra.items())
+    return (f"block_hash={block_hash & 0xFFFFFFFFFFFFFFFF:016x} (row {row} of its batch{where}, input_ids starting "
+            f"{ids[:8].tolist()})")
+
+
+def scorer_kwargs(cfg: Config) -> dict:
+    """``TeacherScorer`` constructor arguments from a config."""
+    if cfg.teacher.model is None:
+        raise ValueError("teacher.model is not set: give the teacher's Hugging Face model path")
+    if cfg.summary.top_m is None:
+        raise ValueError("summary.top_m is null (co-located teacher, full logits in each training worker): "
+                         "there is no teacher pool to run; set summary.top_m to score summaries")
+    return dict(model_path=str(cfg.teacher.model), seq_len=cfg.data.seq_len, top_m=cfg.summary.top_m,
+                tail_samples=cfg.summary.tail_samples, temperature=cfg.loss.temperature, seed=cfg.train.seed,
+                logp_dtype=cfg.summary.logp_dtype, use_gpu=cfg.teacher.num_gpus > 0,
+                trust_remote_code=cfg.teacher.trust_remote_code)
+
+
+def teacher_map_args(cfg: Config) -> dict:
+    """``map_batches`` keyword arguments that run ``TeacherScorer`` as the configured actor pool.
+
+    Actors are placed by ``teacher.num_gpus`` and ``teacher.resources`` (custom resources that only inference
+    nodes offer). Dead actors are restarted and their tasks retried (``MAX_TASK_RETRIES``), so every block is
+    scored exactly once even when an actor dies mid-run.
+    """
+    import ray.data
+
+    return dict(fn_constructor_kwargs=scorer_kwargs(cfg),
+                compute=ray.data.ActorPoolStrategy(min_size=cfg.teacher.min_actors, max_size=cfg.teacher.max_actors),
+                num_gpus=cfg.teacher.num_gpus or None, resources=cfg.teacher.resources or None,
+                batch_size=cfg.teacher.batch_size, batch_format="numpy",
+                max_restarts=-1, max_task_retries=MAX_TASK_RETRIES)
+
+
+def check_teacher_context(cfg: Config) -> None:
+    """Fail before any work when packed blocks are longer than the teacher's context window."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(cfg.teacher.model, trust_remote_code=cfg.teacher.trust_remote_code)
+    window = getattr(config.get_text_config(), "max_position_embeddings", None)
+    if window is not None and cfg.data.seq_len > window:
+        raise ValueError(f"data.seq_len = {cfg.data.seq_len} exceeds the teacher's context window "
+                         f"({window} positions in {cfg.teacher.model}/config.json); lower data.seq_len")
+
+
+def score_dataset(blocks, cfg: Config):
+    """Lazily score a Dataset of packed ``input_ids`` blocks with the teacher actor pool (streaming).
+
+    Checks first, before any work, that the teacher, student and data tokenizer share one vocabulary and
+    that blocks fit the teacher's context window.
+    """
+    kwargs = teacher_map_args(cfg)
+    check_vocab_compatible(cfg.teacher.model, cfg.student.model or cfg.student.config, cfg.data.tokenizer,
+                           trust_remote_code=cfg.teacher.trust_remote_code)
+    check_teacher_context(cfg)
+    log.info("teacher pool: %s, %d-%d actors, %s GPU(s) and resources %s per actor, batch %d",
+             cfg.teacher.model, cfg.teacher.min_actors, cfg.teacher.max_actors, cfg.teacher.num_gpus,
+             cfg.teacher.resources, cfg.teacher.batch_size)
+    return blocks.map_batches(TeacherScorer, **kwargs)
+
+
+def check_vocab_compatible(teacher_path: str, student: Optional[str | Mapping[str, Any]],
+                           tokenizer_path: Optional[str], *, trust_remote_code: bool = False) -> int:
+    """Check that teacher, student and data tokenizer share one vocabulary; return the model vocab size.
+
+    - the teacher's and the student's config ``vocab_size`` must be equal (``student`` is a model path, a
+      dict of config overrides applied to the teacher's config, or None for the teacher's own config);
+    - every id of the data tokenizer must be < that size (models may pad ``vocab_size`` beyond it);
+    - the data tokenizer's token table must equal the teacher's tokenizer's (when the teacher ships one).
+    Raises ``ValueError`` saying which differ and how to fix it.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    teacher_vocab = model_vocab_size(AutoConfig.from_pretrained(teacher_path, trust_remote_code=trust_remote_code))
+    if isinstance(student, str):
+        student_vocab = model_vocab_size(AutoConfig.from_pretrained(student, trust_remote_code=trust_remote_code))
+        student_name = f"student {student}"
+    else:
+        student_vocab = (student or {}).get("vocab_size", teacher_vocab)
+        student_name = "student (student.config)"
+    if student_vocab != teacher_vocab:
+        raise ValueError(f"vocabulary size differs: teacher {teacher_path} has vocab_size {teacher_vocab}, "
+                         f"{student_name} has {student_vocab}; distillation needs one vocabulary: use a student "
+                         f"of the teacher's family/tokenizer (or drop vocab_size from student.config)")
+
+    teacher_tokenizer = _teacher_tokenizer(teacher_path, trust_remote_code)
+    data_tokenizer = (AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=trust_remote_code)
+                      if tokenizer_path is not None else teacher_tokenizer)
+    if data_tokenizer is None:
+        raise ValueError(f"no tokenizer found in teacher {teacher_path} and data.tokenizer is not set: "
+                         f"set data.tokenizer to the teacher's tokenizer")
+    data_name = f"data tokenizer {tokenizer_path or teacher_path}"
+    data_vocab = data_tokenizer.get_vocab()
+    largest = max(data_vocab.values()) + 1
+    if largest > teacher_vocab:
+        raise ValueError(f"{data_name} produces ids up to {largest - 1} but teacher {teacher_path} has vocab_size "
+                         f"{teacher_vocab}; tokenize the data with the teacher's tokenizer (data.tokenizer: null)")
+    if teacher_tokenizer is None:
+        log.warning("teacher %s ships no tokenizer: only the vocabulary size of %s was checked", teacher_path,
+                    data_name)
+    elif teacher_tokenizer is not data_tokenizer:
+        _compare_token_tables(teacher_tokenizer.get_vocab(), data_vocab, f"teacher {teacher_path}", data_name)
+    return teacher_vocab
+
+
+def _teacher_tokenizer(path: str, trust_remote_code: bool):
+    """The tokenizer saved with the teacher, or None when the teacher directory holds none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:  # the model's config loaded, so this means "no tokenizer files"
+        log.debug("no tokenizer with teacher %s: %s", path, err)
+        return None
+
+
+def _compare_token_tables(teacher: Mapping[str, int], data: Mapping[str, int], teacher_name: str,
+                          data_name: str, show: int = 5) -> None:
+    if teacher == data:
+        return
+    by_id_teacher = {i: t for t, i in teacher.items()}
+    by_id_data = {i: t for t, i in data.items()}
+    differing = sorted(i for i in set(by_id_teacher) | set(by_id_data) if by_id_teacher.get(i) != by_id_data.get(i))
+    examples = ", ".join(f"id {i}: {by_id_teacher.get(i)!r} vs {by_id_data.get(i)!r}" for i in differing[:show])
+    raise ValueError(f"token tables differ between the {teacher_name} tokenizer ({len(teacher)} tokens) and the "
+                     f"{data_name} ({len(data)} tokens) at {len(differing)} id(s), first: {examples}; tokenize "
+                     f"the data with the teacher's tokenizer (data.tokenizer: null or the teacher's path)")

@@ -1,0 +1,41 @@
+"""The `tailkd` command line: help, config printing, overrides and clear config errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tailkd_ray.cli import COMMANDS, build_parser, main
+
+
+@pytest.mark.parametrize("command", [*COMMANDS, "demo", "config"])
+def test_every_subcommand_has_help_with_an_example(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "example" in capsys.readouterr().out
+
+
+def test_config_prints_resolved_yaml(capsys):
+    assert main(["config", "loss.k=5", "train.strategy=ddp"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["loss"]["k"] == 5 and printed["train"]["strategy"] == "ddp"
+
+
+def test_invalid_override_exits_2_with_message(capsys):
+    assert main(["config", "loss.kind=nope"]) == 2
+    assert "loss.kind must be one of" in capsys.readouterr().err
+
+
+def test_subcommands_require_config():
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["distill"])
+
+
+def test_module_entry_point_runs():
+    out = subprocess.run([sys.executable, "-m", "tailkd_ray", "config", "--reference"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "`loss.beta`" in out

@@ -1,0 +1,89 @@
+"""Config loading, dotted overrides and every validation error (named key, allowed values)."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from tailkd_ray.config import (
+    Config, ConfigError, apply_overrides, from_dict, load_config, reference_markdown, to_dict,
+)
+
+
+def write(tmp_path, data):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_defaults_are_valid():
+    config = load_config()
+    assert isinstance(config, Config) and config.loss.kind == "tad" and config.summary.top_m == 64
+
+
+def test_file_and_overrides(tmp_path):
+    path = write(tmp_path, {"loss": {"k": 5, "beta": 2}, "summary": {"top_m": 32}, "train": {"lr": 3e-4}})
+    config = load_config(path, ["loss.beta=0.5", "summary.cache_dir=/tmp/cache", "tune.k=[2, 4]",
+                                "summary.top_m=null", "output_dir=runs/x"])
+    assert config.loss.k == 5 and config.loss.beta == 0.5 and isinstance(config.loss.beta, float)
+    assert config.summary.cache_dir == "/tmp/cache" and config.summary.top_m is None
+    assert config.tune.k == [2, 4] and config.train.lr == 3e-4 and config.output_dir == "runs/x"
+
+
+def test_round_trip_through_dict():
+    config = load_config(None, ["loss.k=7", "teacher.resources={tailkd_inference: 1}"])
+    assert from_dict(to_dict(config)) == config
+
+
+@pytest.mark.parametrize("override, match", [
+    (["loss.kind=foo"], "loss.kind must be one of tad, kd, rkl, topk, clm; got 'foo'"),
+    (["loss.bogus=1"], "unknown key loss.bogus in section 'loss'; allowed: beta, chunk_tokens"),
+    (["nosuch.key=1"], "unknown key nosuch"),
+    (["loss=3"], "loss must be a mapping"),
+    (["loss.k=0"], "loss.k must be >= 1"),
+    (["loss.k=2.5"], "loss.k must be int"),
+    (["loss.beta=-1"], "loss.beta must be >= 0"),
+    (["loss.temperature=0"], "loss.temperature must be > 0"),
+    (["loss.normalize=maybe"], "loss.normalize must be bool"),
+    (["loss.k=100"], "loss.k = 100 exceeds summary.top_m = 64"),
+    (["loss.kind=rkl"], "rkl needs the full teacher distribution"),
+    (["train.lr=0"], "train.lr must be > 0"),
+    (["train.strategy=zero"], "train.strategy must be one of fsdp, ddp, deepspeed"),
+    (["train.num_workers=0"], "train.num_workers must be > 0"),
+    (["train.max_steps=true"], "train.max_steps must be int"),
+    (["teacher.max_actors=1", "teacher.min_actors=2"], "teacher.max_actors \\(1\\) must be >= teacher.min_actors"),
+    (["teacher.resources={gpu_node: -1}"], "teacher.resources must map resource names to positive amounts"),
+    (["summary.top_m=0"], "summary.top_m must be > 0"),
+    (["summary.logp_dtype=bfloat16"], "summary.logp_dtype must be one of float16, float32"),
+    (["data.format=csv"], "data.format must be one of text, jsonl, parquet, tokens"),
+    (["data.val_fraction=1.5"], "data.val_fraction must be in"),
+    (["student.model=x", "student.config={num_hidden_layers: 2}"], "either student.model or student.config"),
+    (["tune.k=[]"], "tune.k must be a non-empty list"),
+    (["tune.beta=[-1]"], "tune.beta must be a non-empty list of numbers >= 0"),
+    (["loss.k"], "not of the form section.key=value"),
+])
+def test_validation_errors_name_the_key(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, override)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    path = tmp_path / "list.yaml"
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(path)
+
+
+def test_override_into_scalar_is_refused():
+    with pytest.raises(ConfigError, match="not a section"):
+        apply_overrides({"loss": 3}, ["loss.k.x=1"])
+
+
+def test_reference_documents_every_field():
+    text = reference_markdown()
+    for section, values in to_dict(Config()).items():
+        keys = [section] if not isinstance(values, dict) or section == "output_dir" else [f"{section}.{k}" for k in values]
+        for key in keys:
+            assert f"`{key}`" in text, key

@@ -1,0 +1,122 @@
+"""The teacher summary: top-M, rest mass, far-tail samples, Arrow round trip, unbiased far-tail KL."""
+
+from __future__ import annotations
+
+import math
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from tailkd_ray.losses import tad_loss, tad_loss_from_summary
+from tailkd_ray.summary import FIELDS, TeacherSummary, bytes_per_position, summarize
+
+
+def teacher_logits(seed=0, shape=(2, 3, 50), scale=3.0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale
+
+
+def test_top_m_and_rest_mass_match_float64_reference():
+    z = teacher_logits()
+    s = summarize(z, top_m=7, tail_samples=0, temperature=1.5, logp_dtype=torch.float32)
+    logp = torch.log_softmax(z / 1.5, -1)
+    ref_logp, ref_ids = logp.topk(7, -1)
+    assert torch.equal(s.top_ids, ref_ids.int())
+    torch.testing.assert_close(s.top_logp, ref_logp.float())
+    assert (s.top_logp[..., :-1] >= s.top_logp[..., 1:]).all(), "top ids must be sorted by probability"
+    ref_rest = torch.log1p(-ref_logp.exp().sum(-1))
+    torch.testing.assert_close(s.rest_logmass.double(), ref_rest, rtol=1e-5, atol=1e-6)
+    assert s.top_ids.dtype == torch.int32 and s.rest_logmass.dtype == torch.float32
+
+
+def test_default_dtype_is_float16_and_bytes_per_position():
+    s = summarize(teacher_logits(), top_m=8, tail_samples=4)
+    assert s.top_logp.dtype == s.tail_logp.dtype == torch.float16
+    assert s.nbytes_per_position() == bytes_per_position(8, 4) == 12 * 6 + 4
+
+
+def test_tail_samples_come_from_far_tail_with_teacher_probabilities():
+    z = teacher_logits(shape=(1, 1, 12), scale=1.0)
+    s = summarize(z, top_m=4, tail_samples=20000, generator=torch.Generator().manual_seed(0),
+                  logp_dtype=torch.float32)
+    top = set(s.top_ids.flatten().tolist())
+    drawn = s.tail_ids.flatten()
+    assert not top & set(drawn.tolist()), "a tail sample hit the top M"
+    p = torch.softmax(z.flatten(), -1)
+    far = [i for i in range(12) if i not in top]
+    alpha = p[far].sum()
+    for i in far:
+        freq = (drawn == i).double().mean()
+        assert freq.item() == pytest.approx((p[i] / alpha).item(), abs=0.015)
+    logp = torch.log_softmax(z.flatten(), -1).float()
+    torch.testing.assert_close(s.tail_logp.flatten(), logp[drawn.long()])
+
+
+def test_generator_makes_samples_reproducible():
+    z = teacher_logits()
+    a = summarize(z, top_m=5, tail_samples=6, generator=torch.Generator().manual_seed(3))
+    b = summarize(z, top_m=5, tail_samples=6, generator=torch.Generator().manual_seed(3))
+    c = summarize(z, top_m=5, tail_samples=6, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a.tail_ids, b.tail_ids) and not torch.equal(a.tail_ids, c.tail_ids)
+
+
+def test_full_vocab_summary_has_empty_far_tail():
+    s = summarize(teacher_logits(), top_m=50, tail_samples=3)
+    assert torch.isinf(s.rest_logmass).all() and (s.rest_logmass < 0).all()
+    assert torch.isinf(s.tail_logp).all()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_logits_name_the_position(bad):
+    z = teacher_logits()
+    z[1, 2, 7] = bad
+    with pytest.raises(ValueError, match=r"position \(1, 2\)"):
+        summarize(z, top_m=4)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(top_m=0), "top_m"), (dict(top_m=51), "top_m"), (dict(top_m=4, tail_samples=-1), "tail_samples"),
+    (dict(top_m=4, temperature=0.0), "temperature"), (dict(top_m=4, logp_dtype=torch.bfloat16), "logp_dtype"),
+])
+def test_invalid_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        summarize(teacher_logits(), **kwargs)
+
+
+@pytest.mark.parametrize("logp_dtype", [torch.float16, torch.float32])
+def test_arrow_and_parquet_round_trip(tmp_path, logp_dtype):
+    s = summarize(teacher_logits(shape=(3, 5, 40)), top_m=6, tail_samples=2, logp_dtype=logp_dtype,
+                  generator=torch.Generator().manual_seed(0))
+    input_ids = torch.randint(0, 40, (3, 6), dtype=torch.int32).numpy()
+    pq.write_table(pa.Table.from_batches([s.to_arrow({"input_ids": input_ids})]), tmp_path / "s.parquet")
+    table = pq.read_table(tmp_path / "s.parquet")
+    back = TeacherSummary.from_arrow(table, tokens_per_row=5)
+    for name in FIELDS:
+        assert torch.equal(getattr(back, name), getattr(s, name)), name
+    assert table.column("input_ids").to_pylist() == input_ids.tolist()
+
+
+def test_numpy_batch_round_trip_is_zero_copy():
+    s = summarize(teacher_logits(), top_m=4, tail_samples=2)
+    batch = s.to_numpy()
+    back = TeacherSummary.from_batch(batch)
+    assert back.top_logp.data_ptr() == batch["top_logp"].__array_interface__["data"][0]
+    with pytest.raises(KeyError, match="rest_logmass"):
+        TeacherSummary.from_batch({k: v for k, v in batch.items() if k != "rest_logmass"})
+
+
+def test_far_tail_estimate_is_unbiased():
+    """Mean over seeds of the sampled summary loss converges to the exact TAD loss (M < V, S > 0)."""
+    g = torch.Generator().manual_seed(1)
+    student = torch.randn(2, 4, 60, generator=g, dtype=torch.float64)
+    z = torch.randn(2, 4, 60, generator=g, dtype=torch.float64) * 1.5
+    exact = tad_loss(student, z, k=4, beta=2.0).item()
+    dropped = tad_loss_from_summary(student, summarize(z, top_m=8, logp_dtype=torch.float32), k=4, beta=2.0).item()
+    draws = torch.tensor([
+        tad_loss_from_summary(student, summarize(z, top_m=8, tail_samples=4, logp_dtype=torch.float32,
+                                                 generator=torch.Generator().manual_seed(seed)), k=4, beta=2.0).item()
+        for seed in range(400)])
+    stderr = draws.std().item() / math.sqrt(len(draws))
+    assert abs(draws.mean().item() - exact) < 4 * stderr + 1e-6
+    assert abs(dropped - exact) > 10 * stderr, "dropping F should be visibly biased here"
