@@ -18,13 +18,24 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 TINY_VOCAB = 320
 
 
+def start_shared_ray() -> None:
+    """Start the session's local Ray: 8 logical CPUs (oversubscribing the 2 real cores), no dashboard.
+
+    Also used by tests that must stop it to start a multi-node ``ray.cluster_utils.Cluster`` (test_placement.py)
+    and restart it afterwards for the tests that follow.
+    """
+    import ray
+
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
-    """A local Ray with 8 logical CPUs (oversubscribing the 2 real cores), shared by the whole session."""
+    """A local Ray shared by the whole session (see ``start_shared_ray``)."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+        start_shared_ray()
     yield ray
     ray.shutdown()
 
