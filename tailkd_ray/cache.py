@@ -15,14 +15,13 @@ temporary name and renamed when whole; the manifest with ``complete: true`` repl
 (atomic rename). A cache is only read when complete. Re-running resumes: the blocks already in finished
 shards (by content hash) are skipped and only the rest is scored; a complete cache is not re-scored. A
 cache whose identity differs from the config is refused with the list of differing fields.
-Identical blocks are one identity: if the corpus repeats a whole packed block, a resumed run keeps one copy
-of it per shard already written.
+Blocks are identified by content: if the corpus repeats a whole packed block and one copy of it is in a
+finished shard already, a resumed run skips the other copies too (an uninterrupted run keeps them all).
 """
 
 from __future__ import annotations
 
 import datetime
-import fnmatch
 import hashlib
 import json
 import logging
@@ -120,26 +119,22 @@ def tokenizer_hash(tokenizer_path: str) -> str:
 
 
 def data_fingerprint(cfg: Config) -> dict:
-    """The data section of the config plus the count, total size and a hash of (path, size, mtime) of its files."""
-    files = sorted(info for pattern in (cfg.data.train, cfg.data.val) if pattern for info in _list_files(pattern))
-    listing = json.dumps(files).encode()
+    """The data section of the config plus the count, total size and a hash of (path, size, mtime) of the
+    files it reads (``data.expand_paths``; a URI is listed recursively through its pyarrow filesystem)."""
+    from tailkd_ray.data import expand_paths
+
+    files = sorted(entry for pattern in (cfg.data.train, cfg.data.val) if pattern
+                   for path in expand_paths(pattern) for entry in _file_stats(path))
     return {"config": asdict(cfg.data), "files": len(files), "bytes": sum(size for _, size, _ in files),
-            "files_sha256": hashlib.sha256(listing).hexdigest()}
+            "files_sha256": hashlib.sha256(json.dumps(files).encode()).hexdigest()}
 
 
-def _list_files(pattern: str) -> list[tuple[str, int, int]]:
-    """(path, size, mtime_ns) of the files a path, directory or glob names, on any pyarrow filesystem."""
-    fs, path = _filesystem(pattern)
-    magic = [path.find(c) for c in "*?[" if c in path]
-    if magic:
-        base = path[:min(magic)].rpartition("/")[0] or "/"
-        infos = [i for i in fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
-                 if fnmatch.fnmatch(i.path, path)]
-    else:
-        info = fs.get_file_info(path)
-        infos = ([info] if info.type == pafs.FileType.File else
-                 fs.get_file_info(pafs.FileSelector(path, recursive=True))
-                 if info.type == pafs.FileType.Directory else [])
+def _file_stats(uri: str) -> list[tuple[str, int, int]]:
+    """(path, size, mtime_ns) of a file, or of every file under a directory."""
+    fs, path = _filesystem(uri)
+    info = fs.get_file_info(path)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True)) if info.type == pafs.FileType.Directory \
+        else [info]
     return [(i.path, i.size, i.mtime_ns or 0) for i in infos if i.type == pafs.FileType.File]
 
 
@@ -207,14 +202,23 @@ def _entries(fs: pafs.FileSystem, base: str) -> list[pafs.FileInfo]:
     return [i for i in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True)) if i.type == pafs.FileType.File]
 
 
+def _shard_paths(fs: pafs.FileSystem, base: str) -> list[str]:
+    """The whole shards present (temporaries excluded)."""
+    return sorted(i.path for i in _entries(fs, base)
+                  if i.base_name.startswith("part-") and i.base_name.endswith(".parquet"))
+
+
 def _finished_shards(fs: pafs.FileSystem, base: str) -> dict[str, int]:
-    """Shard file name -> rows, for the whole shards present (temporaries excluded)."""
+    """Shard file name -> rows, from the Parquet footers."""
     shards = {}
-    for info in _entries(fs, base):
-        if info.base_name.startswith("part-") and info.base_name.endswith(".parquet"):
-            with fs.open_input_file(info.path) as f:
-                shards[info.base_name] = pq.ParquetFile(f).metadata.num_rows
-    return dict(sorted(shards.items()))
+    for path in _shard_paths(fs, base):
+        try:
+            with fs.open_input_file(path) as f:
+                shards[path.rpartition("/")[2]] = pq.ParquetFile(f).metadata.num_rows
+        except pa.ArrowInvalid as err:
+            raise ValueError(f"summary cache shard {path} is not a readable Parquet file ({err}); delete it and "
+                             f"re-run `tailkd score` to re-score its blocks") from err
+    return shards
 
 
 def _remove_temporaries(fs: pafs.FileSystem, base: str) -> int:
@@ -251,7 +255,10 @@ def drop_cached(batch: dict[str, np.ndarray], *, cached: np.ndarray, seq_len: in
 
 def rows_per_shard(cfg: Config) -> int:
     """Rows per Parquet shard for about ``SHARD_BYTES`` per file."""
-    row_bytes = cfg.data.seq_len * bytes_per_position(cfg.summary.top_m, cfg.summary.tail_samples) \
+    import torch
+
+    logp_dtype = getattr(torch, cfg.summary.logp_dtype)
+    row_bytes = cfg.data.seq_len * bytes_per_position(cfg.summary.top_m, cfg.summary.tail_samples, logp_dtype) \
         + 4 * (cfg.data.seq_len + 1)
     return max(1, SHARD_BYTES // row_bytes)
 
@@ -275,7 +282,7 @@ def score_to_cache(cfg: Config, blocks, *, teacher_id: dict, split: str = "train
             log.info("summary cache %s is complete (%d rows in %d shards): nothing to score", root,
                      manifest["rows"], len(manifest["shards"]))
             return _info(root, manifest, scored_rows=0)
-    elif _finished_shards(fs, base):
+    elif _shard_paths(fs, base):
         raise ValueError(f"{root} holds Parquet shards but no {MANIFEST}: it is not a tailkd summary cache "
                          f"(or its manifest was deleted); set summary.cache_dir to another directory or empty it")
     else:

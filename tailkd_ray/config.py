@@ -85,9 +85,11 @@ class DataConfig:
     tokenizer: Optional[str] = doc(None, "Tokenizer path; null = the teacher's.")
     seq_len: int = doc(512, "Tokens per training sequence (blocks are packed with seq_len + 1 tokens).")
     val_fraction: float = doc(0.02, "Fraction of packed blocks held out when `data.val` is null.")
+    tokenizer_actors: int = doc(4, "Maximum tokenizer actors (1 CPU each); the pool autoscales from 1.")
 
     def validate(self) -> None:
         _positive("data", "seq_len", self.seq_len)
+        _positive("data", "tokenizer_actors", self.tokenizer_actors)
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction!r}")
 
@@ -175,6 +177,9 @@ class TuneConfig:
 @dataclass
 class Config:
     output_dir: str = doc("runs/tailkd", "Where students, metrics, eval and tune results are written.")
+    autoscaling: bool = doc(False, "The Ray cluster autoscales (cluster/*.yaml): placement checks then wait for "
+                                   "nodes that offer teacher.resources / train.resources_per_worker instead of "
+                                   "failing fast when no alive node does.")
     teacher: TeacherConfig = field(default_factory=TeacherConfig, metadata={"doc": "The teacher and its actor pool."})
     student: StudentConfig = field(default_factory=StudentConfig, metadata={"doc": "The student model."})
     data: DataConfig = field(default_factory=DataConfig, metadata={"doc": "Corpora and tokenization."})

@@ -115,6 +115,15 @@ def _unfixed(column: pa.Array | pa.ChunkedArray, rows: int) -> np.ndarray:
     return values.to_numpy(zero_copy_only=False).reshape(rows, -1)
 
 
+class NonFiniteLogitsError(ValueError):
+    """Teacher logits hold NaN or +inf; ``position`` is the index of the first bad position (leading dims)."""
+
+    def __init__(self, position: tuple[int, ...], token: int):
+        self.position = position
+        super().__init__(f"teacher logits are not finite at position {position} (vocabulary entry {token}); "
+                         f"check the teacher's dtype/overflow or its input tokens there")
+
+
 @torch.inference_mode()
 def summarize(
     teacher_logits: torch.Tensor,
@@ -124,15 +133,19 @@ def summarize(
     temperature: float = 1.0,
     generator: Optional[torch.Generator] = None,
     logp_dtype: torch.dtype = torch.float16,
+    uniforms: Optional[torch.Tensor] = None,
 ) -> TeacherSummary:
     """Summarise teacher logits ``[..., V]`` into a ``TeacherSummary`` (log-probs at temperature τ).
 
     Tail samples are drawn i.i.d. (with replacement) from p restricted to ranks > M, i.e. with
-    probabilities p_i / α_M. Positions whose far tail is empty (M = V) or has zero mass get
-    ``tail_ids = 0`` and ``tail_logp = -inf``; the loss ignores them since α_M = 0 there.
-    Raises ``ValueError`` if a logit is NaN or +inf, naming the first such position.
+    probabilities p_i / α_M, by inverse-CDF sampling from uniforms: ``uniforms [..., S]`` in [0, 1) when
+    given (so a caller can seed each row on its own and still summarise a whole batch at once), else drawn
+    with ``generator``. Positions whose far tail is empty (M = V) or has zero mass get ``tail_ids = 0`` and
+    ``tail_logp = -inf``; the loss ignores them since α_M = 0 there.
+    Raises ``NonFiniteLogitsError`` (a ``ValueError``) naming the first position whose logits hold NaN or +inf.
     """
     vocab = teacher_logits.shape[-1]
+    leading = tuple(teacher_logits.shape[:-1])
     if not 1 <= top_m <= vocab:
         raise ValueError(f"top_m must be in [1, vocab={vocab}], got {top_m}")
     if tail_samples < 0:
@@ -141,30 +154,21 @@ def summarize(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if logp_dtype not in (torch.float16, torch.float32):
         raise ValueError(f"logp_dtype must be torch.float16 or torch.float32, got {logp_dtype}")
+    if uniforms is not None and tuple(uniforms.shape) != (*leading, tail_samples):
+        raise ValueError(f"uniforms must have shape {(*leading, tail_samples)}, got {tuple(uniforms.shape)}")
     bad = torch.isnan(teacher_logits) | (teacher_logits == float("inf"))
     if bad.any():
-        position = tuple(int(i) for i in bad.nonzero()[0][:-1])
-        raise ValueError(f"teacher logits are not finite at position {position} (index {tuple(bad.nonzero()[0].tolist())}); "
-                         f"check the teacher's dtype/overflow or its input tokens there")
+        first = bad.nonzero()[0].tolist()
+        raise NonFiniteLogitsError(tuple(first[:-1]), first[-1])
 
-    leading = teacher_logits.shape[:-1]
     logp = torch.log_softmax(teacher_logits.reshape(-1, vocab).float() / temperature, dim=-1)
     top_logp, top_ids = logp.topk(top_m, dim=-1, sorted=True)
     rest = logp.scatter(-1, top_ids, float("-inf"))  # the far tail only
     rest_logmass = rest.logsumexp(-1)
-
-    rows = logp.shape[0]
-    tail_ids = torch.zeros(rows, tail_samples, dtype=torch.long, device=logp.device)
-    tail_logp = torch.full((rows, tail_samples), float("-inf"), device=logp.device)
-    has_tail = rest_logmass > float("-inf")
-    if tail_samples and has_tail.any():
-        probs = (rest[has_tail] - rest_logmass[has_tail, None]).exp()
-        drawn = torch.multinomial(probs, tail_samples, replacement=True, generator=generator)
-        tail_ids[has_tail] = drawn
-        tail_logp[has_tail] = rest[has_tail].gather(-1, drawn)
+    tail_ids, tail_logp = _sample_far_tail(rest, rest_logmass, tail_samples, uniforms, generator)
 
     def shaped(t: torch.Tensor, dtype: torch.dtype, trailing: tuple = (-1,)) -> torch.Tensor:
-        return t.to(dtype).reshape(*leading, *trailing)
+        return t.to(dtype).reshape(leading + trailing)
 
     return TeacherSummary(
         top_ids=shaped(top_ids, torch.int32),
@@ -173,6 +177,27 @@ def summarize(
         tail_ids=shaped(tail_ids, torch.int32),
         tail_logp=shaped(tail_logp, logp_dtype),
     )
+
+
+def _sample_far_tail(rest: torch.Tensor, rest_logmass: torch.Tensor, samples: int,
+                     uniforms: Optional[torch.Tensor], generator: Optional[torch.Generator]):
+    """Inverse-CDF draws from p_i / α_M over the far tail (``rest`` is log p with the top M at −inf)."""
+    rows, vocab = rest.shape
+    if uniforms is None:
+        uniforms = torch.rand(rows, samples, generator=generator, device=rest.device)
+    uniforms = uniforms.reshape(rows, samples).to(rest.device, torch.float32)
+    has_tail = rest_logmass > float("-inf")
+    tail_ids = torch.zeros(rows, samples, dtype=torch.long, device=rest.device)
+    tail_logp = torch.full((rows, samples), float("-inf"), device=rest.device)
+    if samples and has_tail.any():
+        cdf = (rest[has_tail] - rest_logmass[has_tail, None]).exp().cumsum(-1)
+        # Targets in (0, total]: a zero-probability id (a flat stretch of the CDF) is never the first
+        # index reaching a positive target, so top-M ids cannot be drawn.
+        targets = (1.0 - uniforms[has_tail]) * cdf[:, -1:]
+        drawn = torch.searchsorted(cdf, targets.contiguous()).clamp_max(vocab - 1)
+        tail_ids[has_tail] = drawn
+        tail_logp[has_tail] = rest[has_tail].gather(-1, drawn)
+    return tail_ids, tail_logp
 
 
 def bytes_per_position(top_m: int, tail_samples: int, logp_dtype: torch.dtype = torch.float16) -> int:

@@ -22,13 +22,10 @@ import numpy as np
 import torch
 
 from tailkd_ray.config import Config
-from tailkd_ray.summary import FIELDS, summarize
+from tailkd_ray.placement import require_teacher_placement, teacher_ray_options
+from tailkd_ray.summary import NonFiniteLogitsError, summarize
 
 log = logging.getLogger(__name__)
-
-# A teacher actor that dies (preempted node, OOM kill) is restarted without limit, but one task is retried
-# at most this many times: a block that kills its actor every time fails the run instead of looping.
-MAX_TASK_RETRIES = 4
 
 _LOGP_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
@@ -38,6 +35,11 @@ def block_hashes(input_ids: np.ndarray) -> np.ndarray:
     rows = np.ascontiguousarray(input_ids, dtype=np.int32)
     return np.array([int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8).digest(), "little", signed=True)
                      for row in rows], dtype=np.int64)
+
+
+def format_block_hash(block_hash: int) -> str:
+    """A block hash as 16 hex digits (how errors and logs name a block)."""
+    return f"{int(block_hash) & 0xFFFFFFFFFFFFFFFF:016x}"
 
 
 def row_generator_seed(seed: int, block_hash: int) -> int:
@@ -101,18 +103,20 @@ class TeacherScorer:
         tokens = torch.from_numpy(ids).to(self.device)
         with torch.inference_mode():
             logits = self.model(input_ids=tokens[:, :-1], use_cache=False).logits
-            rows = [self._summarize_row(logits[row], row, batch, hashes) for row in range(len(ids))]
-        out = {name: np.stack([r[name] for r in rows]) for name in FIELDS}
-        return {"input_ids": ids.astype(np.int32), **out}
+            try:
+                summary = summarize(logits, uniforms=self._row_uniforms(hashes, logits.shape[1]),
+                                    **self.summary_args)
+            except NonFiniteLogitsError as err:
+                row = err.position[0]
+                raise ValueError(f"teacher {self.model_path}: {describe_row(batch, row, hashes[row])}: {err}") from err
+        return {"input_ids": ids.astype(np.int32), **summary.to_numpy()}
 
-    def _summarize_row(self, logits: torch.Tensor, row: int, batch: Mapping[str, Any],
-                       hashes: np.ndarray) -> dict[str, np.ndarray]:
-        generator = torch.Generator(device=logits.device)
-        generator.manual_seed(row_generator_seed(self.seed, hashes[row]))
-        try:
-            return summarize(logits, generator=generator, **self.summary_args).to_numpy()
-        except ValueError as err:
-            raise ValueError(f"teacher {self.model_path}: {describe_row(batch, row, hashes[row])}: {err}") from err
+    def _row_uniforms(self, hashes: np.ndarray, positions: int) -> torch.Tensor:
+        """Tail-sampling uniforms [B, T, S], one CPU generator per block seeded by (seed, block hash): a block
+        gets the same samples whichever actor, batch or device scores it."""
+        samples = self.summary_args["tail_samples"]
+        generators = [torch.Generator().manual_seed(row_generator_seed(self.seed, h)) for h in hashes]
+        return torch.stack([torch.rand(positions, samples, generator=g) for g in generators])
 
     def _check_ids_in_vocab(self, ids: np.ndarray, batch: Mapping[str, Any], hashes: np.ndarray) -> None:
         bad = (ids < 0) | (ids >= self.vocab)
@@ -128,7 +132,7 @@ def describe_row(batch: Mapping[str, Any], row: int, block_hash: int) -> str:
     ids = np.asarray(batch["input_ids"][row])
     extra = {name: values[row] for name, values in batch.items() if name != "input_ids"}
     where = "".join(f", {name}={value!r}" for name, value in extra.items())
-    return (f"block_hash={block_hash & 0xFFFFFFFFFFFFFFFF:016x} (row {row} of its batch{where}, input_ids starting "
+    return (f"block_hash={format_block_hash(block_hash)} (row {row} of its batch{where}, input_ids starting "
             f"{ids[:8].tolist()})")
 
 
@@ -149,16 +153,19 @@ def teacher_map_args(cfg: Config) -> dict:
     """``map_batches`` keyword arguments that run ``TeacherScorer`` as the configured actor pool.
 
     Actors are placed by ``teacher.num_gpus`` and ``teacher.resources`` (custom resources that only inference
-    nodes offer). Dead actors are restarted and their tasks retried (``MAX_TASK_RETRIES``), so every block is
-    scored exactly once even when an actor dies mid-run.
+    nodes offer), through ``placement.teacher_ray_options`` so the placement check asks for the same.
+
+    Fault tolerance is Ray Data's default for actor pools in Ray 2.60: a dead actor (lost node, OOM kill) is
+    restarted and its in-flight tasks are retried (``max_restarts = max_task_retries = -1``), so every block
+    is scored exactly once; exceptions raised by the scorer (bad input, non-finite logits) are not retried
+    and fail the run. Those two options are only reachable through ``map_batches``'s deprecated
+    ``**ray_remote_args`` (removal announced for Ray 2.64), so they are left at the defaults.
     """
     import ray.data
 
     return dict(fn_constructor_kwargs=scorer_kwargs(cfg),
                 compute=ray.data.ActorPoolStrategy(min_size=cfg.teacher.min_actors, max_size=cfg.teacher.max_actors),
-                num_gpus=cfg.teacher.num_gpus or None, resources=cfg.teacher.resources or None,
-                batch_size=cfg.teacher.batch_size, batch_format="numpy",
-                max_restarts=-1, max_task_retries=MAX_TASK_RETRIES)
+                batch_size=cfg.teacher.batch_size, batch_format="numpy", **teacher_ray_options(cfg.teacher))
 
 
 def check_teacher_context(cfg: Config) -> None:
@@ -175,13 +182,15 @@ def check_teacher_context(cfg: Config) -> None:
 def score_dataset(blocks, cfg: Config):
     """Lazily score a Dataset of packed ``input_ids`` blocks with the teacher actor pool (streaming).
 
-    Checks first, before any work, that the teacher, student and data tokenizer share one vocabulary and
-    that blocks fit the teacher's context window.
+    Checks first, before any work, that the teacher, student and data tokenizer share one vocabulary, that
+    blocks fit the teacher's context window and that the cluster can host the pool (or, with
+    ``autoscaling``, logs what it waits for).
     """
     kwargs = teacher_map_args(cfg)
     check_vocab_compatible(cfg.teacher.model, cfg.student.model or cfg.student.config, cfg.data.tokenizer,
                            trust_remote_code=cfg.teacher.trust_remote_code)
     check_teacher_context(cfg)
+    require_teacher_placement(cfg.teacher, allow_autoscale=cfg.autoscaling)
     log.info("teacher pool: %s, %d-%d actors, %s GPU(s) and resources %s per actor, batch %d",
              cfg.teacher.model, cfg.teacher.min_actors, cfg.teacher.max_actors, cfg.teacher.num_gpus,
              cfg.teacher.resources, cfg.teacher.batch_size)

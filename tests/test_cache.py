@@ -1,0 +1,187 @@
+"""Summary cache: complete write + manifest, exact round trip, skip when complete, resume after an
+interruption, refusal of foreign or mismatched caches, identity hashes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tailkd_ray.cache import (MANIFEST, open_cache, score_to_cache, summaries_for_training, teacher_identity)
+from tailkd_ray.config import load_config
+from tailkd_ray.summary import FIELDS
+from tailkd_ray.teacher import block_hashes, score_dataset
+
+SEQ_LEN, TOP_M, TAIL, ROWS, SHARD_ROWS = 16, 6, 3, 14, 4
+
+
+def make_config(model_dir, cache_dir, data_file, **overrides):
+    values = {"teacher.model": str(model_dir), "data.seq_len": SEQ_LEN, "summary.top_m": TOP_M,
+              "summary.tail_samples": TAIL, "summary.cache_dir": str(cache_dir), "loss.k": 4,
+              "teacher.batch_size": 4, "train.seed": 3, "data.train": str(data_file), **overrides}
+    return load_config(None, [f"{k}={v}" for k, v in values.items()])
+
+
+def random_blocks(rows: int = ROWS, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 320, (rows, SEQ_LEN + 1)).astype(np.int32)
+
+
+def as_dataset(blocks):
+    import ray.data
+
+    return ray.data.from_items([{"input_ids": row} for row in blocks])
+
+
+def rows_by_hash(rows: list[dict]) -> dict[int, dict]:
+    hashes = block_hashes(np.stack([r["input_ids"] for r in rows]))
+    assert len(set(hashes.tolist())) == len(rows), "a block appears twice"
+    return dict(zip(hashes.tolist(), rows))
+
+
+def assert_same_rows(a: list[dict], b: list[dict]) -> None:
+    a, b = rows_by_hash(a), rows_by_hash(b)
+    assert a.keys() == b.keys()
+    for key in a:
+        for name in ("input_ids", *FIELDS):
+            np.testing.assert_array_equal(a[key][name], b[key][name], err_msg=name)
+
+
+def read_manifest(cache_split_dir) -> dict:
+    return json.loads((cache_split_dir / MANIFEST).read_text())
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    """The file the config's data section names (its fingerprint is part of the cache identity)."""
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text("some text\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def complete_cache(tiny_llama_dir, data_file, ray_session, tmp_path_factory):
+    """A cache written in one uninterrupted run: (config, CacheInfo, split directory)."""
+    cfg = make_config(tiny_llama_dir, tmp_path_factory.mktemp("cache"), data_file)
+    info = score_to_cache(cfg, as_dataset(random_blocks()), teacher_id=teacher_identity(str(tiny_llama_dir)),
+                          shard_rows=SHARD_ROWS)
+    return cfg, info, Path(info.path)
+
+
+@pytest.mark.ray
+def test_complete_cache_has_manifest_shards_and_exact_rows(complete_cache, tiny_llama_dir):
+    cfg, info, split_dir = complete_cache
+    manifest = read_manifest(split_dir)
+    assert manifest["complete"] is True
+    assert info.rows == manifest["rows"] == ROWS and info.scored_rows == ROWS
+    assert info.tokens == manifest["tokens"] == ROWS * SEQ_LEN
+    assert len(manifest["shards"]) >= 3 and sum(manifest["shards"].values()) == ROWS
+    assert sorted(os.listdir(split_dir)) == sorted([MANIFEST, *manifest["shards"]])  # no temporaries left
+    assert manifest["teacher"] == teacher_identity(str(tiny_llama_dir))
+    assert (manifest["top_m"], manifest["tail_samples"], manifest["seq_len"], manifest["temperature"],
+            manifest["logp_dtype"], manifest["seed"]) == (TOP_M, TAIL, SEQ_LEN, 1.0, "float16", 3)
+    assert manifest["data"]["files"] == 1 and len(manifest["tokenizer_sha256"]) == 64
+
+    cached = open_cache(cfg).take_all()
+    row = cached[0]
+    assert row["input_ids"].shape == (SEQ_LEN + 1,)
+    assert row["top_ids"].shape == row["top_logp"].shape == (SEQ_LEN, TOP_M)
+    assert row["rest_logmass"].shape == (SEQ_LEN,) and row["tail_ids"].shape == (SEQ_LEN, TAIL)
+    assert row["top_logp"].dtype == np.float16 and row["tail_ids"].dtype == np.int32
+    # Bit-identical to a fresh streamed pass: the Parquet round trip is exact and tail samples are
+    # deterministic across runs (different batching too: batch 4 here, 2 there).
+    streamed = score_dataset(as_dataset(random_blocks()[::-1]),
+                             make_config(tiny_llama_dir, None, cfg.data.train, **{"teacher.batch_size": 2}))
+    assert_same_rows(cached, streamed.take_all())
+
+    # A complete cache is reused, not re-scored.
+    mtimes = {name: os.path.getmtime(split_dir / name) for name in os.listdir(split_dir)}
+    again = score_to_cache(cfg, as_dataset(random_blocks()), teacher_id=manifest["teacher"])
+    assert again.scored_rows == 0 and again.rows == ROWS
+    assert {name: os.path.getmtime(split_dir / name) for name in os.listdir(split_dir)} == mtimes
+
+
+@pytest.mark.ray
+def test_interrupted_cache_is_refused_then_resumed(complete_cache, tiny_llama_dir, tmp_path):
+    cfg, info, split_dir = complete_cache
+    # Simulate a run killed mid-way: its first manifest (complete: false), one finished shard, and one
+    # shard caught half-written under its temporary name.
+    manifest = read_manifest(split_dir)
+    first, second = list(manifest["shards"])[:2]
+    interrupted = tmp_path / "cache" / "train"
+    interrupted.mkdir(parents=True)
+    identity = {k: v for k, v in manifest.items()
+                if k not in ("complete", "shards", "rows", "tokens", "teacher_path", "tool_version", "finished")}
+    (interrupted / MANIFEST).write_text(json.dumps({**identity, "complete": False}))
+    shutil.copy(split_dir / first, interrupted / first)
+    (interrupted / f".tmp-{second}-0123").write_bytes((split_dir / second).read_bytes()[:100])
+    resumed_cfg = make_config(tiny_llama_dir, tmp_path / "cache", cfg.data.train)
+
+    with pytest.raises(ValueError, match="incomplete .*interrupted.*run `tailkd score --config F` again"):
+        open_cache(resumed_cfg)
+    first_mtime = os.path.getmtime(interrupted / first)
+
+    resumed = summaries_for_training(resumed_cfg, as_dataset(random_blocks()))
+    assert read_manifest(interrupted)["complete"] is True
+    already = manifest["shards"][first]
+    assert not any(name.startswith(".tmp-") for name in os.listdir(interrupted))
+    assert os.path.getmtime(interrupted / first) == first_mtime  # the finished shard was kept, not rewritten
+    assert read_manifest(interrupted)["rows"] == ROWS
+    assert sum(v for k, v in read_manifest(interrupted)["shards"].items() if k != first) == ROWS - already
+    assert_same_rows(resumed.take_all(), open_cache(cfg).take_all())
+
+
+@pytest.mark.ray
+def test_mismatched_cache_is_refused_naming_the_fields(complete_cache, tiny_llama_dir, tiny_gpt2_dir, data_file):
+    cfg, info, split_dir = complete_cache
+    cache_dir = cfg.summary.cache_dir
+    other_top_m = make_config(tiny_llama_dir, cache_dir, data_file, **{"summary.top_m": 8, "summary.tail_samples": 2})
+    with pytest.raises(ValueError, match=r"(?s)differing field\(s\):\n  tail_samples: cache has 3, config gives 2\n"
+                                         r"  top_m: cache has 6, config gives 8\nset summary.cache_dir to another"):
+        score_to_cache(other_top_m, None, teacher_id=info.manifest["teacher"])
+    with pytest.raises(ValueError, match="top_m: cache has 6, config gives 8"):
+        open_cache(other_top_m, teacher_id=info.manifest["teacher"])
+
+    other_teacher = make_config(tiny_gpt2_dir, cache_dir, data_file)
+    with pytest.raises(ValueError, match=r"teacher.config_sha256: .*\n  teacher.weights_sha256: "):
+        open_cache(other_teacher)
+
+    original = data_file.read_text()
+    data_file.write_text("the corpus changed\n")
+    try:
+        with pytest.raises(ValueError, match=r"data.bytes: cache has 10, config gives 19\n  data.files_sha256"):
+            score_to_cache(cfg, None, teacher_id=info.manifest["teacher"])
+    finally:
+        data_file.write_text(original)
+
+
+def test_shards_without_manifest_are_refused(tiny_llama_dir, data_file, tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "part-0.parquet").write_bytes(b"not ours")
+    cfg = make_config(tiny_llama_dir, tmp_path, data_file)
+    with pytest.raises(ValueError, match="holds Parquet shards but no manifest.json: it is not a tailkd summary cache"):
+        score_to_cache(cfg, None, teacher_id={"weights_sha256": "x"})
+    with pytest.raises(ValueError, match=r"no summary cache at .*/train \(no manifest.json\): run `tailkd score"):
+        open_cache(make_config(tiny_llama_dir, tmp_path / "nothing", data_file), teacher_id={})
+
+
+def test_teacher_identity_follows_the_weights(tiny_llama_dir, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_llama_dir, copy)
+    assert teacher_identity(str(copy)) == teacher_identity(str(tiny_llama_dir))  # the path is not identity
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1e-3)  # a "fine-tuned" teacher: same shapes, every tensor changed
+    tuned = tmp_path / "tuned"
+    model.save_pretrained(tuned)
+    identity, original = teacher_identity(str(tuned)), teacher_identity(str(tiny_llama_dir))
+    assert identity["config_sha256"] == original["config_sha256"]
+    assert identity["weights_sha256"] != original["weights_sha256"]
