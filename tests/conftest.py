@@ -14,6 +14,9 @@ import pytest
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray 2.60 reads Parquet footers on a pool of 32 new actor processes per read (~10-20 s on 2 cores);
+# one is plenty for test-sized files.
+os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
 
 TINY_VOCAB = 320
 

@@ -1,0 +1,225 @@
+"""Ray Data ingest (tailkd_ray.data): every format packs into exact seq_len + 1 int32 blocks of the
+EOS-joined token stream, deterministically, with bad input skipped-and-counted or refused by name."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tailkd_ray import data as D
+from tailkd_ray.config import DataConfig, load_config
+
+pytestmark = pytest.mark.ray
+
+SEQ_LEN = 31  # blocks of 32 ids
+DOCS = [
+    "def add(a, b):  return a + b",
+    "The quick brown fox jumps over the lazy dog.",
+    "Unicode survives: caf\u00e9, na\u00efve, \u65e5\u672c.",
+    "x = [i ** 2 for i in range(10)]  # squares",
+    "import os; print(os.getcwd())",
+    "while True: pass",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_tokenizer_dir):
+    return D.load_tokenizer(str(tiny_tokenizer_dir))
+
+
+def _stream(tokenizer, docs) -> np.ndarray:
+    """The reference: each document tokenized without special tokens, followed by EOS."""
+    ids = []
+    for doc in docs:
+        ids += tokenizer(doc, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return np.array(ids, np.int32)
+
+
+def _pack(pattern, tokenizer_dir, *, fmt="text", **data_fields):
+    data_cfg = DataConfig(format=fmt, seq_len=SEQ_LEN, tokenizer_actors=1, **data_fields)
+    report = D.IngestReport()
+    blocks = D.tokenize_and_pack(D.read_documents(str(pattern), data_cfg), str(tokenizer_dir), data_cfg,
+                                 stats=report)
+    rows = [row["input_ids"] for row in blocks.take_all()]
+    return (np.stack(rows) if rows else np.zeros((0, SEQ_LEN + 1), np.int32)), report
+
+
+def _write_corpus(tmp_path, layout, tokenizer):
+    """The DOCS in one of the supported layouts; returns (pattern, format, extra DataConfig fields)."""
+    if layout == "text_line":
+        (tmp_path / "docs.txt").write_text("\n".join(DOCS) + "\n", encoding="utf-8")
+        return tmp_path / "docs.txt", "text", {"text_document": "line"}
+    if layout == "text_file":
+        for i, doc in enumerate(DOCS):
+            (tmp_path / f"{i:03d}.txt").write_text(doc, encoding="utf-8")
+        return tmp_path / "*.txt", "text", {"text_document": "file"}
+    if layout == "jsonl":
+        lines = [json.dumps({"id": i, "body": doc}) for i, doc in enumerate(DOCS)]
+        (tmp_path / "docs.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return tmp_path, "jsonl", {"text_column": "body"}
+    if layout == "parquet":  # two files: the glob's sorted order is the document order
+        pq.write_table(pa.table({"text": DOCS[:4]}), tmp_path / "a.parquet")
+        pq.write_table(pa.table({"text": DOCS[4:]}), tmp_path / "b.parquet")
+        return tmp_path / "*.parquet", "parquet", {}
+    ids = [tokenizer(doc, add_special_tokens=False)["input_ids"] for doc in DOCS]
+    (tmp_path / "tokens.jsonl").write_text("\n".join(json.dumps({"ids": x}) for x in ids), encoding="utf-8")
+    return tmp_path / "tokens.jsonl", "tokens", {"tokens_column": "ids"}
+
+
+# tokens in Parquet: test_out_of_vocab_and_null_rows_are_counted (each Parquet read costs ~10 s here)
+@pytest.mark.parametrize("layout", ["text_line", "text_file", "jsonl", "parquet", "tokens_jsonl"])
+def test_each_format_packs_the_eos_joined_stream(ray_session, tiny_tokenizer_dir, tokenizer, tmp_path, layout):
+    pattern, fmt, fields = _write_corpus(tmp_path, layout, tokenizer)
+    blocks, report = _pack(pattern, tiny_tokenizer_dir, fmt=fmt, **fields)
+    stream = _stream(tokenizer, DOCS)
+    n = len(stream) // (SEQ_LEN + 1)
+    assert n >= 3 and blocks.dtype == np.int32 and blocks.shape == (n, SEQ_LEN + 1)
+    np.testing.assert_array_equal(blocks.reshape(-1), stream[: n * (SEQ_LEN + 1)])
+    assert (report.documents, report.tokens, report.blocks) == (len(DOCS), len(stream), n)
+    assert report.dropped_tokens == len(stream) - n * (SEQ_LEN + 1)
+    assert sum(report.skipped.values()) == 0
+    assert tokenizer.decode(blocks[0]).startswith(DOCS[0])
+
+
+def test_tails_of_many_batches_are_packed_not_lost(ray_session, tiny_tokenizer_dir, tokenizer, tmp_path,
+                                                   monkeypatch):
+    docs = DOCS * 5
+    (tmp_path / "docs.txt").write_text("\n".join(docs), encoding="utf-8")
+    monkeypatch.setitem(D._DOCS_PER_BATCH, "line", 4)  # 8 batches, each leaving a tail
+    blocks, report = _pack(tmp_path / "docs.txt", tiny_tokenizer_dir, text_document="line")
+    stream = _stream(tokenizer, docs)
+    assert report.blocks == len(blocks) == len(stream) // (SEQ_LEN + 1)  # only the final partial block drops
+    assert report.dropped_tokens == len(stream) % (SEQ_LEN + 1)
+    kept = Counter(blocks.reshape(-1).tolist())
+    assert not kept - Counter(stream.tolist()) and sum(kept.values()) == len(stream) - report.dropped_tokens
+
+
+def test_split_is_deterministic_disjoint_and_sized(ray_session, builtin_corpus, tiny_tokenizer_dir):
+    train_dir, _ = builtin_corpus
+    cfg = load_config(None, [f"data.train={train_dir}", f"data.tokenizer={tiny_tokenizer_dir}", "data.seq_len=63",
+                             "data.val_fraction=0.2", "train.seed=3"])
+
+    def run():
+        train, val, report = D.train_val_datasets(cfg)
+        return ([r["input_ids"].tobytes() for r in train.take_all()],
+                [r["input_ids"].tobytes() for r in val.take_all()], report)
+
+    train, val, report = run()
+    assert run()[:2] == (train, val)
+    assert not set(train) & set(val)
+    assert (len(train), len(val)) == (report.train_blocks, report.val_blocks)
+    assert len(train) + len(val) == report.blocks > 4000
+    assert abs(len(val) / report.blocks - 0.2) < 0.03
+    assert report.tokens == report.blocks * 64 + report.dropped_tokens
+
+
+def test_separate_val_corpus(ray_session, builtin_corpus, tiny_tokenizer_dir):
+    train_dir, val_dir = builtin_corpus
+    cfg = load_config(None, [f"data.train={train_dir}", f"data.val={val_dir}", f"data.tokenizer={tiny_tokenizer_dir}",
+                             "data.seq_len=63"])
+    train, val, report = D.train_val_datasets(cfg)
+    assert (train.count(), val.count()) == (report.train_blocks, report.val_blocks)
+    files = len(list(train_dir.glob("*.txt"))) + len(list(val_dir.glob("*.txt")))
+    assert report.val_blocks > 50 and report.documents == files
+    assert "0 val" not in report.summary()
+
+
+def test_held_out_mask_depends_on_seed_and_ids_only():
+    blocks = np.random.default_rng(0).integers(0, 320, size=(4000, 16), dtype=np.int32)
+    mask = D.held_out_mask(blocks, 7, 0.1)
+    assert abs(mask.mean() - 0.1) < 0.02
+    np.testing.assert_array_equal(D.held_out_mask(blocks[::-1], 7, 0.1), mask[::-1])
+    assert (D.held_out_mask(blocks, 8, 0.1) != mask).sum() > 100
+    assert not D.held_out_mask(blocks, 7, 0.0).any()
+
+
+def test_split_text_keeps_the_tokenization(tokenizer):
+    text = " ".join(DOCS) * 40 + "   spaces\n\n  and\ttabs " * 30
+    pieces = D.split_text(text, 200)
+    assert "".join(pieces) == text and max(map(len, pieces)) <= 200 and len(pieces) > 10
+    joined = [i for p in pieces for i in tokenizer(p, add_special_tokens=False)["input_ids"]]
+    assert joined == tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_bad_text_files_are_counted_and_a_huge_document_packs(ray_session, tiny_tokenizer_dir, tokenizer, tmp_path):
+    huge = ("lorem ipsum dolor sit amet " * 80_000)[:2_000_000]  # ~2 MB, one line
+    (tmp_path / "a_good.txt").write_text(DOCS[0], encoding="utf-8")
+    (tmp_path / "b_empty.txt").write_text("", encoding="utf-8")
+    (tmp_path / "c_bad.txt").write_bytes(b"caf\xe9 in latin-1")
+    (tmp_path / "d_huge.txt").write_text(huge, encoding="utf-8")
+    blocks, report = _pack(tmp_path, tiny_tokenizer_dir, text_document="file")
+    stream = _stream(tokenizer, [DOCS[0], huge])
+    n = len(stream) // (SEQ_LEN + 1)
+    assert len(blocks) == n > 10_000
+    np.testing.assert_array_equal(blocks.reshape(-1), stream[: n * (SEQ_LEN + 1)])
+    assert report.documents == 4 and report.skipped == {"empty": 1, "null": 0, "invalid_utf8": 1, "out_of_vocab": 0}
+    assert report.skipped_examples == [f"empty: {tmp_path / 'b_empty.txt'}",
+                                       f"invalid_utf8: {tmp_path / 'c_bad.txt'} (byte 3)"]
+    assert "1 empty, 1 invalid_utf8" in report.summary()
+
+
+def test_bad_lines_are_counted_with_their_line(ray_session, tiny_tokenizer_dir, tokenizer, tmp_path):
+    (tmp_path / "docs.txt").write_bytes(b"first good line\n\nbad \xff\xfe line\nlast good line\n")
+    blocks, report = _pack(tmp_path / "docs.txt", tiny_tokenizer_dir, text_document="line")
+    assert report.documents == 4 and report.skipped["empty"] == 1 and report.skipped["invalid_utf8"] == 1
+    stream = _stream(tokenizer, ["first good line", "last good line"])
+    assert report.tokens == len(stream) and blocks.size == len(stream) - report.dropped_tokens
+    assert report.skipped_examples == [f"empty: {tmp_path / 'docs.txt'}:2",
+                                       f"invalid_utf8: {tmp_path / 'docs.txt'}:3 (byte 4)"]
+
+
+def test_out_of_vocab_and_null_rows_are_counted(ray_session, tiny_tokenizer_dir, tokenizer, tmp_path):
+    good = [tokenizer(doc, add_special_tokens=False)["input_ids"] for doc in DOCS]
+    pq.write_table(pa.table({"input_ids": good[:3] + [[5, 320, 6], [-1], None, []] + good[3:]}),
+                   tmp_path / "t.parquet")
+    blocks, report = _pack(tmp_path / "t.parquet", tiny_tokenizer_dir, fmt="tokens")
+    assert report.skipped == {"empty": 1, "null": 1, "invalid_utf8": 0, "out_of_vocab": 2}
+    stream = _stream(tokenizer, DOCS)
+    assert report.documents == len(DOCS) + 4 and report.tokens == len(stream)
+    np.testing.assert_array_equal(blocks.reshape(-1), stream[: blocks.size])
+    assert len(blocks) == len(stream) // (SEQ_LEN + 1)
+    assert f"out_of_vocab: {tmp_path / 't.parquet'} (id 320, vocabulary 320)" in report.skipped_examples
+    assert f"out_of_vocab: {tmp_path / 't.parquet'} (id -1, vocabulary 320)" in report.skipped_examples
+
+
+def test_a_file_without_the_column_is_named(ray_session, tiny_tokenizer_dir, tmp_path):
+    pq.write_table(pa.table({"text": DOCS}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"body": DOCS, "n": list(range(len(DOCS)))}), tmp_path / "b.parquet")
+    with pytest.raises(D.DataError, match=r"b\.parquet has no column 'text'; columns: body, n"):
+        _pack(tmp_path, tiny_tokenizer_dir, fmt="parquet")
+    with pytest.raises(D.DataError, match=r"b\.parquet has no column 'text'; columns: body, n"):
+        _pack(tmp_path / "b.parquet", tiny_tokenizer_dir, fmt="parquet")  # no file has it
+
+
+def test_jsonl_errors_name_the_line(ray_session, tiny_tokenizer_dir, tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "ok"}\n{"body": "no text"}\n', encoding="utf-8")
+    with pytest.raises(D.DataError, match=r"a\.jsonl:2: no field 'text'; fields: body"):
+        _pack(tmp_path / "a.jsonl", tiny_tokenizer_dir, fmt="jsonl")
+    (tmp_path / "a.jsonl").write_text('{"text": "ok"}\n{"text": "cut\n', encoding="utf-8")
+    with pytest.raises(D.DataError, match=r"a\.jsonl:2: invalid JSON"):
+        _pack(tmp_path / "a.jsonl", tiny_tokenizer_dir, fmt="jsonl")
+
+
+def test_a_corrupt_parquet_file_is_named(ray_session, tiny_tokenizer_dir, tmp_path):
+    pq.write_table(pa.table({"text": DOCS}), tmp_path / "a.parquet")
+    (tmp_path / "b.parquet").write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(D.DataError, match=r"b\.parquet is not a readable Parquet file"):
+        D.read_documents(str(tmp_path / "*.parquet"), DataConfig(format="parquet"))
+
+
+def test_a_pattern_without_files_is_named(tmp_path):
+    with pytest.raises(D.DataError, match="nothing-here/\\*.txt' matches no file"):
+        D.read_documents(str(tmp_path / "nothing-here" / "*.txt"), DataConfig())
+
+
+def test_a_tokenizer_without_eos_is_refused(tiny_tokenizer_dir, tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    PreTrainedTokenizerFast(tokenizer_file=str(tiny_tokenizer_dir / "tokenizer.json")).save_pretrained(tmp_path)
+    with pytest.raises(D.DataError, match="has no eos token"):
+        D.load_tokenizer(str(tmp_path))
