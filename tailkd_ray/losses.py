@@ -102,7 +102,9 @@ def _tad_terms_summary(logq: Tensor, summary: TeacherSummary, k: int):
     log_alpha = torch.cat([logp_mid, log_alpha_m[:, None]], dim=-1).logsumexp(-1)
     log_b = log1mexp(logq_k.logsumexp(-1))
     mid = _weighted(logp_mid.exp(), logp_mid - logq_mid - (log_alpha - log_b)[:, None]).sum(-1)
-    log_gamma_m = log1mexp(logq_top_m.logsumexp(-1))
+    # γ_M = 1 when M = V: keep log1mexp off log(0) there (α_M = 0 zeroes the term, but 0·∞ = NaN in backward).
+    has_far = log_alpha_m > float("-inf")
+    log_gamma_m = log1mexp(torch.where(has_far, logq_top_m.logsumexp(-1), -1.0))
     far = log_alpha_m - log_alpha - log_gamma_m + log_b
     if summary.tail_samples:
         tail_logp = summary.tail_logp.to(logq.dtype)

@@ -54,6 +54,7 @@ def student_config(cfg: Config):
     """The student's HF config: ``student.model``'s own, or the teacher's with ``student.config`` overrides.
 
     Override keys must already exist in the teacher's config (a typo would otherwise be silently ignored).
+    A ``head_dim`` that the teacher derives as hidden_size / num_attention_heads is re-derived for the student.
     """
     AutoConfig, _, _ = _auto()
     if cfg.student.model is not None:
@@ -66,9 +67,19 @@ def student_config(cfg: Config):
     if unknown:
         raise ConfigError(f"student.config.{unknown[0]} is not a field of the teacher's {type(config).__name__} "
                           f"({cfg.teacher.model}); known fields include: {', '.join(sorted(known)[:40])}")
+    derived_head_dim = getattr(config, "head_dim", None) == _default_head_dim(config)
     for key, value in cfg.student.config.items():
         setattr(config, key, value)
+    if derived_head_dim and "head_dim" not in cfg.student.config:
+        # The teacher's head_dim was hidden_size / heads; keep that relation rather than a stale value.
+        config.head_dim = _default_head_dim(config)
     return config
+
+
+def _default_head_dim(config) -> Optional[int]:
+    heads = getattr(config, "num_attention_heads", None)
+    hidden = getattr(config, "hidden_size", None)
+    return hidden // heads if heads and hidden else None
 
 
 def build_student(cfg: Config, *, teacher_state: Optional[dict] = None) -> nn.Module:
@@ -114,11 +125,7 @@ def _check_vocab(cfg: Config, model: nn.Module) -> None:
 
 def head_dim(config) -> Optional[int]:
     """Attention head width of an HF config (None if it has no attention heads)."""
-    explicit = getattr(config, "head_dim", None)
-    heads = getattr(config, "num_attention_heads", None)
-    if explicit:
-        return explicit
-    return config.hidden_size // heads if heads else None
+    return getattr(config, "head_dim", None) or _default_head_dim(config)
 
 
 def check_truncatable(teacher_config, student_config_) -> None:

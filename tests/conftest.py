@@ -29,7 +29,7 @@ def start_shared_ray() -> None:
     """
     import ray
 
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
 
 
 @pytest.fixture(scope="session")

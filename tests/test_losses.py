@@ -355,3 +355,15 @@ def test_shape_mismatches_are_refused():
         tad_loss(student, teacher[..., :8], k=2, beta=1.0)
     with pytest.raises(ValueError, match="needs full teacher logits"):
         reverse_kl_loss(student, summarize(teacher, top_m=3))
+
+
+@pytest.mark.parametrize("tail_samples", [0, 3])
+def test_full_vocab_summary_has_finite_gradients(tail_samples):
+    """M = V leaves no far tail (α_M = 0, γ_M = 1): the gradient must be finite and equal the exact one."""
+    student, teacher, mask = make_case(31, 2, 4, 16)
+    student = student.clone().requires_grad_()
+    summary = summarize(teacher, top_m=16, tail_samples=tail_samples, logp_dtype=torch.float32)
+    got = torch.autograd.grad(tad_loss_from_summary(student, summary, k=3, beta=1.0, mask=mask), student)[0]
+    want = torch.autograd.grad(tad_loss(student, teacher, k=3, beta=1.0, mask=mask), student)[0]
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)

@@ -1,0 +1,195 @@
+r"""Held-out evaluation of a student against its teacher (DESIGN §7), streaming over token chunks.
+
+Per token position with student q, teacher p (τ = 1) and target y:
+
+- ``val_loss`` = mean −log q_y, ``val_ppl`` = exp(val_loss);
+- ``kl_to_teacher`` = mean KL(p‖q). With full teacher logits it is exact (``kl_source: exact``). From a
+  ``TeacherSummary`` it is the summary forward KL of ``losses.forward_kl_loss``: exact over the top M and the
+  far-tail mass, plus the sampled far-tail term (unbiased with S > 0; with S = 0 it drops the far-tail KL
+  α_M·F and reads low) (``kl_source: summary``); exact again when M = V;
+- ``top1_agreement`` = fraction of positions where argmax q = argmax p;
+- ``tail_mass_teacher`` = mean α_K^T = 1 − Σ of the teacher's K largest probabilities (K = ``loss.k``),
+  ``tail_mass_student`` = mean α_K^S = 1 − Σ of the student's own K largest probabilities;
+- ``full_ece`` (Liu et al., arXiv 2406.11345), ×100: the probability of every vocabulary entry at every
+  position goes into one of M equal-width bins over [0, 1]; with N positions,
+  Full-ECE = (1/N) Σ_m |Σ_{(i,k)∈B_m} (1[y_i = k] − q_i^(k))|. Streaming: per bin only the count of hits
+  and the sum of probabilities are kept.
+
+Everything is accumulated as float64 sums in one flat vector, so a distributed evaluation is one
+all-reduce of that vector (``reduce``). The accumulation functions are pure torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Optional, Union
+
+import torch
+from torch import Tensor
+
+from tailkd_ray.losses import forward_kl_loss
+from tailkd_ray.summary import FIELDS, TeacherSummary
+
+EVAL_KEYS = ("val_loss", "val_ppl", "kl_to_teacher", "top1_agreement", "full_ece", "tail_mass_student",
+             "tail_mass_teacher", "tokens")
+SCALARS = ("nll", "kl", "top1", "tail_student", "tail_teacher", "tokens")
+
+
+def calibration_bins(logq: Tensor, targets: Tensor, bins: int) -> tuple[Tensor, Tensor]:
+    """Per-bin (count of hits, sum of probabilities) over every vocabulary entry of ``logq`` [N, V]."""
+    probs = logq.exp()
+    index = (probs * bins).long().clamp_(max=bins - 1)  # bin m holds [m/M, (m+1)/M); p = 1 goes to the last
+    prob_sums = torch.zeros(bins, dtype=torch.float64, device=probs.device)
+    prob_sums.index_add_(0, index.reshape(-1), probs.reshape(-1).double())
+    hits = torch.bincount(index.gather(-1, targets[:, None]).reshape(-1), minlength=bins).double()
+    return hits, prob_sums
+
+
+def _log_mass_outside_top(logp: Tensor, k: int) -> Tensor:
+    """log(1 − Σ of the k largest probabilities), by logsumexp over the rest (no cancellation)."""
+    rest = logp.scatter(-1, logp.topk(k, dim=-1).indices, float("-inf"))
+    return rest.logsumexp(-1)
+
+
+def _teacher_terms(logq: Tensor, teacher: Union[Tensor, TeacherSummary], k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(KL sum, teacher argmax [N], teacher α_K sum) for full teacher logits [N, V] or a summary [N]."""
+    n = logq.shape[0]
+    if isinstance(teacher, TeacherSummary):
+        kl = forward_kl_loss(logq[None], teacher.map(lambda t: t[None])) * n
+        argmax = teacher.top_ids[:, 0].long()
+        log_alpha = torch.cat([teacher.top_logp[:, k:].float(), teacher.rest_logmass[:, None].float()], -1).logsumexp(-1)
+    else:
+        kl = forward_kl_loss(logq[None], teacher[None].float()) * n
+        argmax = teacher.argmax(-1)
+        log_alpha = _log_mass_outside_top(torch.log_softmax(teacher.float(), -1), k)
+    return kl.double(), argmax, log_alpha.exp().double().sum()
+
+
+def metric_sums(student_logits: Tensor, targets: Tensor, teacher: Union[Tensor, TeacherSummary, None], *,
+                k: int, bins: int = 10) -> Tensor:
+    """Flat float64 vector of sums for N positions: [nll, kl, top1, tail_student, tail_teacher, tokens,
+    hits per bin (bins), probability sum per bin (bins)]. ``teacher`` None leaves the teacher sums at 0."""
+    logq = torch.log_softmax(student_logits.float(), dim=-1)
+    n = logq.shape[0]
+    nll = -logq.gather(-1, targets[:, None].long()).double().sum()
+    tail_student = _log_mass_outside_top(logq, k).exp().double().sum()
+    zero = torch.zeros((), dtype=torch.float64, device=logq.device)
+    kl, top1, tail_teacher = zero, zero, zero
+    if teacher is not None:
+        kl, argmax, tail_teacher = _teacher_terms(logq, teacher, k)
+        top1 = (logq.argmax(-1) == argmax).double().sum()
+    hits, prob_sums = calibration_bins(logq, targets.long(), bins)
+    scalars = torch.stack([nll, kl, top1, tail_student, tail_teacher, zero + n])
+    return torch.cat([scalars, hits, prob_sums])
+
+
+def finalize_metrics(sums: Tensor, *, bins: int = 10, with_teacher: bool = True) -> dict:
+    """Turn accumulated ``metric_sums`` into the eval.json metrics (teacher metrics NaN without a teacher)."""
+    values = dict(zip(SCALARS, sums[:len(SCALARS)].tolist()))
+    hits, prob_sums = sums[len(SCALARS):len(SCALARS) + bins], sums[len(SCALARS) + bins:]
+    n = max(values["tokens"], 1.0)
+    nan = float("nan")
+    val_loss = values["nll"] / n
+    return {
+        "val_loss": val_loss,
+        "val_ppl": math.exp(min(val_loss, 700.0)),
+        "kl_to_teacher": values["kl"] / n if with_teacher else nan,
+        "top1_agreement": values["top1"] / n if with_teacher else nan,
+        "full_ece": 100.0 * float((hits - prob_sums).abs().sum()) / n,
+        "tail_mass_student": values["tail_student"] / n,
+        "tail_mass_teacher": values["tail_teacher"] / n if with_teacher else nan,
+        "tokens": int(values["tokens"]),
+    }
+
+
+def _split(batch: Mapping[str, Tensor], device) -> tuple[Tensor, Tensor, Optional[TeacherSummary]]:
+    ids = torch.as_tensor(batch["input_ids"]).to(device).long()
+    summary = TeacherSummary.from_batch(batch).to(device) if all(f in batch for f in FIELDS) else None
+    return ids[:, :-1], ids[:, 1:], summary
+
+
+@torch.no_grad()
+def evaluate(student: Callable, batches: Iterable[Mapping[str, Tensor]], *,
+             teacher: Optional[Callable[[Tensor], Tensor]] = None, k: int = 10, bins: int = 10,
+             chunk_tokens: int = 1024, device: Union[str, torch.device] = "cpu",
+             reduce: Optional[Callable[[Tensor], Tensor]] = None) -> dict:
+    """Evaluate ``student`` on ``batches`` of ``input_ids`` [B, T+1] (plus summary columns, if any).
+
+    ``student(input_ids, head_fn)`` must run the decoder and return ``head_fn(hidden, lm_head_weight, bias)``
+    (``models.StudentWithHead``, possibly wrapped by DDP / FSDP2 / DeepSpeed): metrics are computed chunk by
+    chunk from the hidden states, never on a [B·T, V] float32 tensor. The teacher is ``teacher(input_ids)
+    -> logits [B, T, V]`` (co-located, exact) or, when None, the batches' summary columns; with neither,
+    the teacher metrics are NaN. ``reduce`` sums the flat vector across workers (an all-reduce).
+    """
+    total = torch.zeros(len(SCALARS) + 2 * bins, dtype=torch.float64, device=device)
+    with_teacher = teacher is not None
+    for batch in batches:
+        inputs, targets, summary = _split(batch, device)
+        reference = teacher(inputs) if teacher is not None else summary
+        with_teacher = with_teacher or summary is not None
+        head_fn = _chunked_metrics(targets, reference, k=k, bins=bins, chunk_tokens=chunk_tokens)
+        total += student(inputs, head_fn)
+    if reduce is not None:
+        total = reduce(total)
+    return finalize_metrics(total.cpu(), bins=bins, with_teacher=with_teacher)
+
+
+def _chunked_metrics(targets: Tensor, reference: Union[Tensor, TeacherSummary, None], *, k: int, bins: int,
+                     chunk_tokens: int):
+    """A ``head_fn`` accumulating ``metric_sums`` over chunks of ``chunk_tokens`` positions."""
+
+    def head_fn(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+        flat_targets = targets.reshape(-1)
+        flat_reference = _flatten(reference)
+        total = 0
+        for start in range(0, flat_hidden.shape[0], chunk_tokens):
+            part = slice(start, start + chunk_tokens)
+            logits = flat_hidden[part].float() @ weight.float().t()
+            if bias is not None:
+                logits = logits + bias.float()
+            chunk_reference = None
+            if flat_reference is not None:
+                chunk_reference = (flat_reference.map(lambda t: t[part]) if isinstance(flat_reference, TeacherSummary)
+                                   else flat_reference[part])
+            total = total + metric_sums(logits, flat_targets[part], chunk_reference, k=k, bins=bins)
+        return total
+
+    return head_fn
+
+
+def _flatten(reference: Union[Tensor, TeacherSummary, None]):
+    if reference is None or isinstance(reference, TeacherSummary):
+        return None if reference is None else reference.flatten_positions()
+    return reference.reshape(-1, reference.shape[-1])
+
+
+def write_eval_json(metrics: dict, path: Union[str, Path]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def evaluate_student(cfg, student_path: Union[str, Path]) -> dict:
+    """``tailkd eval``: evaluate the HF student at ``student_path`` on ``data.val`` against the co-located
+    teacher (exact KL), single process; writes ``output_dir/eval.json`` and returns the metrics."""
+    from transformers import AutoModelForCausalLM
+
+    from tailkd_ray.data import train_val_datasets
+    from tailkd_ray.models import StudentWithHead, load_teacher
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    student = AutoModelForCausalLM.from_pretrained(str(student_path), dtype=torch.float32,
+                                                   trust_remote_code=cfg.student.trust_remote_code)
+    student = StudentWithHead(student.to(device).eval())
+    teacher = load_teacher(cfg.teacher, device=device)
+    _, val_ds, _ = train_val_datasets(cfg)
+    metrics = evaluate(student, val_ds.iter_torch_batches(batch_size=cfg.train.batch_size),
+                       teacher=lambda ids: teacher(input_ids=ids).logits, k=cfg.loss.k,
+                       chunk_tokens=cfg.loss.chunk_tokens, device=device)
+    metrics.update(kl_source="exact", student=str(student_path))
+    write_eval_json(metrics, Path(cfg.output_dir) / "eval.json")
+    return metrics
