@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 
 from tailkd_ray.config import ConfigError, load_config, reference_markdown
@@ -59,6 +60,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def init_ray() -> None:
+    """Join the cluster named by RAY_ADDRESS (set by ``ray job submit``), else start a local Ray.
+
+    Locally the CPU count is oversubscribed (at least 8 logical CPUs): trainer workers each hold a CPU for
+    the whole run, and Ray Data's tokenizer and teacher stages need CPUs beside them, or they stall.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:
+        ray.init(address="local", num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -78,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         else:
             config = load_config(args.config, args.overrides)
+            init_ray()
             module, function, _ = COMMANDS[args.command]
             run = getattr(importlib.import_module(module), function)
             result = run(config, args.student) if args.command == "eval" else run(config)

@@ -80,15 +80,18 @@ def _d_kl1(logp_top: Tensor, logq_top: Tensor, log_alpha: Tensor, log_b: Tensor)
     return top + _weighted(alpha, log_alpha - log_b)
 
 
-def _tad_terms_exact(logq: Tensor, teacher_logits: Tensor, k: int, temperature: float):
+def _tad_terms_exact(logq: Tensor, teacher_logits: Tensor, k: int, temperature: float,
+                     top_ids: Optional[Tensor] = None):
     logp = torch.log_softmax(teacher_logits.to(logq.dtype) / temperature, dim=-1)
-    top_ids = logp.topk(k, dim=-1, sorted=False).indices
+    if top_ids is None:
+        top_ids = teacher_logits.topk(k, dim=-1, sorted=False).indices
     logp_top, logq_top = logp.gather(-1, top_ids), logq.gather(-1, top_ids)
-    logp_tail = logp.scatter(-1, top_ids, float("-inf"))  # p = 0 on T_K: the sum below runs over the tail
-    log_alpha = logp_tail.logsumexp(-1)
-    log_b = log1mexp(logq_top.logsumexp(-1))
-    tail = _weighted(logp_tail.exp(), logp_tail - logq - (log_alpha - log_b)[:, None]).sum(-1)
-    return _d_kl1(logp_top, logq_top, log_alpha, log_b), tail, log_alpha.exp()
+    p_tail = logp.exp().scatter(-1, top_ids, 0.0)  # p with T_K zeroed: sums below run over the tail
+    alpha = p_tail.sum(-1)  # a sum of the tail's own probabilities: no 1 − Σ cancellation
+    log_alpha, log_b = alpha.log(), log1mexp(logq_top.logsumexp(-1))
+    # α_K·D_KL2 = Σ_{i∉T_K} p_i (log p_i − log q_i) − α_K (log α_K − log b_K)   (multiplied form)
+    tail = _weighted(p_tail, logp - logq).sum(-1) - _weighted(alpha, log_alpha - log_b)
+    return _d_kl1(logp_top, logq_top, log_alpha, log_b), tail, alpha
 
 
 def _tad_terms_summary(logq: Tensor, summary: TeacherSummary, k: int):
@@ -122,8 +125,10 @@ def _topk_terms(logq: Tensor, logp_top: Tensor, top_ids: Tensor) -> Tensor:
     return _weighted(log_p_hat.exp(), log_p_hat - log_q_hat).sum(-1)
 
 
-def _token_terms(logq: Tensor, teacher: Teacher, *, kind: str, k: int, temperature: float):
-    """Per-token divergence terms for ``kind``; see the module docstring for the formulas."""
+def _token_terms(logq: Tensor, teacher: Teacher, *, kind: str, k: int, temperature: float,
+                 top_ids: Optional[Tensor] = None):
+    """Per-token divergence terms for ``kind``; see the module docstring for the formulas.
+    ``top_ids`` optionally gives the teacher's top-K ids (exact TAD) when they are already known."""
     if kind == "clm":
         return torch.zeros_like(logq[:, 0]), None, None
     if isinstance(teacher, TeacherSummary):
@@ -137,7 +142,7 @@ def _token_terms(logq: Tensor, teacher: Teacher, *, kind: str, k: int, temperatu
         raise ValueError(f"loss kind {kind!r} needs full teacher logits, not a TeacherSummary "
                          f"(set summary.top_m: null for a co-located teacher)")
     if kind == "tad":
-        return _tad_terms_exact(logq, teacher, k, temperature)
+        return _tad_terms_exact(logq, teacher, k, temperature, top_ids)
     logp = torch.log_softmax(teacher.to(logq.dtype) / temperature, dim=-1)
     if kind == "kd":
         return _weighted(logp.exp(), logp - logq).sum(-1), None, None
@@ -192,13 +197,21 @@ def _valid_index(mask: Optional[Tensor], b: int, t: int, device) -> Tensor:
     return mask.reshape(-1).to(torch.bool).nonzero().squeeze(-1)
 
 
-def _take(teacher: Teacher, index: Tensor) -> Teacher:
-    """Select flat positions of the teacher (logits [B, T, V] or a summary)."""
+def _flatten(teacher: Teacher) -> Teacher:
+    """[B, T, ...] teacher -> [B·T, ...] (views when contiguous)."""
     if teacher is None:
         return None
     if isinstance(teacher, TeacherSummary):
-        return teacher.flatten_positions().map(lambda f: f[index])
-    return teacher.reshape(-1, teacher.shape[-1])[index]
+        return teacher.flatten_positions()
+    return teacher.reshape(-1, teacher.shape[-1])
+
+
+def _take(teacher: Teacher, index: Tensor) -> Teacher:
+    """Select flat positions of the teacher (logits [B, T, V] or a summary)."""
+    flat = _flatten(teacher)
+    if flat is None:
+        return None
+    return flat.map(lambda f: f[index]) if isinstance(flat, TeacherSummary) else flat[index]
 
 
 def _tail_weights(alpha: Tensor, seq_index: Tensor, num_seqs: int, *, beta: float, normalize: bool) -> Tensor:
@@ -300,15 +313,19 @@ class ObjectiveOutput:
 
 
 def _chunk_terms(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, teacher_fields: tuple,
-                 kind: str, k: int, temperature: float):
-    """One chunk: logits → log-softmax → CLM and divergence terms (recomputed in backward)."""
+                 positions: Tensor, top_ids: Optional[Tensor], kind: str, k: int, temperature: float):
+    """One chunk: logits → log-softmax → CLM and divergence terms (recomputed in backward).
+
+    ``teacher_fields`` are the whole flat teacher (views); this chunk's ``positions`` are gathered here, inside
+    the checkpoint, so that no chunk's teacher copy stays alive until backward.
+    """
     logits = F.linear(hidden, weight, bias)
     logq = torch.log_softmax(logits.to(_compute_dtype(logits)) / temperature, dim=-1)
     # CLM is always at τ = 1; reuse the log-softmax when τ = 1 (the common case).
     logq_clm = logq if temperature == 1.0 else torch.log_softmax(logits.to(logq.dtype), dim=-1)
     clm = -logq_clm.gather(-1, targets[:, None]).squeeze(-1)
-    teacher = _teacher_from_fields(teacher_fields)
-    div, tail, alpha = _token_terms(logq, teacher, kind=kind, k=k, temperature=temperature)
+    teacher = _teacher_from_fields(tuple(f[positions] for f in teacher_fields))
+    div, tail, alpha = _token_terms(logq, teacher, kind=kind, k=k, temperature=temperature, top_ids=top_ids)
     return (clm, div) if tail is None else (clm, div, tail, alpha)
 
 
@@ -350,14 +367,19 @@ def distill_objective(hidden: Tensor, lm_head_weight: Tensor, targets: Tensor, t
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])[index]  # [N, d]: small next to [N, V]
     flat_targets = targets.reshape(-1)[index].long()
 
+    flat_teacher = _teacher_fields(_flatten(teacher))
     pieces = []
     for start in range(0, index.numel(), chunk_tokens):
         part = slice(start, start + chunk_tokens)
-        # The teacher is gathered chunk by chunk: a [B·T, V] teacher is never copied whole.
-        teacher_chunk = _teacher_fields(_take(teacher, index[part]))
+        positions = index[part]
+        top_ids = None
+        if kind == "tad" and isinstance(teacher, Tensor):
+            # The teacher's top-K ids are tiny: find them once here rather than again in the recompute.
+            with torch.no_grad():
+                top_ids = flat_teacher[0][positions].topk(k, dim=-1, sorted=False).indices
         pieces.append(checkpoint(
             _chunk_terms, flat_hidden[part], lm_head_weight, lm_head_bias, flat_targets[part],
-            teacher_chunk, kind, k, temperature, use_reentrant=False))
+            flat_teacher, positions, top_ids, kind, k, temperature, use_reentrant=False))
     if not pieces:
         zero = hidden.sum() * 0.0
         return ObjectiveOutput(loss=zero, clm=zero.detach(), div=zero.detach(), tokens=0)

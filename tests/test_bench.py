@@ -1,0 +1,93 @@
+"""jobs/bench.py at tiny sizes: both subcommands run and write the expected, sane JSON (no timing asserts)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tailkd_ray.summary import bytes_per_position
+
+BENCH = Path(__file__).resolve().parents[1] / "jobs" / "bench.py"
+
+
+def run_bench(*args: str) -> dict:
+    out = subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    json_path = Path(args[args.index("--json") + 1])
+    return json.loads(json_path.read_text()), out.stdout
+
+
+def check_meta(result: dict, command: str) -> None:
+    meta = result["meta"]
+    assert result["benchmark"] == command
+    assert command in meta["command"] and "--quick" in meta["argv"]
+    for key in ("torch", "device", "date", "seconds"):
+        assert meta[key], key
+
+
+def test_loss_quick(tmp_path):
+    result, stdout = run_bench("loss", "--quick", "--repeats", "2", "--json", str(tmp_path / "loss.json"))
+    check_meta(result, "loss")
+    assert set(result["step_seconds"]) == {"kd", "tad", "topk_summary", "tad_summary"}
+    for entry in result["step_seconds"].values():
+        assert len(entry["raw"]) == 2 and all(s > 0 for s in entry["raw"])
+    pairs = {(r["numerator"], r["denominator"]): r for r in result["time_ratios"]}
+    assert set(pairs) == {("tad", "kd"), ("tad_summary", "topk_summary")}
+    for ratio in pairs.values():
+        assert ratio["median_of_paired_ratios"] > 0 and ratio["ratio_of_medians"] > 0
+        assert len(ratio["paired_ratios"]) == 2
+    memory = result["memory"]
+    assert [row["tokens"] for row in memory["rows"]] == [256, 512]
+    for row in memory["rows"]:
+        peaks = row["peak_bytes"]
+        assert set(peaks) == {"chunked_kd", "chunked_tad", "chunked_tad_summary", "naive_kd"}
+        # The naive path holds at least logits + two log-softmaxes of [tokens, V] float32.
+        assert peaks["naive_kd"] >= 3 * row["tokens"] * 2048 * 4
+        assert all(0 < b for b in peaks.values())
+        assert row["naive_over_chunked"]["chunked_kd"] == pytest.approx(peaks["naive_kd"] / peaks["chunked_kd"])
+    # The naive path grows with the token count (2x tokens, about 2x bytes); the chunked path much less.
+    assert memory["growth_largest_over_smallest"]["naive_kd"] == pytest.approx(2.0, rel=0.05)
+    assert memory["growth_largest_over_smallest"]["chunked_kd"] < 1.5
+    assert "tad / kd" in stdout and "peak extra memory" in stdout
+
+
+def test_summary_quick(tmp_path):
+    result, stdout = run_bench("summary", "--quick", "--teacher-dir", str(tmp_path / "teacher"),
+                               "--json", str(tmp_path / "summary.json"))
+    check_meta(result, "summary")
+    assert (tmp_path / "teacher" / "teacher" / "model.safetensors").exists()
+    assert (tmp_path / "teacher" / "student" / "model.safetensors").exists()
+    assert {t["kind"] for t in result["teachers"]} == {"trained", "synthetic"}
+    rows = result["rows"]
+    grid = {(16, 0), (32, 0), (32, 16), (64, 16), (128, 32)}
+    for teacher in ("trained", "synthetic"):
+        for k, beta in ((10, 1.0), (5, 2.0)):
+            cells = {(r["top_m"], r["tail_samples"]) for r in rows if r["teacher"] == teacher and (r["k"], r["beta"]) == (k, beta)}
+            assert cells == grid, (teacher, k, beta)
+    vocab = {t["kind"]: t["vocab"] for t in result["teachers"]}
+    for r in rows:
+        per_token = (r["top_m"] + r["tail_samples"]) * (4 + 2) + 4  # int32 ids, fp16 log-probs, fp32 rest mass
+        assert r["summary_bytes_per_token"] == per_token == bytes_per_position(r["top_m"], r["tail_samples"])
+        assert r["bytes_ratio"] == 2 * vocab[r["teacher"]] / per_token
+        assert r["bytes_ratio_at_32k"] == 2 * 32768 / per_token
+        assert len(r["raw"]["signed_rel_error"]) == len(r["raw"]["grad_cosine"]) == 2
+        assert math.isfinite(r["exact_loss"]) and r["exact_loss"] > 0
+        assert math.isfinite(r["abs_rel_error"]["max"]) and r["abs_rel_error"]["max"] < 1.0
+        assert -1.0 <= r["grad_cosine"]["min"] <= r["grad_cosine"]["max"] <= 1.0 + 1e-6
+        # S = 0 is deterministic: every seed gives the same summary, hence the same error.
+        if r["tail_samples"] == 0:
+            assert r["signed_rel_error"]["std"] == pytest.approx(0.0, abs=1e-12)
+    default = [r for r in rows if (r["teacher"], r["k"], r["beta"], r["top_m"], r["tail_samples"]) == ("trained", 10, 1.0, 64, 16)]
+    assert result["default_meets_goal"] == default[0]["meets_goal"]
+    assert "meeting the goal" in stdout
+
+    # A second run reuses the cached teacher instead of training again.
+    again, stdout = run_bench("summary", "--quick", "--teacher", "trained", "--teacher-dir", str(tmp_path / "teacher"),
+                              "--json", str(tmp_path / "again.json"))
+    assert "training a teacher" not in stdout and "using the cached teacher" in stdout
+    assert [r["exact_loss"] for r in again["rows"]] == [r["exact_loss"] for r in rows if r["teacher"] == "trained"]

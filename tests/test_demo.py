@@ -1,0 +1,58 @@
+"""`tailkd demo` end to end at a tiny size: table, report, plot and loadable students."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tailkd_ray.demo import METRIC_COLUMNS, read_curve, results_table, run_demo
+
+TINY = ["corpus_bytes=150000", "vocab_size=300", "seq_len=32", "teacher_layers=1", "teacher_width=64",
+        "teacher_steps=6", "student_layers=1", "student_width=32", "student_steps=4", "eval_every=2",
+        "batch_size=4"]
+
+
+@pytest.mark.ray
+def test_demo_end_to_end_tiny(ray_session, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "demo"
+    results = run_demo(str(out), TINY)
+    assert set(results) == {"clm", "kd", "tad"}
+    for name, metrics in results.items():
+        assert set(METRIC_COLUMNS) <= set(metrics), name
+        assert metrics["val_loss"] > 0 and metrics["tokens"] > 0
+        saved = json.loads((out / "students" / name / "eval.json").read_text())
+        assert saved["val_loss"] == pytest.approx(metrics["val_loss"])
+        curve = read_curve(out / "students" / name / "metrics.jsonl")
+        assert [step for step, _ in curve][-1] == 4 and len(curve) >= 2
+        student = out / "students" / name / "student"
+        model = AutoModelForCausalLM.from_pretrained(student)
+        tokenizer = AutoTokenizer.from_pretrained(student)
+        ids = torch.tensor([tokenizer("def ")["input_ids"]])
+        assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
+    report = (out / "report.md").read_text()
+    assert results_table(results) in report
+    assert (out / "curves.png").stat().st_size > 1000
+    # a rerun reuses the finished teacher and students; other settings in the same OUT are refused
+    teacher_weights = out / "teacher" / "student" / "model.safetensors"
+    stamp = teacher_weights.stat().st_mtime
+    again = run_demo(str(out), TINY)
+    assert teacher_weights.stat().st_mtime == stamp
+    assert {name: m["val_loss"] for name, m in again.items()} == {name: m["val_loss"] for name, m in results.items()}
+    from tailkd_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match="student_steps differ"):
+        run_demo(str(out), TINY[:-3] + ["student_steps=5", "eval_every=2", "batch_size=4"])
+
+
+def test_demo_settings_validation():
+    from tailkd_ray.config import ConfigError
+    from tailkd_ray.demo import demo_settings
+
+    with pytest.raises(ConfigError, match="unknown key nope"):
+        demo_settings(["nope=1"])
+    with pytest.raises(ConfigError, match="student_steps must be int"):
+        demo_settings(["student_steps=many"])
