@@ -52,7 +52,7 @@ LOSS_SETTINGS = ((10, 1.0), (5, 2.0))  # (K, β); normalize=True (the paper's fi
 
 # Sizes per subcommand: the default run and --quick. Any flag given on the command line wins.
 LOSS_SIZES = {
-    "default": dict(tokens=8192, batch=4, vocab=32768, dim=512, chunk_tokens=1024, top_m=64, tail_samples=16,
+    "default": dict(tokens=8192, batch=4, vocab=32768, dim=512, chunk_tokens=512, top_m=64, tail_samples=16,
                     repeats=5, warmup=1, memory_tokens="2048,4096,8192"),
     "quick": dict(tokens=512, batch=2, vocab=2048, dim=64, chunk_tokens=128, top_m=32, tail_samples=8,
                   repeats=3, warmup=1, memory_tokens="256,512"),
@@ -444,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     loss.add_argument("--batch", type=int, help="B (default 4)")
     loss.add_argument("--vocab", type=int, help="V (default 32768)")
     loss.add_argument("--dim", type=int, help="hidden size d (default 512)")
-    loss.add_argument("--chunk-tokens", type=int, help="tokens per chunk of distill_objective (default 1024)")
+    loss.add_argument("--chunk-tokens", type=int, help="tokens per chunk of distill_objective (default 512)")
     loss.add_argument("--top-m", type=int, help="summary M (default 64)")
     loss.add_argument("--tail-samples", type=int, help="summary S (default 16)")
     loss.add_argument("--k", type=int, default=10, help="TAD / top-K K (default 10)")

@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from tailkd_ray.config import Config
+from tailkd_ray.config import Config, ConfigError
 from tailkd_ray.summary import FIELDS, TeacherSummary, bytes_per_position
 from tailkd_ray.teacher import block_hashes, input_ids_matrix, score_dataset
 
@@ -326,6 +326,14 @@ def _info(root: str, manifest: dict, *, scored_rows: int) -> CacheInfo:
                      scored_rows=scored_rows, manifest=manifest)
 
 
+def is_complete(cfg: Config, split: str) -> bool:
+    """Whether ``summary.cache_dir/<split>`` holds a finished cache (whose identity is checked when used):
+    lets a caller skip reading the corpus when nothing is left to score."""
+    fs, base = _filesystem(split_dir(cfg, split))
+    manifest = _read_manifest(fs, base)
+    return bool(manifest and manifest.get("complete"))
+
+
 def open_cache(cfg: Config, *, split: str = "train", teacher_id: Optional[dict] = None):
     """The complete cache as a Dataset with ``input_ids`` [B, T+1] and the five summary columns.
 
@@ -356,6 +364,46 @@ def restore_shapes(table: pa.Table, *, seq_len: int) -> dict[str, np.ndarray]:
     """Ray Data task: flat fixed-size-list columns -> [B, T+1] ids and [B, T, ...] summary arrays."""
     ids = table.column("input_ids").combine_chunks().flatten().to_numpy().reshape(len(table), seq_len + 1)
     return {"input_ids": ids, **TeacherSummary.from_arrow(table, tokens_per_row=seq_len).to_numpy()}
+
+
+SPLITS = ("train", "val")
+
+
+@dataclass
+class TeacherPasses:
+    """What the teacher cost: passes run by this call (0 when the cache was reused) and tokens."""
+
+    passes: int
+    tokens_scored: int  # teacher tokens scored by this call (train + val)
+    cache_tokens: int  # tokens in the cache (train + val)
+    cache_dir: str
+
+
+def score_splits(cfg: Config, teacher_id: dict) -> TeacherPasses:
+    """Make sure the cache holds the train and val summaries: score what is missing (one pass), reuse a
+    matching complete cache (no pass, corpus not even read), refuse an incompatible one."""
+    blocks: dict = dict.fromkeys(SPLITS)
+    if not all(is_complete(cfg, split) for split in SPLITS):
+        from tailkd_ray.data import train_val_datasets
+
+        blocks["train"], blocks["val"], report = train_val_datasets(cfg)
+        log.info("%s", report.summary())
+    infos = {split: score_to_cache(cfg, blocks[split], teacher_id=teacher_id, split=split)
+             for split in SPLITS if blocks[split] is not None or is_complete(cfg, split)}
+    scored_rows = sum(info.scored_rows for info in infos.values())
+    return TeacherPasses(passes=int(scored_rows > 0), tokens_scored=scored_rows * cfg.data.seq_len,
+                         cache_tokens=sum(info.tokens for info in infos.values()),
+                         cache_dir=cfg.summary.cache_dir)
+
+
+def score(cfg: Config) -> dict:
+    """``tailkd score``: the teacher pass over the train and val splits into ``summary.cache_dir``."""
+    if cfg.summary.cache_dir is None or cfg.summary.top_m is None:
+        raise ConfigError("tailkd score writes the summary cache: set summary.cache_dir (and summary.top_m)")
+    passes = score_splits(cfg, teacher_identity(cfg.teacher.model))
+    log.info("teacher passes: %d, tokens scored: %d, tokens in the cache: %d", passes.passes,
+             passes.tokens_scored, passes.cache_tokens)
+    return asdict(passes)
 
 
 def summaries_for_training(cfg: Config, blocks, *, split: str = "train"):

@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-from tailkd_ray.config import ConfigError, load_config, reference_markdown
+from tailkd_ray.config import ConfigError, load_config, reference_markdown, resolve_local_paths
 
 EXAMPLES = {
     "demo": "tailkd demo --out runs/demo        # built-in corpus, teacher + 3 students, report.md",
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             print(yaml.safe_dump(to_dict(load_config(args.config, args.overrides)), sort_keys=False), end="")
             return 0
         else:
-            config = load_config(args.config, args.overrides)
+            config = resolve_local_paths(load_config(args.config, args.overrides))
             init_ray()
             module, function, _ = COMMANDS[args.command]
             run = getattr(importlib.import_module(module), function)

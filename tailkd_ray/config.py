@@ -121,7 +121,8 @@ class LossConfig:
                                 "false = two-term form, where β = 1 is forward KL.")
     temperature: float = doc(1.0, "τ applied to both teacher and student logits (no τ² rescaling).")
     weight: float = doc(1.0, "λ: objective = CLM + λ · divergence.")
-    chunk_tokens: int = doc(1024, "Tokens per loss chunk: peak loss memory is O(chunk_tokens × vocab).")
+    chunk_tokens: int = doc(512, "Tokens per loss chunk: peak loss memory is O(chunk_tokens × vocab), about 8 "
+                                 "float32 [chunk, V] tensors.")
 
     def validate(self) -> None:
         if self.k < 1:
@@ -159,12 +160,25 @@ class TrainConfig:
         _check_resources("train.resources_per_worker", self.resources_per_worker)
 
 
+# Validation metrics a K/β search can minimise: comparable across K (tail masses are not) and lower = better.
+TUNE_METRICS = ("val_loss", "val_ppl", "kl_to_teacher", "full_ece")
+
+
 @dataclass
 class TuneConfig:
-    k: list = doc([5, 10, 20], "K values to search (each <= summary.top_m).")
-    beta: list = doc([0.5, 1.0, 2.0], "β values to search.")
-    max_concurrent: int = doc(1, "Trials running at once.")
-    metric: str = doc("val_loss", "Validation metric the search minimises.")
+    k: list = doc([5, 10, 20], "K values to search (each <= summary.top_m); `random` search draws integers "
+                               "between their min and max.")
+    beta: list = doc([0.5, 1.0, 2.0], "β values to search; `random` search draws log-uniformly between their "
+                                      "min and max (> 0).")
+    max_concurrent: int = doc(1, "Trials running at once (lowered to what the cluster fits, see tailkd_ray/tune.py).")
+    metric: str = doc("val_loss", f"Validation metric the search minimises: one of {', '.join(TUNE_METRICS)}.")
+    search: Literal["grid", "random"] = doc("grid", "`grid`: every (K, β) pair of tune.k × tune.beta once; "
+                                                    "`random`: tune.num_samples draws from their ranges.")
+    num_samples: int = doc(8, "Trials drawn by the `random` search (unused by `grid`).")
+    asha: bool = doc(True, "ASHA early stopping on tune.metric, judged at every validation (train.eval_every).")
+    grace_period: Optional[int] = doc(None, "ASHA: optimizer steps every trial trains before it can be stopped; "
+                                            "null = train.eval_every (the first validation).")
+    reduction_factor: float = doc(3.0, "ASHA: at each rung only the best 1/reduction_factor of trials go on (> 1).")
 
     def validate(self) -> None:
         if not self.k or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in self.k):
@@ -172,6 +186,17 @@ class TuneConfig:
         if not self.beta or not all(isinstance(v, (int, float)) and v >= 0 for v in self.beta):
             raise ConfigError(f"tune.beta must be a non-empty list of numbers >= 0, got {self.beta!r}")
         _positive("tune", "max_concurrent", self.max_concurrent)
+        if self.metric not in TUNE_METRICS:
+            raise ConfigError(f"tune.metric must be one of {', '.join(TUNE_METRICS)} (minimised, comparable "
+                              f"across K), got {self.metric!r}")
+        if self.search == "random" and min(self.beta) <= 0:
+            raise ConfigError(f"tune.search = random draws β log-uniformly: every tune.beta must be > 0, got "
+                              f"{self.beta!r} (use search: grid to include β = 0)")
+        _positive("tune", "num_samples", self.num_samples)
+        if self.grace_period is not None:
+            _positive("tune", "grace_period", self.grace_period)
+        if self.reduction_factor <= 1:
+            raise ConfigError(f"tune.reduction_factor must be > 1, got {self.reduction_factor!r}")
 
 
 @dataclass
@@ -304,3 +329,28 @@ def reference_markdown() -> str:
 def _row(key: str, f: dataclasses.Field) -> str:
     default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
     return f"| `{key}` | `{yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}` | {f.metadata['doc']} |"
+
+
+# Keys holding local paths. Ray workers do not share the driver's working directory, so relative paths are
+# made absolute in the driver; values that name nothing here (hub ids, URIs such as s3://...) are kept.
+PATH_KEYS = ("output_dir", "teacher.model", "student.model", "data.train", "data.val", "data.tokenizer",
+             "summary.cache_dir")
+_OUTPUT_KEYS = ("output_dir", "summary.cache_dir")
+
+
+def resolve_local_paths(config: Config, base: Optional[Path] = None) -> Config:
+    """Make relative local paths absolute against ``base`` (default: the current directory), in place."""
+    import glob
+    import os
+
+    base = Path(base or Path.cwd())
+    for key in PATH_KEYS:
+        section_name, _, name = key.rpartition(".")
+        section = getattr(config, section_name) if section_name else config
+        value = getattr(section, name)
+        if value is None or "://" in value or os.path.isabs(value):
+            continue
+        candidate = base / value
+        if key in _OUTPUT_KEYS or candidate.exists() or glob.glob(str(candidate)):
+            setattr(section, name, str(candidate.absolute()))
+    return config

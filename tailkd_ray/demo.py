@@ -202,7 +202,7 @@ def run_demo(out_dir: str = "runs/demo", overrides: Optional[list[str]] = None) 
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     settings = demo_settings(list(overrides or []))
-    out = Path(out_dir)
+    out = Path(out_dir).absolute()  # Ray workers do not run in this directory
     _claim_output_dir(out, settings)
     start = time.time()
     init_ray()

@@ -113,7 +113,7 @@ def _split(batch: Mapping[str, Tensor], device) -> tuple[Tensor, Tensor, Optiona
 @torch.no_grad()
 def evaluate(student: Callable, batches: Iterable[Mapping[str, Tensor]], *,
              teacher: Optional[Callable[[Tensor], Tensor]] = None, k: int = 10, bins: int = 10,
-             chunk_tokens: int = 1024, device: Union[str, torch.device] = "cpu",
+             chunk_tokens: int = 512, device: Union[str, torch.device] = "cpu",
              reduce: Optional[Callable[[Tensor], Tensor]] = None) -> dict:
     """Evaluate ``student`` on ``batches`` of ``input_ids`` [B, T+1] (plus summary columns, if any).
 

@@ -346,7 +346,7 @@ def _teacher_from_fields(fields: tuple) -> Teacher:
 
 def distill_objective(hidden: Tensor, lm_head_weight: Tensor, targets: Tensor, teacher: Teacher, *, kind: str,
                       k: int = 10, beta: float = 1.0, normalize: bool = True, temperature: float = 1.0,
-                      weight: float = 1.0, mask: Optional[Tensor] = None, chunk_tokens: int = 1024,
+                      weight: float = 1.0, mask: Optional[Tensor] = None, chunk_tokens: int = 512,
                       lm_head_bias: Optional[Tensor] = None) -> ObjectiveOutput:
     """Training objective: mean over valid tokens of CLM(t) + weight·L_DIV(t), chunked over tokens.
 

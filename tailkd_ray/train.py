@@ -540,24 +540,28 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def run_training(cfg: Config, train_ds, val_ds=None, teacher_mode: Optional[str] = None, *,
-                 step_hook: Optional[StepHook] = None):
+                 step_hook: Optional[StepHook] = None, callbacks: Optional[list] = None):
     """Train the student with Ray Train; returns the ``ray.train.Result``.
 
     ``teacher_mode`` is ``summary`` (rows carry summary columns), ``colocated`` (exact, teacher in every
     worker) or ``none`` (CLM only); None derives it from the config (``teacher_mode_for``). ``step_hook(step,
     rank)`` runs in every worker after each optimizer step (monitoring; fault injection in tests).
-    Checkpoints and Ray's run state live in ``output_dir/ray_train/<train.run_name>``.
+    ``callbacks`` go to the trainer's ``RunConfig`` (e.g. a Tune trial's ``TuneReportCallback``).
+    Checkpoints and Ray's run state live in ``output_dir/ray_train/<train.run_name>``. Workers are placed by
+    ``placement.train_worker_resources``; a cluster that cannot host ``train.num_workers`` of them fails here
+    (``PlacementError``) instead of waiting forever, unless ``autoscaling`` is set.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from tailkd_ray.placement import train_worker_resources
+    from tailkd_ray.placement import require_train_placement, train_worker_resources
 
     mode = teacher_mode or teacher_mode_for(cfg)
     if mode not in TEACHER_MODES:
         raise ValueError(f"teacher_mode must be one of {', '.join(TEACHER_MODES)}, got {mode!r}")
     if mode == "none" and cfg.loss.kind != "clm":
         raise ConfigError(f"loss.kind = {cfg.loss.kind} needs a teacher; teacher_mode none trains CLM only")
+    require_train_placement(cfg.train, allow_autoscale=cfg.autoscaling)
     datasets = {"train": train_ds} if val_ds is None else {"train": train_ds, "val": val_ds}
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -567,15 +571,15 @@ def run_training(cfg: Config, train_ds, val_ds=None, teacher_mode: Optional[str]
                                      resources_per_worker=train_worker_resources(cfg.train)),
         run_config=RunConfig(name=cfg.train.run_name, storage_path=str(Path(cfg.output_dir).resolve() / "ray_train"),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=list(callbacks or [])),
         datasets=datasets,
     )
     return trainer.fit()
 
 
-def distill(cfg: Config) -> dict:
+def distill(cfg: Config, *, step_hook: Optional[StepHook] = None) -> dict:
     """``tailkd distill``: data -> teacher summaries (streamed or cached; skipped in co-located mode) ->
-    Ray Train -> eval.json + student/. Returns the eval metrics."""
+    Ray Train -> eval.json + student/. Returns the eval metrics. ``step_hook``: see ``run_training``."""
     from tailkd_ray.data import train_val_datasets
 
     train_ds, val_ds, report = train_val_datasets(cfg)
@@ -591,5 +595,5 @@ def distill(cfg: Config) -> dict:
             train_ds = summaries_for_training(cfg, train_ds, split="train")
         if val_ds is not None:
             val_ds = summaries_for_training(cfg, val_ds, split="val")
-    run_training(cfg, train_ds, val_ds, mode)
+    run_training(cfg, train_ds, val_ds, mode, step_hook=step_hook)
     return json.loads((out_dir / "eval.json").read_text())

@@ -185,3 +185,21 @@ def test_teacher_identity_follows_the_weights(tiny_llama_dir, tmp_path):
     identity, original = teacher_identity(str(tuned)), teacher_identity(str(tiny_llama_dir))
     assert identity["config_sha256"] == original["config_sha256"]
     assert identity["weights_sha256"] != original["weights_sha256"]
+
+
+@pytest.mark.ray
+def test_score_command_runs_one_teacher_pass_then_reuses(tiny_llama_dir, builtin_corpus, ray_session, tmp_path):
+    """`tailkd score`: train and val summaries into summary.cache_dir once; a rerun scores nothing."""
+    from tailkd_ray.cache import score
+    from tailkd_ray.config import ConfigError
+
+    _, val_dir = builtin_corpus
+    cfg = make_config(tiny_llama_dir, tmp_path / "cache", val_dir, **{"data.val_fraction": 0.25})
+    first = score(cfg)
+    assert first["passes"] == 1 and first["tokens_scored"] == first["cache_tokens"] > 0
+    for split in ("train", "val"):
+        assert read_manifest(tmp_path / "cache" / split)["complete"] is True
+    again = score(cfg)
+    assert again["passes"] == 0 and again["tokens_scored"] == 0 and again["cache_tokens"] == first["cache_tokens"]
+    with pytest.raises(ConfigError, match="set summary.cache_dir"):
+        score(make_config(tiny_llama_dir, "null", val_dir))

@@ -39,3 +39,14 @@ def test_module_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "tailkd_ray", "config", "--reference"], capture_output=True,
                          text=True, check=True).stdout
     assert "`loss.beta`" in out
+
+
+def test_readme_config_reference_is_current():
+    """README's config reference is the generated one (regenerate with `tailkd config --reference`)."""
+    from pathlib import Path
+
+    from tailkd_ray.config import reference_markdown
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start, end = "<!-- config-reference:start -->\n", "<!-- config-reference:end -->"
+    assert readme[readme.index(start) + len(start):readme.index(end)] == reference_markdown()

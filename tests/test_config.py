@@ -87,3 +87,18 @@ def test_reference_documents_every_field():
         keys = [section] if not isinstance(values, dict) or section == "output_dir" else [f"{section}.{k}" for k in values]
         for key in keys:
             assert f"`{key}`" in text, key
+
+
+def test_relative_local_paths_become_absolute(tmp_path):
+    from tailkd_ray.config import resolve_local_paths
+
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("x")
+    config = load_config(None, ["teacher.model=teacher", "data.train=corpus/*.txt", "data.val=s3://bucket/val",
+                                "student.model=Org/hub-model", "output_dir=runs/out", "summary.cache_dir=cache"])
+    resolve_local_paths(config, tmp_path)
+    assert config.teacher.model == str(tmp_path / "teacher")
+    assert config.data.train == str(tmp_path / "corpus" / "*.txt")
+    assert config.data.val == "s3://bucket/val" and config.student.model == "Org/hub-model"
+    assert config.output_dir == str(tmp_path / "runs" / "out") and config.summary.cache_dir == str(tmp_path / "cache")
