@@ -1,7 +1,9 @@
-"""Benchmarks of the TAD loss and the teacher summary (issue 2). Speed targets live here, not in tests.
+"""Benchmarks of the TAD loss, the teacher summary (issue 2) and the teacher actor pool (issue 3). Speed
+targets live here, not in tests.
 
     python jobs/bench.py loss --json runs/bench_loss.json          # step time ratios, peak memory
     python jobs/bench.py summary --json runs/bench_summary.json    # summary bytes, loss/grad fidelity
+    python jobs/bench.py teacher --json runs/bench_teacher.json    # actor pool vs bare loop tokens/s
     python jobs/bench.py loss --quick --json /tmp/l.json           # small sizes (seconds)
 
 ``loss``: forward+backward of ``distill_objective`` (the chunked training path) for TAD vs vanilla KD on
@@ -17,6 +19,14 @@ under ``runs/bench_teacher/``) and on a synthetic heavy-tailed 32k-vocabulary te
 (M, S) = (64, 16): ≥ 100× fewer bytes than bf16 logits at V = 32k, relative error ≤ 1% and gradient
 cosine ≥ 0.99 on the trained teacher (worst seed).
 
+``teacher``: tokens/s of ``score_dataset`` (the Ray Data teacher actor pool, consumed to the end in the driver)
+vs the same ``TeacherScorer`` called in a bare in-process loop on the same random packed blocks with the same
+batch size and the same CPU budget (the bare loop gets as many torch threads as the pool's actors together),
+on a random-weight Llama built here. Variants interleaved over repeats on a local Ray. Reported end to end
+(the pool is created per execution: actor start-up and model load included) and steady state (tokens after
+the first batch over the time from the first batch to the last), with the time to the first batch. Goal:
+pool / bare ≥ 0.9.
+
 Every result records the command line, torch version, device, date and the raw per-repeat numbers.
 """
 
@@ -25,13 +35,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+# Keep every Ray process on 127.0.0.1 (DESIGN §5); read when ray is imported (lazily, by the teacher benchmark).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -45,6 +60,7 @@ MEMORY_FLAT_GOAL = 1.25  # chunked peak at the largest token count / at the smal
 BYTES_RATIO_GOAL = 100.0
 REL_ERROR_GOAL = 0.01
 COSINE_GOAL = 0.99
+TEACHER_RATIO_GOAL = 0.9
 GOAL_VOCAB = 32768
 DEFAULT_SUMMARY = (64, 16)
 SUMMARY_GRID = ((16, 0), (32, 0), (32, 16), (64, 16), (128, 32))
@@ -64,6 +80,12 @@ SUMMARY_SIZES = {
     "quick": dict(seeds=2, synthetic_vocab=2048, synthetic_batch=2, synthetic_seq=32, corpus_bytes=150_000,
                   tokenizer_vocab=300, layers=1, width=32, seq_len=32, train_batch=4, train_steps=10,
                   train_seconds=60.0, eval_sequences=2),
+}
+TEACHER_SIZES = {
+    "default": dict(blocks=128, seq_len=256, batch_size=8, vocab=8192, layers=4, width=256, top_m=64, tail_samples=16,
+                    actors=1, repeats=4),
+    "quick": dict(blocks=8, seq_len=32, batch_size=4, vocab=512, layers=1, width=64, top_m=16, tail_samples=4,
+                  actors=1, repeats=2),
 }
 
 
@@ -433,6 +455,207 @@ def print_summary_table(result: dict) -> None:
 
 
 # ==================================================================================================
+# teacher: tokens/s of the teacher actor pool (Ray Data) vs the same scorer in a bare in-process loop
+# ==================================================================================================
+def build_bench_teacher(args, root: Path) -> Path:
+    """A random-weight Llama (``--layers`` × ``--width``, vocabulary ``--vocab``) saved with a BPE tokenizer
+    trained on the built-in corpus; returns its directory."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tailkd_ray.corpus import train_bpe_tokenizer, write_builtin_corpus
+
+    train_dir, _ = write_builtin_corpus(root / "corpus", max_bytes=300_000)
+    model_dir = root / "teacher"
+    tokenizer = train_bpe_tokenizer(sorted(train_dir.glob("*.txt")), args.vocab, model_dir)
+    eos = tokenizer.eos_token_id
+    torch.manual_seed(args.seed)
+    # vocab_size = --vocab even if BPE learnt fewer merges: a padded vocabulary, as real teachers have.
+    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.width, intermediate_size=3 * args.width,
+                         num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=4,
+                         max_position_embeddings=args.seq_len, tie_word_embeddings=False,
+                         bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
+    LlamaForCausalLM(config).save_pretrained(model_dir, safe_serialization=True)
+    log(f"[teacher] built a {args.layers}×{args.width} Llama, vocab {args.vocab} (tokenizer {len(tokenizer)}), in {model_dir}")
+    return model_dir
+
+
+def teacher_bench_config(args, model_dir: Path):
+    from tailkd_ray.config import from_dict
+
+    return from_dict({"teacher": {"model": str(model_dir), "batch_size": args.batch_size, "min_actors": args.actors,
+                                  "max_actors": args.actors,
+                                  "num_gpus": 1.0 if torch.device(args.device).type == "cuda" else 0.0},
+                      "data": {"seq_len": args.seq_len},
+                      "summary": {"top_m": args.top_m, "tail_samples": args.tail_samples},
+                      "loss": {"k": min(10, args.top_m)},
+                      "train": {"seed": args.seed}})
+
+
+def start_bench_ray() -> None:
+    import ray
+    import ray.data
+
+    ray.init(address="local", num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def probe_ray_worker() -> dict:
+    """What a 1-CPU Ray worker, as a teacher actor, starts with: torch's thread count (Ray sets OMP_NUM_THREADS
+    from num_cpus) and the seconds to import torch + transformers there; plus the round trip of that task."""
+    import ray
+
+    @ray.remote(num_cpus=1)
+    def probe() -> dict:
+        started = time.perf_counter()
+        import torch
+        from transformers import AutoModelForCausalLM  # noqa: F401  (the scorer's import)
+
+        return {"torch_threads": torch.get_num_threads(), "import_seconds": time.perf_counter() - started}
+
+    started = time.perf_counter()
+    result = ray.get(probe.remote())
+    return {**result, "task_round_trip_seconds": time.perf_counter() - started}
+
+
+@dataclass
+class ScoringRun:
+    """One pass over all blocks: seconds from the start to each batch's arrival (checks before it excluded)."""
+    checks_seconds: float = 0.0
+    batch_arrivals: list[float] = field(default_factory=list)
+    batch_rows: list[int] = field(default_factory=list)
+
+    def steady_tokens_per_second(self, seq_len: int) -> float:
+        """Median over batches 2..n of (batch tokens / time since the previous batch arrived). The median, not
+        the span first-to-last: Ray Data sometimes hands two finished batches to the driver at once."""
+        rates = [rows * seq_len / gap if gap > 0 else math.inf for rows, gap in
+                 zip(self.batch_rows[1:], np.diff(self.batch_arrivals))]
+        return float(statistics.median(rates)) if rates else math.nan
+
+
+def pool_step(cfg, blocks_dataset, runs: list):
+    """``score_dataset`` (start-up checks, then a fresh actor pool) consumed to the end in the driver."""
+    from tailkd_ray.teacher import score_dataset
+
+    def step():
+        start = time.perf_counter()
+        scored = score_dataset(blocks_dataset, cfg)
+        run = ScoringRun(checks_seconds=time.perf_counter() - start)
+        start = time.perf_counter()
+        # Whole output blocks as Arrow tables: counting rows costs the driver nothing.
+        for table in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
+            run.batch_arrivals.append(time.perf_counter() - start)
+            run.batch_rows.append(table.num_rows)
+        runs.append(run)
+
+    return step
+
+
+def bare_step(scorer, blocks: np.ndarray, batch_size: int, threads: int, runs: list):
+    """The same ``TeacherScorer`` called in this process on the same blocks, ``batch_size`` rows at a time,
+    with ``threads`` torch threads (the CPUs the pool's actors get)."""
+
+    def step():
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        run = ScoringRun()
+        start = time.perf_counter()
+        for first in range(0, len(blocks), batch_size):
+            out = scorer({"input_ids": blocks[first:first + batch_size]})
+            run.batch_arrivals.append(time.perf_counter() - start)
+            run.batch_rows.append(len(out["input_ids"]))
+        torch.set_num_threads(previous)
+        runs.append(run)
+
+    return step
+
+
+def bench_teacher(args) -> dict:
+    import tempfile
+
+    import ray
+    import ray.data
+
+    from tailkd_ray.teacher import TeacherScorer, scorer_kwargs
+
+    with tempfile.TemporaryDirectory(prefix="bench_teacher_") as root:
+        cfg = teacher_bench_config(args, build_bench_teacher(args, Path(root)))
+        blocks = np.random.default_rng(args.seed).integers(0, args.vocab, (args.blocks, args.seq_len + 1), dtype=np.int32)
+        start_bench_ray()
+        try:
+            worker = probe_ray_worker()
+            threads = worker["torch_threads"] * args.actors
+            # One input block per teacher batch, as a streaming read delivers them: every batch is its own task.
+            dataset = ray.data.from_items([{"input_ids": row} for row in blocks],
+                                          override_num_blocks=math.ceil(args.blocks / args.batch_size))
+            start = time.perf_counter()
+            scorer = TeacherScorer(**scorer_kwargs(cfg))
+            bare_load_seconds = time.perf_counter() - start
+            scorer({"input_ids": blocks[: args.batch_size]})  # untimed: first-call allocations of the bare loop
+            runs = {"pool": [], "bare": []}
+            steps = {"pool": pool_step(cfg, dataset, runs["pool"]),
+                     "bare": bare_step(scorer, blocks, args.batch_size, threads, runs["bare"])}
+            log(f"[teacher] {args.blocks} blocks × {args.seq_len} tokens, batch {args.batch_size}, {args.actors} actor(s); "
+                f"bare loop with {threads} torch thread(s); {args.repeats} interleaved repeats")
+            timings = time_interleaved(steps, repeats=args.repeats, warmup=0, device=torch.device(args.device), progress=log)
+        finally:
+            ray.shutdown()
+    return teacher_result(args, timings, runs, threads, bare_load_seconds, worker)
+
+
+def teacher_result(args, timings: dict, runs: dict, threads: int, bare_load_seconds: float, worker: dict) -> dict:
+    tokens = args.blocks * args.seq_len
+    for name, variant_runs in runs.items():
+        for run in variant_runs:
+            if sum(run.batch_rows) != args.blocks:
+                raise SystemExit(f"{name} scored {sum(run.batch_rows)} rows, expected --blocks {args.blocks}")
+    end_to_end = {name: [tokens / s for s in ts] for name, ts in timings.items()}
+    steady = {name: [run.steady_tokens_per_second(args.seq_len) for run in variant_runs]
+              for name, variant_runs in runs.items()}
+    first_batch = {name: [run.batch_arrivals[0] for run in variant_runs] for name, variant_runs in runs.items()}
+    ratios = {}
+    for kind, per_run in (("end_to_end", end_to_end), ("steady_state", steady)):
+        paired = [p / b for p, b in zip(per_run["pool"], per_run["bare"])]
+        ratios[kind] = {"median_of_paired_ratios": statistics.median(paired), "paired_ratios": paired,
+                        "goal": TEACHER_RATIO_GOAL, "meets_goal": statistics.median(paired) >= TEACHER_RATIO_GOAL}
+    return {
+        "config": {name: getattr(args, name) for name in ("blocks", "seq_len", "batch_size", "vocab", "layers", "width",
+                                                           "top_m", "tail_samples", "actors", "repeats", "seed")},
+        "tokens_per_run": tokens,
+        "bare_torch_threads": threads,
+        "bare_model_load_seconds": bare_load_seconds,
+        "ray_worker_probe": worker,
+        "variants": {name: {
+            "seconds": {"median": statistics.median(timings[name]), "raw": timings[name]},
+            "tokens_per_second": {"median": statistics.median(end_to_end[name]), "raw": end_to_end[name]},
+            "steady_tokens_per_second": {"median": statistics.median(steady[name]), "raw": steady[name]},
+            "first_batch_seconds": {"median": statistics.median(first_batch[name]), "raw": first_batch[name]},
+            "batch_arrivals": [run.batch_arrivals for run in runs[name]],
+            "checks_seconds": [run.checks_seconds for run in runs[name]],
+        } for name in timings},
+        "ratios_pool_over_bare": ratios,
+    }
+
+
+def print_teacher_table(result: dict) -> None:
+    c, v = result["config"], result["variants"]
+    log(f"\nteacher tokens/s ({c['layers']}×{c['width']} Llama, V={c['vocab']}, {c['blocks']} blocks × {c['seq_len']} "
+        f"tokens, batch {c['batch_size']}, M={c['top_m']} S={c['tail_samples']}, {c['actors']} actor(s), bare loop on "
+        f"{result['bare_torch_threads']} thread(s); median of {c['repeats']} repeats)")
+    log("  variant   end-to-end tok/s  steady tok/s  first batch s  total s")
+    for name, e in v.items():
+        log(f"  {name:8s} {e['tokens_per_second']['median']:16.0f} {e['steady_tokens_per_second']['median']:13.0f} "
+            f"{e['first_batch_seconds']['median']:14.2f} {e['seconds']['median']:8.2f}")
+    probe = result["ray_worker_probe"]
+    log(f"  start-up parts: score_dataset checks {statistics.median(v['pool']['checks_seconds']):.2f} s; model load in a "
+        f"warm process {result['bare_model_load_seconds']:.2f} s; import torch + transformers in a Ray worker "
+        f"{probe['import_seconds']:.2f} s (first task round trip {probe['task_round_trip_seconds']:.2f} s)")
+    log("  steady tok/s: median over batches 2..n of batch tokens / time since the previous batch arrived")
+    log("\nratio pool / bare tokens/s   median(paired)  goal   met")
+    for kind, r in result["ratios_pool_over_bare"].items():
+        log(f"  {kind:26s} {r['median_of_paired_ratios']:14.3f}  ≥{r['goal']:g}  {'yes' if r['meets_goal'] else 'NO'}")
+
+
+# ==================================================================================================
 # Command line
 # ==================================================================================================
 def build_parser() -> argparse.ArgumentParser:
@@ -467,7 +690,15 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("corpus_bytes", "tokenizer_vocab", "layers", "width", "seq_len", "train_batch"):
         summary.add_argument("--" + name.replace("_", "-"), type=int, help=f"teacher training (default {SUMMARY_SIZES['default'][name]})")
 
-    for command in (loss, summary):
+    teacher = commands.add_parser("teacher", help="teacher tokens/s: Ray Data actor pool vs a bare in-process loop")
+    for name, text in (("blocks", "packed blocks scored per run"), ("seq_len", "tokens per block (+1 packed)"),
+                       ("batch_size", "teacher.batch_size of both variants"), ("vocab", "teacher vocabulary"),
+                       ("layers", "teacher layers"), ("width", "teacher hidden size"), ("top_m", "summary M"),
+                       ("tail_samples", "summary S"), ("actors", "teacher actors (bare loop: this many × an actor's torch threads)"),
+                       ("repeats", "interleaved repeats per variant")):
+        teacher.add_argument("--" + name.replace("_", "-"), type=int, help=f"{text} (default {TEACHER_SIZES['default'][name]})")
+
+    for command in (loss, summary, teacher):
         command.add_argument("--json", required=True, help="write the results here (JSON)")
         command.add_argument("--quick", action="store_true", help="small sizes: seconds, for tests")
         command.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
@@ -486,7 +717,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     bench, printer, sizes = {"loss": (bench_loss, print_loss_table, LOSS_SIZES),
-                             "summary": (bench_summary, print_summary_table, SUMMARY_SIZES)}[args.command]
+                             "summary": (bench_summary, print_summary_table, SUMMARY_SIZES),
+                             "teacher": (bench_teacher, print_teacher_table, TEACHER_SIZES)}[args.command]
     resolve_sizes(args, sizes)
     started = time.perf_counter()
     result = {"benchmark": args.command, "meta": run_metadata(["jobs/bench.py", *argv], torch.device(args.device)),

@@ -91,3 +91,31 @@ def test_summary_quick(tmp_path):
                               "--json", str(tmp_path / "again.json"))
     assert "training a teacher" not in stdout and "using the cached teacher" in stdout
     assert [r["exact_loss"] for r in again["rows"]] == [r["exact_loss"] for r in rows if r["teacher"] == "trained"]
+
+
+def test_teacher_quick(tmp_path):
+    result, stdout = run_bench("teacher", "--quick", "--json", str(tmp_path / "teacher.json"))
+    check_meta(result, "teacher")
+    config = result["config"]
+    assert (config["blocks"], config["seq_len"], config["batch_size"], config["repeats"]) == (8, 32, 4, 2)
+    assert result["tokens_per_run"] == 8 * 32
+    assert result["bare_torch_threads"] == result["ray_worker_probe"]["torch_threads"] * config["actors"] >= 1
+    assert set(result["variants"]) == {"pool", "bare"}
+    for name, entry in result["variants"].items():
+        seconds = entry["seconds"]["raw"]
+        assert len(seconds) == 2 and all(s > 0 for s in seconds), name
+        # tokens/s is the token count over each repeat's wall time, not a made-up number.
+        assert entry["tokens_per_second"]["raw"] == pytest.approx([8 * 32 / s for s in seconds])
+        assert all(r > 0 for r in entry["steady_tokens_per_second"]["raw"]), name
+        # 8 blocks in batches of 4: two batches per run, arriving in order within the run's time.
+        for arrivals, total in zip(entry["batch_arrivals"], seconds):
+            assert len(arrivals) == 2 and 0 < arrivals[0] <= arrivals[1] <= total, name
+        assert entry["first_batch_seconds"]["raw"] == [a[0] for a in entry["batch_arrivals"]]
+    for kind in ("end_to_end", "steady_state"):
+        ratio = result["ratios_pool_over_bare"][kind]
+        assert ratio["median_of_paired_ratios"] > 0 and len(ratio["paired_ratios"]) == 2
+        assert ratio["goal"] == 0.9 and ratio["meets_goal"] == (ratio["median_of_paired_ratios"] >= 0.9)
+    end_to_end = result["ratios_pool_over_bare"]["end_to_end"]["paired_ratios"]
+    assert end_to_end == pytest.approx([b / p for p, b in zip(result["variants"]["pool"]["seconds"]["raw"],
+                                                              result["variants"]["bare"]["seconds"]["raw"])])
+    assert "ratio pool / bare tokens/s" in stdout

@@ -67,32 +67,28 @@ def ref_tad(student, teacher, mask, k, beta, tau, normalize):
     return total / max(count, 1)
 
 
+def ref_mean(student, teacher, mask, tau, per_token):
+    """Mean over valid positions of per_token(p, q), p and q the teacher and student probabilities."""
+    values = [per_token(_probs(teacher[bi, ti].tolist(), tau), _probs(student[bi, ti].tolist(), tau))
+              for bi in range(student.shape[0]) for ti in range(student.shape[1]) if mask[bi, ti]]
+    return sum(values) / max(len(values), 1)
+
+
+def kl(p, q):
+    return sum(a * (math.log(a) - math.log(c)) for a, c in zip(p, q) if a > 0)
+
+
 def ref_kl(student, teacher, mask, tau, reverse=False):
-    total, count = 0.0, 0
-    for bi in range(student.shape[0]):
-        for ti in range(student.shape[1]):
-            if not mask[bi, ti]:
-                continue
-            p, q = _probs(teacher[bi, ti].tolist(), tau), _probs(student[bi, ti].tolist(), tau)
-            if reverse:
-                p, q = q, p
-            total += sum(a * (math.log(a) - math.log(c)) for a, c in zip(p, q) if a > 0)
-            count += 1
-    return total / max(count, 1)
+    return ref_mean(student, teacher, mask, tau, (lambda p, q: kl(q, p)) if reverse else kl)
 
 
 def ref_topk(student, teacher, mask, k, tau):
-    total, count = 0.0, 0
-    for bi in range(student.shape[0]):
-        for ti in range(student.shape[1]):
-            if not mask[bi, ti]:
-                continue
-            p, q = _probs(teacher[bi, ti].tolist(), tau), _probs(student[bi, ti].tolist(), tau)
-            top = sorted(range(len(p)), key=lambda i: -p[i])[:k]
-            sp, sq = sum(p[i] for i in top), sum(q[i] for i in top)
-            total += sum((p[i] / sp) * (math.log(p[i] / sp) - math.log(q[i] / sq)) for i in top)
-            count += 1
-    return total / max(count, 1)
+    def renormalised_top_k_kl(p, q):
+        top = sorted(range(len(p)), key=lambda i: -p[i])[:k]
+        sp, sq = sum(p[i] for i in top), sum(q[i] for i in top)
+        return kl([p[i] / sp for i in top], [q[i] / sq for i in top])
+
+    return ref_mean(student, teacher, mask, tau, renormalised_top_k_kl)
 
 
 def make_case(seed, B, T, V, teacher_scale=2.0, mask_prob=0.2):
