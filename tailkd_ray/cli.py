@@ -11,8 +11,11 @@ import importlib
 import json
 import os
 import sys
+from pathlib import Path
 
 from tailkd_ray.config import ConfigError, load_config, reference_markdown, resolve_local_paths
+from tailkd_ray.data import DataError
+from tailkd_ray.placement import PlacementError
 
 EXAMPLES = {
     "demo": "tailkd demo --out runs/demo        # built-in corpus, teacher + 3 students, report.md",
@@ -98,9 +101,13 @@ def main(argv: list[str] | None = None) -> int:
             init_ray()
             module, function, _ = COMMANDS[args.command]
             run = getattr(importlib.import_module(module), function)
-            result = run(config, args.student) if args.command == "eval" else run(config)
+            student = str(Path(args.student).absolute()) if args.command == "eval" else None
+            result = run(config, student) if args.command == "eval" else run(config)
     except ConfigError as error:
         print(f"tailkd {args.command}: invalid config: {error}", file=sys.stderr)
+        return 2
+    except (DataError, PlacementError) as error:  # bad corpus or a cluster that cannot host the job
+        print(f"tailkd {args.command}: {error}", file=sys.stderr)
         return 2
     if result is not None:
         print(json.dumps(result, indent=2, default=str))

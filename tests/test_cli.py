@@ -50,3 +50,13 @@ def test_readme_config_reference_is_current():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     start, end = "<!-- config-reference:start -->\n", "<!-- config-reference:end -->"
     assert readme[readme.index(start) + len(start):readme.index(end)] == reference_markdown()
+
+
+def test_bad_corpus_is_a_clear_error_not_a_traceback(ray_session, tiny_tokenizer_dir, tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("loss: {kind: clm}\n")
+    code = main(["distill", "--config", str(config), "student.model=/nonexistent", f"data.train={tmp_path}/none-*.txt", f"data.tokenizer={tiny_tokenizer_dir}",
+                 f"output_dir={tmp_path}/out"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tailkd distill: ") and "none-*.txt" in err
