@@ -663,18 +663,15 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     loss = commands.add_parser("loss", help="step time ratios and peak memory of the chunked loss")
-    loss.add_argument("--tokens", type=int, help="B·T tokens per step (default 8192; --quick 512)")
-    loss.add_argument("--batch", type=int, help="B (default 4)")
-    loss.add_argument("--vocab", type=int, help="V (default 32768)")
-    loss.add_argument("--dim", type=int, help="hidden size d (default 512)")
-    loss.add_argument("--chunk-tokens", type=int, help="tokens per chunk of distill_objective (default 512)")
-    loss.add_argument("--top-m", type=int, help="summary M (default 64)")
-    loss.add_argument("--tail-samples", type=int, help="summary S (default 16)")
+    for name, text, kind in (("tokens", "B·T tokens per step", int), ("batch", "B", int), ("vocab", "V", int),
+                             ("dim", "hidden size d", int), ("chunk_tokens", "tokens per chunk of distill_objective", int),
+                             ("top_m", "summary M", int), ("tail_samples", "summary S", int),
+                             ("repeats", "timed repeats per variant", int), ("warmup", "untimed rounds first", int),
+                             ("memory_tokens", "comma-separated token counts for the memory table", str)):
+        defaults = f"default {LOSS_SIZES['default'][name]}; --quick {LOSS_SIZES['quick'][name]}"
+        loss.add_argument("--" + name.replace("_", "-"), type=kind, help=f"{text} ({defaults})")
     loss.add_argument("--k", type=int, default=10, help="TAD / top-K K (default 10)")
     loss.add_argument("--beta", type=float, default=1.0, help="TAD β (default 1)")
-    loss.add_argument("--repeats", type=int, help="timed repeats per variant (default 5)")
-    loss.add_argument("--warmup", type=int, help="untimed rounds first (default 1)")
-    loss.add_argument("--memory-tokens", help="comma-separated token counts for the memory table (default 2048,4096,8192)")
     loss.add_argument("--profile", action="store_true", help="also torch.profiler one step of each variant")
 
     summary = commands.add_parser("summary", help="summary bytes and loss/gradient fidelity vs the exact loss")
