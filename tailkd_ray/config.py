@@ -151,11 +151,13 @@ class TrainConfig:
     seed: int = doc(0, "Seed of model init, data order and tail sampling.")
     run_name: str = doc("distill", "Ray Train run name; relaunching with the same name resumes.")
     resources_per_worker: dict = doc({}, "Custom Ray resources per trainer worker, e.g. {tailkd_training: 1}.")
+    prefetch_batches: int = doc(1, "Micro-batches each worker's Ray Data iterator prepares ahead of the step "
+                                   "(0 = none); raise it when metrics.jsonl shows data_wait_s > 0.")
 
     def validate(self) -> None:
         for name in ("num_workers", "max_steps", "batch_size", "grad_accum", "checkpoint_every", "eval_every"):
             _positive("train", name, getattr(self, name))
-        for name in ("lr", "weight_decay", "warmup_steps", "grad_clip", "max_failures"):
+        for name in ("lr", "weight_decay", "warmup_steps", "grad_clip", "max_failures", "prefetch_batches"):
             _positive("train", name, getattr(self, name), allow_zero=name != "lr")
         _check_resources("train.resources_per_worker", self.resources_per_worker)
 

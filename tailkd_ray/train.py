@@ -28,7 +28,10 @@ Validation runs on every worker's share of the val set (Ray splits it equally, d
 num_workers − 1 rows to do so) and sums the metric accumulators across workers with one all-reduce.
 
 Outputs (rank 0, under ``output_dir``, which must be shared storage on a multi-node cluster):
-``metrics.jsonl`` (one record per step, per evaluation, and ``resumed_from_step`` on resume),
+``metrics.jsonl`` (one record per step, per evaluation, and ``resumed_from_step`` on resume; a step's record
+splits its time into ``data_wait_s``, ``compute_s`` and ``optimizer_s`` and records rank 0's
+``peak_memory_mb``), ``data_stats.txt`` (Ray Data's
+per-stage timing of the input pipeline),
 ``tensorboard/`` event files, ``eval.json`` and ``student/`` (safetensors + tokenizer).
 """
 
@@ -263,13 +266,13 @@ class Progress:
     batches_in_epoch: int = 0
 
 
-def micro_batches(shard, batch_size: int, progress: Progress) -> Iterator[dict]:
+def micro_batches(shard, batch_size: int, progress: Progress, *, prefetch_batches: int = 1) -> Iterator[dict]:
     """Endless micro-batches of a worker's shard, epoch after epoch, resuming at ``progress``: the first
     ``progress.batches_in_epoch`` batches of the current epoch are read and discarded (see module doc)."""
     skip = progress.batches_in_epoch
     while True:
         produced = 0
-        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True):
+        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True, prefetch_batches=prefetch_batches):
             produced += 1
             if produced <= skip:
                 continue
@@ -371,13 +374,17 @@ def _teacher_for_batch(mode: str, teacher_model, inputs: torch.Tensor, batch: di
 
 
 def _train_step(strategy, batches: Iterator[dict], cfg: Config, mode: str, teacher_model, device, autocast):
-    """One optimizer step over ``grad_accum`` micro-batches; returns summed (loss, clm, div) and token count."""
+    """One optimizer step's forward/backward over ``grad_accum`` micro-batches; returns summed (loss, clm, div),
+    the token count, and the seconds spent waiting for input (data pipeline, teacher pool) — a step starved
+    of teacher summaries shows here, not in the compute time."""
     from tailkd_ray.losses import distill_objective
 
     kwargs = asdict(cfg.loss)  # kind, k, beta, normalize, temperature, weight, chunk_tokens
-    sums = torch.zeros(4, dtype=torch.float64)
+    sums = torch.zeros(5, dtype=torch.float64)
     for micro in range(cfg.train.grad_accum):
+        waiting = time.perf_counter()
         batch = next(batches)
+        sums[4] += time.perf_counter() - waiting
         ids = batch["input_ids"].to(device).long()
         inputs, targets = ids[:, :-1], ids[:, 1:]
         teacher = None if cfg.loss.kind == "clm" else _teacher_for_batch(mode, teacher_model, inputs, batch, device)
@@ -391,8 +398,8 @@ def _train_step(strategy, batches: Iterator[dict], cfg: Config, mode: str, teach
         with strategy.sync_context(micro == cfg.train.grad_accum - 1), autocast():
             loss, out = strategy(inputs, head_fn)
             strategy.backward(loss)
-        sums += torch.tensor([out.loss.item() * out.tokens, float(out.clm) * out.tokens,
-                              float(out.div) * out.tokens, out.tokens], dtype=torch.float64)
+        sums[:4] += torch.tensor([out.loss.item() * out.tokens, float(out.clm) * out.tokens,
+                                  float(out.div) * out.tokens, out.tokens], dtype=torch.float64)
     return sums
 
 
@@ -432,6 +439,15 @@ def _export(strategy, cfg: Config, out_dir: Path, rank: int) -> None:
     target = out_dir / "student"
     model.save_pretrained(target)
     load_tokenizer(cfg).save_pretrained(target)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process so far, MiB: allocated on the GPU, or the resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def _require_finite(step: int, loss: float, grad_norm: Optional[float]) -> None:
@@ -496,21 +512,32 @@ def train_loop_per_worker(config: dict) -> None:
         log.write({"resumed_from_step": progress.step, "step": progress.step, "epoch": progress.epoch,
                    "batches_in_epoch": progress.batches_in_epoch}, prefix="run")
 
-    batches = micro_batches(ray.train.get_dataset_shard("train"), cfg.train.batch_size, progress)
+    train_shard = ray.train.get_dataset_shard("train")
+    batches = micro_batches(train_shard, cfg.train.batch_size, progress, prefetch_batches=cfg.train.prefetch_batches)
     has_val = "val" in config.get("datasets", ())
     strategy.train(True)
     final: Optional[dict] = None  # the last step's validation metrics
+    loop_started = time.perf_counter()
     while progress.step < cfg.train.max_steps:
         started = time.perf_counter()
-        sums = _all_reduce_sum(_train_step(strategy, batches, cfg, mode, teacher_model, device, autocast).to(device))
+        local = _train_step(strategy, batches, cfg, mode, teacher_model, device, autocast)
+        data_wait = float(local[4])
+        sums = _all_reduce_sum(local.to(device))
+        optimizing = time.perf_counter()
         grad_norm = strategy.optimizer_step()
         lr = strategy.lr
         progress.step += 1
         tokens = max(float(sums[3]), 1.0)
         _require_finite(progress.step, float(sums[0]) / tokens, grad_norm)
+        finished_step = time.perf_counter()
+        # Where the step went, on rank 0 (compute includes the loss all-reduce); data_wait_s is the mean over
+        # workers, elapsed_s counts from the first step's start (evaluations and checkpoints included).
         log.write({"step": progress.step, "loss": float(sums[0]) / tokens, "clm": float(sums[1]) / tokens,
                    "div": float(sums[2]) / tokens, "lr": lr, "grad_norm": grad_norm, "tokens": int(sums[3]),
-                   "epoch": progress.epoch, "step_time_s": time.perf_counter() - started})
+                   "epoch": progress.epoch, "step_time_s": finished_step - started,
+                   "data_wait_s": float(sums[4]) / context.get_world_size(),
+                   "compute_s": optimizing - started - data_wait, "optimizer_s": finished_step - optimizing,
+                   "elapsed_s": finished_step - loop_started, "peak_memory_mb": peak_memory_mb(device)})
         if step_hook is not None:
             step_hook(progress.step, rank)
         last = progress.step == cfg.train.max_steps
@@ -529,6 +556,8 @@ def train_loop_per_worker(config: dict) -> None:
         elif len(metrics) > 1:
             ray.train.report(metrics)
 
+    if rank == 0:  # per-stage time of the input pipeline (read, teacher pool, ...) of this worker's shard
+        (out_dir / "data_stats.txt").write_text(train_shard.stats() + "\n")
     # Final outputs (also made by a relaunch that finds the last checkpoint but not the outputs).
     if final is None:
         final = {"step": progress.step, **_evaluate(strategy, cfg, mode, teacher_model, device, autocast)} if has_val \

@@ -119,3 +119,54 @@ def test_teacher_quick(tmp_path):
     assert end_to_end == pytest.approx([b / p for p, b in zip(result["variants"]["pool"]["seconds"]["raw"],
                                                               result["variants"]["bare"]["seconds"]["raw"])])
     assert "ratio pool / bare tokens/s" in stdout
+
+
+def test_pipeline_quick(tmp_path):
+    """All three variants train the same steps; tokens/s, step splits and ratios are consistent with each other."""
+    result, stdout = run_bench("pipeline", "--quick", "--json", str(tmp_path / "pipeline.json"))
+    check_meta(result, "pipeline")
+    config = result["config"]
+    assert set(result["variants"]) == {"stream", "cache", "plain"}
+    tokens_per_step = config["batch"] * config["seq_len"]
+    for name, entry in result["variants"].items():
+        (run,) = entry["runs"]  # --quick: one repeat
+        assert run["steps"] == config["steps"] - config["warmup_steps"], name
+        assert 0 < run["end_to_end_tokens_per_second"] < run["tokens_per_second"], name  # start-up costs time
+        assert run["end_to_end_tokens_per_second"] == pytest.approx(config["steps"] * tokens_per_step / run["seconds"])
+        split = run["mean_seconds"]
+        assert split["compute_s"] > 0 and split["data_wait_s"] >= 0 and split["optimizer_s"] > 0, name
+        assert split["compute_s"] + split["optimizer_s"] <= split["step_time_s"] * 1.001, name
+        assert entry["peak_memory_mb"] > 50 and entry["student_mfu"] is None  # CPU: no peak FLOP/s known
+    plain = result["variants"]["plain"]["mean_seconds_per_step"]
+    assert all(plain[k] > 0 for k in ("teacher_forward_s", "student_forward_and_loss_s", "backward_s"))
+    for name in ("stream", "cache"):  # Ray Data's stage report of the run's input pipeline
+        assert "Operator" in result["variants"][name]["runs"][0]["data_stats"]
+    assert "TeacherScorer" in result["variants"]["stream"]["runs"][0]["data_stats"]
+    assert result["cache_scoring"]["tokens"] == (config["steps"] + 2) * config["batch"] * config["seq_len"]
+    flops = result["model_flops_per_token"]
+    assert flops["student_training"] > 0 and flops["teacher_forward"] > 0
+    ratios = result["ratios"]
+    assert set(ratios) == {f"{a}/{b} {kind}" for a, b in (("stream", "cache"), ("cache", "plain"))
+                           for kind in ("steady_state", "end_to_end")}
+    steady = ratios["stream/cache steady_state"]
+    assert steady["median_of_paired_ratios"] == pytest.approx(
+        result["variants"]["stream"]["tokens_per_second"]["median"] / result["variants"]["cache"]["tokens_per_second"]["median"])
+    assert steady["meets_goal"] == (steady["median_of_paired_ratios"] >= 0.9)
+    assert "stream/cache steady_state" in stdout and "Ray Data stages, stream" in stdout
+
+
+def test_model_flops_per_token_matches_a_hand_count():
+    """PaLM's count for a tiny Llama: 2·(matmul weights) + 4·L·d·T forward, ×3 for training."""
+    from transformers import LlamaConfig
+
+    from tailkd_ray.benchmarks.measure import mfu, model_flops_per_token
+
+    vocab, width, layers, seq = 100, 16, 2, 8
+    config = LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=48, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)
+    per_layer = 4 * width * width + 3 * width * 48  # q, k, v, o + gate, up, down (norm weights: 2·d)
+    weights = layers * (per_layer + 2 * width) + width + vocab * width  # + final norm + LM head (not the embedding)
+    forward = 2 * weights + 4 * layers * width * seq
+    assert model_flops_per_token(config, seq, training=False) == forward
+    assert model_flops_per_token(config, seq, training=True) == 3 * forward
+    assert mfu(1e9, 100.0, 1.0) == pytest.approx(0.1) and mfu(1e9, 100.0, None) is None

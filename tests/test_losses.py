@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tailkd_ray.benchutil import peak_extra_bytes
+from tailkd_ray.benchmarks.measure import peak_extra_bytes
 from tailkd_ray.losses import (
     clm_loss,
     distill_objective,

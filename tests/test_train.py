@@ -155,6 +155,15 @@ def test_eval_json_and_metrics_written(runs):
         assert evaluation["kl_to_teacher"] > 0
         assert list((out / "tensorboard").glob("events.out.tfevents.*")), strategy
         assert [r["step"] for r in records(out) if "val_loss" in r] == [STEPS]
+        steps = [r for r in records(out) if "loss" in r]
+        for r in steps:  # the step's time split: parts non-negative, summing to the whole
+            parts = (r["data_wait_s"], r["compute_s"], r["optimizer_s"])
+            assert min(parts) >= 0 and r["compute_s"] > 0, r
+            assert r["data_wait_s"] <= r["step_time_s"] and r["compute_s"] + r["optimizer_s"] <= r["step_time_s"] + 1e-6
+            assert 50 < r["peak_memory_mb"] < 20_000  # a worker process with torch loaded, on CPU
+        assert all(b["elapsed_s"] > a["elapsed_s"] for a, b in zip(steps, steps[1:]) if b["step"] > a["step"])
+        # Ray Data's per-stage report of the input pipeline (the scored blocks in summary mode).
+        assert "Dataset" in (out / "data_stats.txt").read_text(), strategy
 
 
 @pytest.mark.parametrize("strategy", ["fsdp", "deepspeed"])
