@@ -116,11 +116,13 @@ def _unfixed(column: pa.Array | pa.ChunkedArray, rows: int) -> np.ndarray:
 
 
 class NonFiniteLogitsError(ValueError):
-    """Teacher logits hold NaN or +inf; ``position`` is the index of the first bad position (leading dims)."""
+    """Teacher logits hold NaN or +inf (or a position's are all −inf); ``position`` is the index of the first bad
+    position (leading dims), ``token`` the first bad vocabulary entry there (None: all −inf)."""
 
-    def __init__(self, position: tuple[int, ...], token: int):
+    def __init__(self, position: tuple[int, ...], token: Optional[int]):
         self.position = position
-        super().__init__(f"teacher logits are not finite at position {position} (vocabulary entry {token}); "
+        where = "every vocabulary entry is -inf" if token is None else f"vocabulary entry {token}"
+        super().__init__(f"teacher logits are not finite at position {position} ({where}); "
                          f"check the teacher's dtype/overflow or its input tokens there")
 
 
@@ -142,7 +144,8 @@ def summarize(
     given (so a caller can seed each row on its own and still summarise a whole batch at once), else drawn
     with ``generator``. Positions whose far tail is empty (M = V) or has zero mass get ``tail_ids = 0`` and
     ``tail_logp = -inf``; the loss ignores them since α_M = 0 there.
-    Raises ``NonFiniteLogitsError`` (a ``ValueError``) naming the first position whose logits hold NaN or +inf.
+    Raises ``NonFiniteLogitsError`` (a ``ValueError``) naming the first position whose logits hold NaN or +inf
+    (or are all −inf).
     """
     vocab = teacher_logits.shape[-1]
     leading = tuple(teacher_logits.shape[:-1])
@@ -156,16 +159,21 @@ def summarize(
         raise ValueError(f"logp_dtype must be torch.float16 or torch.float32, got {logp_dtype}")
     if uniforms is not None and tuple(uniforms.shape) != (*leading, tail_samples):
         raise ValueError(f"uniforms must have shape {(*leading, tail_samples)}, got {tuple(uniforms.shape)}")
-    bad = torch.isnan(teacher_logits) | (teacher_logits == float("inf"))
-    if bad.any():
-        first = bad.nonzero()[0].tolist()
-        raise NonFiniteLogitsError(tuple(first[:-1]), first[-1])
-
-    logp = torch.log_softmax(teacher_logits.reshape(-1, vocab).float() / temperature, dim=-1)
-    top_logp, top_ids = logp.topk(top_m, dim=-1, sorted=True)
-    rest = logp.scatter(-1, top_ids, float("-inf"))  # the far tail only
-    rest_logmass = rest.logsumexp(-1)
-    tail_ids, tail_logp = _sample_far_tail(rest, rest_logmass, tail_samples, uniforms, generator)
+    logits = teacher_logits.reshape(-1, vocab).float()
+    logp = torch.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
+    # One topk serves both the top M and, at rank M + 1, the largest far-tail log-prob (the shift below).
+    ranked_logp, ranked_ids = logp.topk(min(top_m + 1, vocab), dim=-1, sorted=True)
+    if torch.isnan(ranked_logp[:, 0]).any():  # NaN or +inf logits make their whole row NaN; topk puts NaN first
+        raise _non_finite_error(teacher_logits, ranked_logp[:, 0], leading)
+    top_logp, top_ids = ranked_logp[:, :top_m], ranked_ids[:, :top_m]
+    rest = logp.scatter_(-1, top_ids, float("-inf"))  # in place: log p of the far tail only
+    far_max = ranked_logp[:, top_m] if top_m < vocab else torch.full_like(top_logp[:, 0], float("-inf"))
+    rest_logmass, tail_ids, has_tail = _far_tail(rest, far_max, tail_samples, uniforms, generator)
+    # Log-probs of the drawn ids from the logits (``rest`` now holds the CDF): log p_i = z_i/τ − log Z, with
+    # log Z read off the top-1 id.
+    scale = 1.0 / temperature
+    log_normalizer = logits.gather(-1, top_ids[:, :1]) * scale - top_logp[:, :1]
+    tail_logp = torch.where(has_tail[:, None], logits.gather(-1, tail_ids) * scale - log_normalizer, float("-inf"))
 
     def shaped(t: torch.Tensor, dtype: torch.dtype, trailing: tuple = (-1,)) -> torch.Tensor:
         return t.to(dtype).reshape(leading + trailing)
@@ -179,25 +187,36 @@ def summarize(
     )
 
 
-def _sample_far_tail(rest: torch.Tensor, rest_logmass: torch.Tensor, samples: int,
-                     uniforms: Optional[torch.Tensor], generator: Optional[torch.Generator]):
-    """Inverse-CDF draws from p_i / α_M over the far tail (``rest`` is log p with the top M at −inf)."""
+def _non_finite_error(teacher_logits: torch.Tensor, top_logp: torch.Tensor, leading: tuple) -> "NonFiniteLogitsError":
+    """The error naming the first position whose logits hold NaN or +inf (or are all −inf)."""
+    bad = torch.isnan(teacher_logits) | (teacher_logits == float("inf"))
+    if bad.any():
+        first = bad.nonzero()[0].tolist()
+        return NonFiniteLogitsError(tuple(first[:-1]), first[-1])
+    row = int(torch.isnan(top_logp).nonzero()[0])
+    return NonFiniteLogitsError(tuple(int(i) for i in torch.unravel_index(torch.tensor(row), leading)), None)
+
+
+def _far_tail(rest: torch.Tensor, far_max: torch.Tensor, samples: int, uniforms: Optional[torch.Tensor],
+              generator: Optional[torch.Generator]):
+    """(log α_M, tail ids, has-a-far-tail mask) from ``rest`` = log p with the top M at −inf, whose row maxima
+    are ``far_max`` (−inf: empty far tail). Overwrites ``rest`` with the CDF: no [N, V] copy.
+
+    α_M = Σ_far p is a logsumexp shifted by the row's largest far-tail log-prob (no underflow, no cancellation);
+    the same shifted exponentials, summed cumulatively, are the unnormalised CDF for inverse-CDF draws from
+    p_i / α_M. Targets lie in (0, total], so a zero-probability id (a flat stretch of the CDF, e.g. a top-M id)
+    is never the first index reaching one. Rows with an empty far tail get α_M = 0 (log −inf) and ids 0.
+    """
     rows, vocab = rest.shape
+    has_tail = far_max > float("-inf")
+    shift = torch.where(has_tail, far_max, 0.0)
+    cdf = rest.sub_(shift[:, None]).exp_().cumsum_(-1)
+    rest_logmass = shift + cdf[:, -1].log()  # −inf where the far tail is empty
     if uniforms is None:
         uniforms = torch.rand(rows, samples, generator=generator, device=rest.device)
-    uniforms = uniforms.reshape(rows, samples).to(rest.device, torch.float32)
-    has_tail = rest_logmass > float("-inf")
-    tail_ids = torch.zeros(rows, samples, dtype=torch.long, device=rest.device)
-    tail_logp = torch.full((rows, samples), float("-inf"), device=rest.device)
-    if samples and has_tail.any():
-        cdf = (rest[has_tail] - rest_logmass[has_tail, None]).exp().cumsum(-1)
-        # Targets in (0, total]: a zero-probability id (a flat stretch of the CDF) is never the first
-        # index reaching a positive target, so top-M ids cannot be drawn.
-        targets = (1.0 - uniforms[has_tail]) * cdf[:, -1:]
-        drawn = torch.searchsorted(cdf, targets.contiguous()).clamp_max(vocab - 1)
-        tail_ids[has_tail] = drawn
-        tail_logp[has_tail] = rest[has_tail].gather(-1, drawn)
-    return tail_ids, tail_logp
+    targets = (1.0 - uniforms.reshape(rows, samples).to(rest.device, torch.float32)) * cdf[:, -1:]
+    drawn = torch.searchsorted(cdf, targets.contiguous()).clamp_max(vocab - 1)
+    return rest_logmass, torch.where(has_tail[:, None], drawn, 0), has_tail
 
 
 def bytes_per_position(top_m: int, tail_samples: int, logp_dtype: torch.dtype = torch.float16) -> int:

@@ -120,3 +120,20 @@ def test_far_tail_estimate_is_unbiased():
     stderr = draws.std().item() / math.sqrt(len(draws))
     assert abs(draws.mean().item() - exact) < 4 * stderr + 1e-6
     assert abs(dropped - exact) > 10 * stderr, "dropping F should be visibly biased here"
+
+
+def test_all_minus_inf_row_is_named_not_summarised_to_nan():
+    z = teacher_logits()
+    z[0, 1, :] = float("-inf")
+    with pytest.raises(ValueError, match=r"position \(0, 1\) \(every vocabulary entry is -inf\)"):
+        summarize(z, top_m=4)
+
+
+def test_far_tail_of_a_peaked_teacher_does_not_underflow():
+    """log α_M is a shifted logsumexp: a far tail with mass ~1e-30 keeps a finite, exact log mass."""
+    z = torch.zeros(1, 1, 40, dtype=torch.float64)
+    z[..., :4] = 70.0  # top 4 hold all but ~36·e^-70 ≈ 1.4e-29 of the mass
+    s = summarize(z, top_m=4, tail_samples=3, logp_dtype=torch.float32, generator=torch.Generator().manual_seed(0))
+    expected = torch.log_softmax(z, -1)[..., 4:].logsumexp(-1)
+    torch.testing.assert_close(s.rest_logmass.double(), expected, rtol=1e-6, atol=1e-4)
+    assert (s.tail_ids >= 4).all() and torch.isfinite(s.tail_logp).all()
