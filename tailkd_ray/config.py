@@ -151,7 +151,7 @@ class TrainConfig:
     seed: int = doc(0, "Seed of model init, data order and tail sampling.")
     run_name: str = doc("distill", "Ray Train run name; relaunching with the same name resumes.")
     resources_per_worker: dict = doc({}, "Custom Ray resources per trainer worker, e.g. {tailkd_training: 1}.")
-    prefetch_batches: int = doc(1, "Micro-batches each worker's Ray Data iterator prepares ahead of the step "
+    prefetch_batches: int = doc(2, "Micro-batches each worker's Ray Data iterator prepares ahead of the step "
                                    "(0 = none); raise it when metrics.jsonl shows data_wait_s > 0.")
 
     def validate(self) -> None:
