@@ -170,3 +170,31 @@ def test_model_flops_per_token_matches_a_hand_count():
     assert model_flops_per_token(config, seq, training=False) == forward
     assert model_flops_per_token(config, seq, training=True) == 3 * forward
     assert mfu(1e9, 100.0, 1.0) == pytest.approx(0.1) and mfu(1e9, 100.0, None) is None
+
+
+def test_gpu_script_commands_parse():
+    """jobs/bench_gpu.sh (run only where a GPU is): each command it would run is a valid bench.py invocation on cuda
+    at the realistic sizes (V = 151,936, T = 4,096), and it covers all four benchmarks."""
+    import os
+    import shlex
+
+    from tailkd_ray.benchmarks.cli import build_parser
+
+    script = BENCH.parent / "bench_gpu.sh"
+    out = subprocess.run(["bash", str(script), "/tmp/out"], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "DRY_RUN": "1", "PEAK_TFLOPS": "989"})
+    assert out.returncode == 0, out.stderr
+    commands = [shlex.split(line[2:]) for line in out.stdout.splitlines() if line.startswith("+ ")]
+    parsed = [build_parser().parse_args(argv[argv.index(str(BENCH.relative_to(BENCH.parents[1]))) + 1:])
+              for argv in commands]
+    assert [args.command for args in parsed] == ["loss", "summary", "teacher", "pipeline"]
+    for args in parsed:
+        assert args.json.startswith("/tmp/out/") and not args.quick
+        vocab = args.synthetic_vocab if args.command == "summary" else args.vocab
+        assert vocab == 151936, args.command
+        if args.command != "summary":
+            assert args.device == "cuda"
+        if args.command in ("teacher", "pipeline"):
+            assert args.seq_len == 4096 and args.peak_tflops == 989.0
+    pipeline = parsed[-1]
+    assert (pipeline.student_layers, pipeline.student_width) == (24, 1024)  # a ~0.5B student

@@ -194,7 +194,7 @@ def print_table(result: dict) -> None:
     """Step times, time ratios and the memory table of a ``loss`` result."""
     log("\nstep time (forward+backward of distill_objective, median of repeats)")
     for name, entry in result["step_seconds"].items():
-        log(f"  {name:14s} {entry['median']:8.3f} s")
+        log(f"  {name:14s} {entry['median']:8.3f} s  {result['config']['tokens'] / entry['median']:12.0f} tokens/s")
     log("\nratio                       median(paired)  ratio(medians)  goal     met")
     for r in result["time_ratios"]:
         log(f"  {r['numerator'] + ' / ' + r['denominator']:26s} {r['median_of_paired_ratios']:10.3f}  "

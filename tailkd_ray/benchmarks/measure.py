@@ -237,6 +237,12 @@ def model_flops_per_token(config, seq_len: int, *, training: bool) -> float:
     return 3 * forward if training else forward
 
 
+def add_peak_tflops_argument(parser) -> None:
+    """The ``--peak-tflops`` flag of the benchmarks that report MFU."""
+    parser.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s for MFU (default: the table in "
+                                                          "benchmarks/measure.py for known GPUs; none on CPU)")
+
+
 def mfu(flops_per_token: float, tokens_per_second: float, peak: Optional[float]) -> Optional[float]:
     """Model FLOPs utilisation: achieved model FLOP/s over ``peak`` TFLOP/s (None when the peak is unknown)."""
     return None if peak is None else flops_per_token * tokens_per_second / (peak * 1e12)

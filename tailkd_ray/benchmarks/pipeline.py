@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tailkd_ray.benchmarks.measure import log
+from tailkd_ray.benchmarks.measure import add_peak_tflops_argument, log
 
 NAME = "pipeline"
 HELP = "student training tokens/s: teacher pool streaming vs Parquet cache vs a single-process loop"
@@ -43,10 +43,10 @@ VARIANTS = ("stream", "cache", "plain")
 SIZES = {
     "default": dict(steps=30, warmup_steps=6, batch=8, seq_len=256, vocab=8192, teacher_layers=4, teacher_width=256,
                     student_layers=2, student_width=128, top_m=64, tail_samples=16, teacher_batch=8, actors=1,
-                    prefetch_batches=1, repeats=2),
+                    prefetch_batches=2, repeats=2),
     "quick": dict(steps=5, warmup_steps=2, batch=2, seq_len=32, vocab=512, teacher_layers=1, teacher_width=64,
                   student_layers=1, student_width=32, top_m=16, tail_samples=4, teacher_batch=2, actors=1,
-                  prefetch_batches=1, repeats=1),
+                  prefetch_batches=2, repeats=1),
 }
 FLAGS = (("steps", "optimizer steps per run"), ("warmup_steps", "steps left out of the steady-state window"),
          ("batch", "sequences per step (train.batch_size)"), ("seq_len", "tokens per sequence"),
@@ -62,8 +62,7 @@ def add_arguments(parser) -> None:
         defaults = f"default {SIZES['default'][name]}; --quick {SIZES['quick'][name]}"
         parser.add_argument("--" + name.replace("_", "-"), type=int, help=f"{text} ({defaults})")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
-    parser.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s for MFU (default: the table in "
-                                                          "benchmarks/measure.py for known GPUs; none on CPU)")
+    add_peak_tflops_argument(parser)
 
 
 # --------------------------------------------------------------------------------------------------

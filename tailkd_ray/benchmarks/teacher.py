@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tailkd_ray.benchmarks.measure import build_random_llama, log, probe_ray_worker, start_bench_ray, time_interleaved
+from tailkd_ray.benchmarks.measure import (add_peak_tflops_argument, build_random_llama, log, mfu, model_flops_per_token,
+                                           peak_tflops, probe_ray_worker, start_bench_ray, time_interleaved)
 
 NAME = "teacher"
 HELP = "teacher tokens/s: Ray Data actor pool vs a bare in-process loop"
@@ -43,6 +44,7 @@ def add_arguments(parser) -> None:
                        ("tail_samples", "summary S"), ("actors", "teacher actors (bare loop: this many × an actor's torch threads)"),
                        ("repeats", "interleaved repeats per variant")):
         parser.add_argument("--" + name.replace("_", "-"), type=int, help=f"{text} (default {SIZES['default'][name]})")
+    add_peak_tflops_argument(parser)
 
 
 def teacher_bench_config(args, model_dir: Path):
@@ -117,12 +119,15 @@ def run(args) -> dict:
     import ray
     import ray.data
 
+    from transformers import AutoConfig
+
     from tailkd_ray.teacher import TeacherScorer, scorer_kwargs
 
     with tempfile.TemporaryDirectory(prefix="bench_teacher_") as root:
         model_dir = build_random_llama(Path(root) / "teacher", layers=args.layers, width=args.width, vocab=args.vocab,
                                        seq_len=args.seq_len, seed=args.seed, label=NAME)
         cfg = teacher_bench_config(args, model_dir)
+        flops_per_token = model_flops_per_token(AutoConfig.from_pretrained(model_dir), args.seq_len, training=False)
         blocks = np.random.default_rng(args.seed).integers(0, args.vocab, (args.blocks, args.seq_len + 1), dtype=np.int32)
         start_bench_ray()
         try:
@@ -140,10 +145,20 @@ def run(args) -> dict:
                      "bare": bare_step(scorer, blocks, args.batch_size, threads, runs["bare"])}
             log(f"[teacher] {args.blocks} blocks × {args.seq_len} tokens, batch {args.batch_size}, {args.actors} actor(s); "
                 f"bare loop with {threads} torch thread(s); {args.repeats} interleaved repeats")
-            timings = time_interleaved(steps, repeats=args.repeats, warmup=0, device=torch.device(args.device), progress=log)
+            device = torch.device(args.device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            timings = time_interleaved(steps, repeats=args.repeats, warmup=0, device=device, progress=log)
+            # The bare loop's GPU peak (the pool's actors are other processes); on CPU not reported.
+            bare_peak_mb = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
         finally:
             ray.shutdown()
-    return teacher_result(args, timings, runs, threads, bare_load_seconds, worker)
+    result = teacher_result(args, timings, runs, threads, bare_load_seconds, worker)
+    peak = peak_tflops(torch.device(args.device), args.peak_tflops)
+    result.update(model_flops_per_token=flops_per_token, peak_tflops=peak, bare_peak_memory_mb=bare_peak_mb)
+    for entry in result["variants"].values():
+        entry["mfu"] = mfu(flops_per_token, entry["steady_tokens_per_second"]["median"], peak)
+    return result
 
 
 def teacher_result(args, timings: dict, runs: dict, threads: int, bare_load_seconds: float, worker: dict) -> dict:
@@ -186,10 +201,15 @@ def print_table(result: dict) -> None:
     log(f"\nteacher tokens/s ({c['layers']}×{c['width']} Llama, V={c['vocab']}, {c['blocks']} blocks × {c['seq_len']} "
         f"tokens, batch {c['batch_size']}, M={c['top_m']} S={c['tail_samples']}, {c['actors']} actor(s), bare loop on "
         f"{result['bare_torch_threads']} thread(s); median of {c['repeats']} repeats)")
-    log("  variant   end-to-end tok/s  steady tok/s  first batch s  total s")
+    log("  variant   end-to-end tok/s  steady tok/s  first batch s  total s  MFU (steady)")
     for name, e in v.items():
+        steady_mfu = "-" if e["mfu"] is None else f"{100 * e['mfu']:.1f} %"
         log(f"  {name:8s} {e['tokens_per_second']['median']:16.0f} {e['steady_tokens_per_second']['median']:13.0f} "
-            f"{e['first_batch_seconds']['median']:14.2f} {e['seconds']['median']:8.2f}")
+            f"{e['first_batch_seconds']['median']:14.2f} {e['seconds']['median']:8.2f} {steady_mfu:>13s}")
+    if result["bare_peak_memory_mb"] is not None:
+        log(f"  bare loop peak GPU memory {result['bare_peak_memory_mb']:.0f} MiB")
+    log(f"  model FLOPs/token (forward) {result['model_flops_per_token']:.3g}; MFU against "
+        + (f"{result['peak_tflops']:g} TFLOP/s" if result["peak_tflops"] else "no known peak (CPU: not reported)"))
     probe = result["ray_worker_probe"]
     log(f"  start-up parts: score_dataset checks {statistics.median(v['pool']['checks_seconds']):.2f} s; model load in a "
         f"warm process {result['bare_model_load_seconds']:.2f} s; import torch + transformers in a Ray worker "
