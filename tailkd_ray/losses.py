@@ -69,6 +69,13 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 
 
+def _log_softmax(logits: Tensor, temperature: float, dtype: torch.dtype) -> Tensor:
+    """log softmax(logits / τ) in ``dtype``; τ = 1 (the usual case) skips the division, a pass over [N, V] each
+    way (forward and backward)."""
+    logits = logits.to(dtype)
+    return torch.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
+
+
 # --------------------------------------------------------------------------------------------------
 # Per-token terms. Inputs are flat: student log-probs [N, V]; teacher [N, V] logits or a flat summary.
 # Each returns (div [N], tail [N] or None, alpha [N] or None): L_DIV = div + w·tail for TAD.
@@ -82,7 +89,7 @@ def _d_kl1(logp_top: Tensor, logq_top: Tensor, log_alpha: Tensor, log_b: Tensor)
 
 def _tad_terms_exact(logq: Tensor, teacher_logits: Tensor, k: int, temperature: float,
                      top_ids: Optional[Tensor] = None):
-    logp = torch.log_softmax(teacher_logits.to(logq.dtype) / temperature, dim=-1)
+    logp = _log_softmax(teacher_logits, temperature, logq.dtype)
     if top_ids is None:
         top_ids = teacher_logits.topk(k, dim=-1, sorted=False).indices
     logp_top, logq_top = logp.gather(-1, top_ids), logq.gather(-1, top_ids)
@@ -96,8 +103,10 @@ def _tad_terms_exact(logq: Tensor, teacher_logits: Tensor, k: int, temperature: 
 
 def _tad_terms_summary(logq: Tensor, summary: TeacherSummary, k: int):
     top_logp = summary.top_logp.to(logq.dtype)
-    top_ids = summary.top_ids.long()
-    logq_top_m = logq.gather(-1, top_ids)
+    m = summary.top_m
+    # One gather for the top-M ids and the tail samples: its backward fills and scatters one [N, V] buffer, not two.
+    logq_drawn = logq.gather(-1, torch.cat([summary.top_ids, summary.tail_ids], dim=-1).long())
+    logq_top_m, logq_s = logq_drawn[:, :m], logq_drawn[:, m:]
     logp_k, logq_k = top_logp[:, :k], logq_top_m[:, :k]
     logp_mid, logq_mid = top_logp[:, k:], logq_top_m[:, k:]
     log_alpha_m = summary.rest_logmass.to(logq.dtype)
@@ -111,7 +120,6 @@ def _tad_terms_summary(logq: Tensor, summary: TeacherSummary, k: int):
     far = log_alpha_m - log_alpha - log_gamma_m + log_b
     if summary.tail_samples:
         tail_logp = summary.tail_logp.to(logq.dtype)
-        logq_s = logq.gather(-1, summary.tail_ids.long())
         far = far + ((tail_logp - log_alpha_m[:, None]) - (logq_s - log_gamma_m[:, None])).mean(-1)
     tail = mid + _weighted(log_alpha_m.exp(), far)
     return _d_kl1(logp_k, logq_k, log_alpha, log_b), tail, log_alpha.exp()
@@ -143,7 +151,7 @@ def _token_terms(logq: Tensor, teacher: Teacher, *, kind: str, k: int, temperatu
                          f"(set summary.top_m: null for a co-located teacher)")
     if kind == "tad":
         return _tad_terms_exact(logq, teacher, k, temperature, top_ids)
-    logp = torch.log_softmax(teacher.to(logq.dtype) / temperature, dim=-1)
+    logp = _log_softmax(teacher, temperature, logq.dtype)
     if kind == "kd":
         return _weighted(logp.exp(), logp - logq).sum(-1), None, None
     if kind == "rkl":
@@ -252,7 +260,7 @@ def divergence_loss(student_logits: Tensor, teacher: Teacher, *, kind: str, k: i
         raise ValueError(f"teacher vocabulary {teacher.shape[-1]} != student vocabulary {vocab}")
     index = _valid_index(mask, b, t, student_logits.device)
     logits = student_logits.reshape(-1, vocab)[index]
-    logq = torch.log_softmax(logits.to(_compute_dtype(logits)) / temperature, dim=-1)
+    logq = _log_softmax(logits, temperature, _compute_dtype(logits))
     div, tail, alpha = _token_terms(logq, _take(teacher, index), kind=kind, k=k, temperature=temperature)
     return _mean(_divergence(div, tail, alpha, torch.div(index, t, rounding_mode="floor"), b,
                              beta=beta, normalize=normalize))
@@ -320,9 +328,9 @@ def _chunk_terms(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets
     the checkpoint, so that no chunk's teacher copy stays alive until backward.
     """
     logits = F.linear(hidden, weight, bias)
-    logq = torch.log_softmax(logits.to(_compute_dtype(logits)) / temperature, dim=-1)
+    logq = _log_softmax(logits, temperature, _compute_dtype(logits))
     # CLM is always at τ = 1; reuse the log-softmax when τ = 1 (the common case).
-    logq_clm = logq if temperature == 1.0 else torch.log_softmax(logits.to(logq.dtype), dim=-1)
+    logq_clm = logq if temperature == 1.0 else _log_softmax(logits, 1.0, logq.dtype)
     clm = -logq_clm.gather(-1, targets[:, None]).squeeze(-1)
     teacher = _teacher_from_fields(tuple(f[positions] for f in teacher_fields))
     div, tail, alpha = _token_terms(logq, teacher, kind=kind, k=k, temperature=temperature, top_ids=top_ids)
