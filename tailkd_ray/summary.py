@@ -126,6 +126,9 @@ class NonFiniteLogitsError(ValueError):
                          f"check the teacher's dtype/overflow or its input tokens there")
 
 
+SUMMARY_CHUNK_BYTES = 2**30  # float32 [positions, V] buffer size that ``summarize`` works in (two are alive)
+
+
 @torch.inference_mode()
 def summarize(
     teacher_logits: torch.Tensor,
@@ -159,21 +162,21 @@ def summarize(
         raise ValueError(f"logp_dtype must be torch.float16 or torch.float32, got {logp_dtype}")
     if uniforms is not None and tuple(uniforms.shape) != (*leading, tail_samples):
         raise ValueError(f"uniforms must have shape {(*leading, tail_samples)}, got {tuple(uniforms.shape)}")
-    logits = teacher_logits.reshape(-1, vocab).float()
-    logp = torch.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
-    # One topk serves both the top M and, at rank M + 1, the largest far-tail log-prob (the shift below).
-    ranked_logp, ranked_ids = logp.topk(min(top_m + 1, vocab), dim=-1, sorted=True)
-    if torch.isnan(ranked_logp[:, 0]).any():  # NaN or +inf logits make their whole row NaN; topk puts NaN first
-        raise _non_finite_error(teacher_logits, ranked_logp[:, 0], leading)
-    top_logp, top_ids = ranked_logp[:, :top_m], ranked_ids[:, :top_m]
-    rest = logp.scatter_(-1, top_ids, float("-inf"))  # in place: log p of the far tail only
-    far_max = ranked_logp[:, top_m] if top_m < vocab else torch.full_like(top_logp[:, 0], float("-inf"))
-    rest_logmass, tail_ids, has_tail = _far_tail(rest, far_max, tail_samples, uniforms, generator)
-    # Log-probs of the drawn ids from the logits (``rest`` now holds the CDF): log p_i = z_i/τ − log Z, with
-    # log Z read off the top-1 id.
-    scale = 1.0 / temperature
-    log_normalizer = logits.gather(-1, top_ids[:, :1]) * scale - top_logp[:, :1]
-    tail_logp = torch.where(has_tail[:, None], logits.gather(-1, tail_ids) * scale - log_normalizer, float("-inf"))
+    logits = teacher_logits.reshape(-1, vocab)
+    rows = logits.shape[0]
+    if uniforms is None:
+        uniforms = torch.rand(rows, tail_samples, generator=generator, device=logits.device)
+    uniforms = uniforms.reshape(rows, tail_samples).to(logits.device, torch.float32)
+    # Positions in chunks: float32 working memory stays ~2 × SUMMARY_CHUNK_BYTES whatever the batch (a 4 × 4096
+    # batch at V = 151,936 would otherwise need 2 × 10 GB); rows are independent, so chunking changes nothing.
+    step = max(1, SUMMARY_CHUNK_BYTES // (4 * vocab))
+    chunks = []
+    for start in range(0, rows, step):
+        chunk = _summarize_rows(logits[start:start + step], uniforms[start:start + step], top_m, temperature)
+        if isinstance(chunk, int):
+            raise _non_finite_error(teacher_logits, start + chunk, leading)
+        chunks.append(chunk)
+    top_logp, top_ids, rest_logmass, tail_ids, tail_logp = (torch.cat(column) for column in zip(*chunks))
 
     def shaped(t: torch.Tensor, dtype: torch.dtype, trailing: tuple = (-1,)) -> torch.Tensor:
         return t.to(dtype).reshape(leading + trailing)
@@ -187,34 +190,54 @@ def summarize(
     )
 
 
-def _non_finite_error(teacher_logits: torch.Tensor, top_logp: torch.Tensor, leading: tuple) -> "NonFiniteLogitsError":
-    """The error naming the first position whose logits hold NaN or +inf (or are all −inf)."""
+def _summarize_rows(logits: torch.Tensor, uniforms: torch.Tensor, top_m: int, temperature: float):
+    """(top log-probs, top ids, log α_M, tail ids, tail log-probs) of logit rows [N, V]; or, if a row is not
+    finite, that row's index."""
+    vocab = logits.shape[-1]
+    logits = logits.float()
+    logp = torch.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
+    # One topk serves both the top M and, at rank M + 1, the largest far-tail log-prob (the shift below).
+    ranked_logp, ranked_ids = logp.topk(min(top_m + 1, vocab), dim=-1, sorted=True)
+    not_finite = torch.isnan(ranked_logp[:, 0])  # NaN or +inf logits make their whole row NaN; topk puts NaN first
+    if not_finite.any():
+        return int(not_finite.nonzero()[0])
+    top_logp, top_ids = ranked_logp[:, :top_m], ranked_ids[:, :top_m]
+    rest = logp.scatter_(-1, top_ids, float("-inf"))  # in place: log p of the far tail only
+    far_max = ranked_logp[:, top_m] if top_m < vocab else torch.full_like(top_logp[:, 0], float("-inf"))
+    rest_logmass, tail_ids, has_tail = _far_tail(rest, far_max, uniforms)
+    # Log-probs of the drawn ids from the logits (``rest`` now holds the CDF): log p_i = z_i/τ − log Z, with
+    # log Z read off the top-1 id.
+    scale = 1.0 / temperature
+    log_normalizer = logits.gather(-1, top_ids[:, :1]) * scale - top_logp[:, :1]
+    tail_logp = torch.where(has_tail[:, None], logits.gather(-1, tail_ids) * scale - log_normalizer, float("-inf"))
+    return top_logp, top_ids, rest_logmass, tail_ids, tail_logp
+
+
+def _non_finite_error(teacher_logits: torch.Tensor, row: int, leading: tuple) -> "NonFiniteLogitsError":
+    """The error naming the first position whose logits hold NaN or +inf (else ``row``, whose logits are all −inf)."""
     bad = torch.isnan(teacher_logits) | (teacher_logits == float("inf"))
     if bad.any():
         first = bad.nonzero()[0].tolist()
         return NonFiniteLogitsError(tuple(first[:-1]), first[-1])
-    row = int(torch.isnan(top_logp).nonzero()[0])
     return NonFiniteLogitsError(tuple(int(i) for i in torch.unravel_index(torch.tensor(row), leading)), None)
 
 
-def _far_tail(rest: torch.Tensor, far_max: torch.Tensor, samples: int, uniforms: Optional[torch.Tensor],
-              generator: Optional[torch.Generator]):
+def _far_tail(rest: torch.Tensor, far_max: torch.Tensor, uniforms: torch.Tensor):
     """(log α_M, tail ids, has-a-far-tail mask) from ``rest`` = log p with the top M at −inf, whose row maxima
-    are ``far_max`` (−inf: empty far tail). Overwrites ``rest`` with the CDF: no [N, V] copy.
+    are ``far_max`` (−inf: empty far tail), one draw per uniform of ``uniforms`` [N, S]. Overwrites ``rest`` with
+    the CDF: no [N, V] copy.
 
     α_M = Σ_far p is a logsumexp shifted by the row's largest far-tail log-prob (no underflow, no cancellation);
     the same shifted exponentials, summed cumulatively, are the unnormalised CDF for inverse-CDF draws from
     p_i / α_M. Targets lie in (0, total], so a zero-probability id (a flat stretch of the CDF, e.g. a top-M id)
     is never the first index reaching one. Rows with an empty far tail get α_M = 0 (log −inf) and ids 0.
     """
-    rows, vocab = rest.shape
+    vocab = rest.shape[-1]
     has_tail = far_max > float("-inf")
     shift = torch.where(has_tail, far_max, 0.0)
     cdf = rest.sub_(shift[:, None]).exp_().cumsum_(-1)
     rest_logmass = shift + cdf[:, -1].log()  # −inf where the far tail is empty
-    if uniforms is None:
-        uniforms = torch.rand(rows, samples, generator=generator, device=rest.device)
-    targets = (1.0 - uniforms.reshape(rows, samples).to(rest.device, torch.float32)) * cdf[:, -1:]
+    targets = (1.0 - uniforms) * cdf[:, -1:]
     drawn = torch.searchsorted(cdf, targets.contiguous()).clamp_max(vocab - 1)
     return rest_logmass, torch.where(has_tail[:, None], drawn, 0), has_tail
 

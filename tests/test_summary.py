@@ -137,3 +137,19 @@ def test_far_tail_of_a_peaked_teacher_does_not_underflow():
     expected = torch.log_softmax(z, -1)[..., 4:].logsumexp(-1)
     torch.testing.assert_close(s.rest_logmass.double(), expected, rtol=1e-6, atol=1e-4)
     assert (s.tail_ids >= 4).all() and torch.isfinite(s.tail_logp).all()
+
+
+def test_chunked_summary_equals_one_pass(monkeypatch):
+    """summarize() works on bounded chunks of positions; rows are independent, so chunking changes nothing —
+    including where a non-finite position is reported."""
+    import tailkd_ray.summary as summary_module
+
+    z = teacher_logits(shape=(3, 5, 40))
+    whole = summarize(z, top_m=6, tail_samples=3, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(summary_module, "SUMMARY_CHUNK_BYTES", 4 * 40 * 2)  # two positions per chunk
+    chunked = summarize(z, top_m=6, tail_samples=3, generator=torch.Generator().manual_seed(0))
+    for name in FIELDS:
+        assert torch.equal(getattr(chunked, name), getattr(whole, name)), name
+    z[2, 3, :] = float("-inf")  # in the seventh chunk
+    with pytest.raises(ValueError, match=r"position \(2, 3\)"):
+        summarize(z, top_m=6)
