@@ -28,6 +28,10 @@ def check_meta(result: dict, command: str) -> None:
     assert command in meta["command"] and "--quick" in meta["argv"]
     for key in ("torch", "device", "date", "seconds"):
         assert meta[key], key
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=BENCH.parents[1], capture_output=True, text=True)
+    # The checkout's commit where git can read it (else None, never a made-up value).
+    expected = head.stdout.strip() if head.returncode == 0 else None
+    assert (meta["git_commit"] or "").removesuffix("+dirty") == (expected or "")
 
 
 def test_loss_quick(tmp_path):

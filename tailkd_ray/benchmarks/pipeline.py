@@ -293,7 +293,8 @@ def pipeline_result(args, results: dict, worker: dict, cache_seconds, blocks: np
             # Student training FLOPs only (the plain loop's teacher forward is not counted): comparable across variants.
             "student_mfu": mfu(flops["student_training"], statistics.median(steady[name]), peak),
             "peak_memory_mb": max(r["peak_memory_mb"] for r in runs),
-            "mean_seconds_per_step": {key: statistics.median(r["mean_seconds"][key] for r in runs)
+            # The mean over repeats keeps the split additive (data wait + compute + optimizer = step).
+            "mean_seconds_per_step": {key: statistics.mean(r["mean_seconds"][key] for r in runs)
                                       for key in runs[0]["mean_seconds"]},
             "runs": runs,
         } for name, runs in results.items()},
