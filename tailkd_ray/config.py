@@ -151,8 +151,10 @@ class TrainConfig:
     seed: int = doc(0, "Seed of model init, data order and tail sampling.")
     run_name: str = doc("distill", "Ray Train run name; relaunching with the same name resumes.")
     resources_per_worker: dict = doc({}, "Custom Ray resources per trainer worker, e.g. {tailkd_training: 1}.")
-    prefetch_batches: int = doc(2, "Micro-batches each worker's Ray Data iterator prepares ahead of the step "
-                                   "(0 = none); raise it when metrics.jsonl shows data_wait_s > 0.")
+    prefetch_batches: int = doc(1, "Micro-batches each worker's Ray Data iterator prepares ahead of the step "
+                                   "(0 = none). Raising it can help when metrics.jsonl shows data_wait_s > 0, but "
+                                   "workers then request blocks out of step, so which worker trains on which block "
+                                   "(and a resume's skipped rows) varies more between runs.")
 
     def validate(self) -> None:
         for name in ("num_workers", "max_steps", "batch_size", "grad_accum", "checkpoint_every", "eval_every"):

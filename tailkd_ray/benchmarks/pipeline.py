@@ -43,10 +43,10 @@ VARIANTS = ("stream", "cache", "plain")
 SIZES = {
     "default": dict(steps=30, warmup_steps=6, batch=8, seq_len=256, vocab=8192, teacher_layers=4, teacher_width=256,
                     student_layers=2, student_width=128, top_m=64, tail_samples=16, teacher_batch=8, actors=1,
-                    prefetch_batches=2, repeats=2),
+                    prefetch_batches=1, repeats=2),
     "quick": dict(steps=5, warmup_steps=2, batch=2, seq_len=32, vocab=512, teacher_layers=1, teacher_width=64,
                   student_layers=1, student_width=32, top_m=16, tail_samples=4, teacher_batch=2, actors=1,
-                  prefetch_batches=2, repeats=1),
+                  prefetch_batches=1, repeats=1),
 }
 FLAGS = (("steps", "optimizer steps per run"), ("warmup_steps", "steps left out of the steady-state window"),
          ("batch", "sequences per step (train.batch_size)"), ("seq_len", "tokens per sequence"),
