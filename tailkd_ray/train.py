@@ -29,10 +29,9 @@ num_workers − 1 rows to do so) and sums the metric accumulators across workers
 
 Outputs (rank 0, under ``output_dir``, which must be shared storage on a multi-node cluster):
 ``metrics.jsonl`` (one record per step, per evaluation, and ``resumed_from_step`` on resume; a step's record
-splits its time into ``data_wait_s``, ``compute_s`` and ``optimizer_s`` and records rank 0's
-``peak_memory_mb``), ``data_stats.txt`` (Ray Data's
-per-stage timing of the input pipeline),
-``tensorboard/`` event files, ``eval.json`` and ``student/`` (safetensors + tokenizer).
+splits its time into ``data_wait_s``, ``compute_s`` and ``optimizer_s`` and records rank 0's ``peak_memory_mb``),
+``data_stats.txt`` (Ray Data's per-stage timing of the input pipeline), ``tensorboard/`` event files,
+``eval.json`` and ``student/`` (safetensors + tokenizer).
 """
 
 from __future__ import annotations

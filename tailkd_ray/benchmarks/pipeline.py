@@ -168,7 +168,7 @@ def plain_variant(args, root: Path, teacher_dir: Path, blocks: np.ndarray, threa
         student = StudentWithHead(build_student(cfg)).to(device).train()
         optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         parts = {"teacher_forward_s": [], "student_forward_and_loss_s": [], "backward_s": [], "optimizer_s": []}
-        elapsed, tokens = [], 0
+        records, tokens = [], 0  # per-step records shaped like the trainer's metrics.jsonl
         loop_started = time.perf_counter()
         for index in range(args.steps):
             ids = torch.from_numpy(blocks[index * args.batch:(index + 1) * args.batch]).to(device).long()
@@ -192,12 +192,12 @@ def plain_variant(args, root: Path, teacher_dir: Path, blocks: np.ndarray, threa
             for name, (a, b) in zip(parts, zip(marks, marks[1:])):
                 parts[name].append(b - a)
             tokens += out.tokens
-            elapsed.append({"loss": loss, "tokens": out.tokens, "elapsed_s": marks[-1] - loop_started,
+            records.append({"loss": loss, "tokens": out.tokens, "elapsed_s": marks[-1] - loop_started,
                             "step_time_s": marks[-1] - marks[0], "data_wait_s": 0.0,
                             "compute_s": marks[3] - marks[0], "optimizer_s": marks[4] - marks[3]})
         seconds = time.perf_counter() - started
         torch.set_num_threads(previous)
-        window = steady_window(elapsed, args.warmup_steps)
+        window = steady_window(records, args.warmup_steps)
         window["mean_seconds"].update({name: statistics.mean(values[args.warmup_steps:]) for name, values in parts.items()})
         results.append({"seconds": seconds, "end_to_end_tokens_per_second": tokens / seconds, **window,
                         "peak_memory_mb": peak_memory_mb(device)})
