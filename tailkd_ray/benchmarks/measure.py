@@ -27,7 +27,7 @@ from torch.utils._pytree import tree_leaves
 
 
 def run_metadata(argv: list[str], device: torch.device) -> dict:
-    """What every result records: the command line, versions, device and date."""
+    """What every result records: the command line, versions, device, date and git commit."""
     return {
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *argv]),
         "argv": list(argv),

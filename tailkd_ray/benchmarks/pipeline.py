@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tailkd_ray.benchmarks.measure import add_peak_tflops_argument, log
+from tailkd_ray.benchmarks.measure import add_peak_tflops_argument, log, synchronize
 
 NAME = "pipeline"
 HELP = "student training tokens/s: teacher pool streaming vs Parquet cache vs a single-process loop"
@@ -207,8 +207,7 @@ def plain_variant(args, root: Path, teacher_dir: Path, blocks: np.ndarray, threa
 
 def now(device: torch.device) -> float:
     """Wall time after the device's queued work (section timings of the plain loop on a GPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     return time.perf_counter()
 
 
