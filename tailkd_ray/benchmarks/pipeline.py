@@ -230,6 +230,7 @@ def run(args) -> dict:
         teacher_dir = build_random_llama(root / "teacher", layers=args.teacher_layers, width=args.teacher_width,
                                          vocab=args.vocab, seq_len=args.seq_len, seed=args.seed, label=NAME)
         blocks = random_blocks(args)
+        scored_tokens = len(blocks) * args.seq_len  # the teacher scores seq_len positions of each packed block
         flops = {"student_training": model_flops_per_token(
                      student_config(pipeline_config(args, root, teacher_dir, "plain", 0)), args.seq_len, training=True),
                  "teacher_forward": model_flops_per_token(AutoConfig.from_pretrained(teacher_dir), args.seq_len,
@@ -246,7 +247,7 @@ def run(args) -> dict:
                 score_to_cache(cfg, blocks_dataset(blocks, args.teacher_batch),
                                teacher_id=teacher_identity(cfg.teacher.model), split="train")
                 cache_seconds = time.perf_counter() - started
-                log(f"[pipeline] cache scored: {blocks.size - len(blocks)} tokens in {cache_seconds:.1f} s")
+                log(f"[pipeline] cache scored: {scored_tokens} tokens in {cache_seconds:.1f} s")
             results = {name: [] for name in variants}
             steps = {}
             for name in variants:
@@ -258,10 +259,10 @@ def run(args) -> dict:
             time_interleaved(steps, repeats=args.repeats, warmup=0, device=torch.device(args.device), progress=log)
         finally:
             ray.shutdown()
-    return pipeline_result(args, results, worker, cache_seconds, blocks, flops)
+    return pipeline_result(args, results, worker, cache_seconds, scored_tokens, flops)
 
 
-def pipeline_result(args, results: dict, worker: dict, cache_seconds, blocks: np.ndarray, flops: dict) -> dict:
+def pipeline_result(args, results: dict, worker: dict, cache_seconds, scored_tokens: int, flops: dict) -> dict:
     from tailkd_ray.benchmarks.measure import mfu, peak_tflops
 
     peak = peak_tflops(torch.device(args.device), args.peak_tflops)
@@ -284,8 +285,7 @@ def pipeline_result(args, results: dict, worker: dict, cache_seconds, blocks: np
         "model_flops_per_token": flops,
         "peak_tflops": peak,
         "cache_scoring": None if cache_seconds is None else {
-            "seconds": cache_seconds, "tokens": int(blocks.size - len(blocks)),
-            "tokens_per_second": (blocks.size - len(blocks)) / cache_seconds},
+            "seconds": cache_seconds, "tokens": scored_tokens, "tokens_per_second": scored_tokens / cache_seconds},
         "variants": {name: {
             "tokens_per_second": {"median": statistics.median(steady[name]), "raw": steady[name]},
             "end_to_end_tokens_per_second": {"median": statistics.median(end_to_end[name]), "raw": end_to_end[name]},
