@@ -186,7 +186,9 @@ def test_asha_stops_trials_early(grid, tiny_llama_dir, corpus, tmp_path):
     cache reused. β = 8 pulls the student hard towards the (random) teacher's tail, so both β = 8 trials have
     the worst val_loss at step 1; the second pair of trials starts only when one of the first pair ends, i.e.
     after both first-pair results are recorded at the step-1 rung, so K = 8, β = 8 lands above that rung's
-    median and is stopped whatever the arrival order."""
+    median and is stopped whatever the arrival order. Tune's stop reaches a trial asynchronously: a stopped
+    trial may validate a step or two past its rung before it is killed (CI once saw K = 8, β = 0.5 stopped at
+    the step-2 rung after its step-3 validation), so what a stop guarantees is no export, not fewer steps."""
     from tailkd_ray.tune import run_tune
 
     cfg, _, _ = grid
@@ -205,7 +207,7 @@ def test_asha_stops_trials_early(grid, tiny_llama_dir, corpus, tmp_path):
         if row["status"] == "completed":
             assert int(row["evals"]) == 3 and int(row["steps"]) == 3 and (trial / "student").is_dir(), row
         else:
-            assert row["status"] == "early_stopped" and int(row["evals"]) < 3, row
+            assert row["status"] == "early_stopped" and int(row["evals"]) <= 3 and int(row["steps"]) <= 3, row
             assert row["student"] == "" and not (trial / "eval.json").exists()
     assert rows["k2_beta0.5"]["status"] == "completed"  # the best trial is never below a rung's median
     assert summary["early_stopped"] == sum(r["status"] == "early_stopped" for r in rows.values())
