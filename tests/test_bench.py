@@ -202,3 +202,32 @@ def test_gpu_script_commands_parse():
             assert args.seq_len == 4096 and args.peak_tflops == 989.0
     pipeline = parsed[-1]
     assert (pipeline.student_layers, pipeline.student_width) == (24, 1024)  # a ~0.5B student
+
+
+def test_gpu_script_subset_sizes_and_failures(tmp_path):
+    """BENCHMARKS picks and orders the benchmarks, REPEATS and STEPS size them, an unknown name is refused, and a
+    failing benchmark is reported while the next one still runs (a stand-in PYTHON fails ``loss`` only)."""
+    import os
+    import shlex
+
+    script = BENCH.parent / "bench_gpu.sh"
+
+    def gpu_script(**env):
+        return subprocess.run(["bash", str(script), str(tmp_path / "out")], capture_output=True, text=True,
+                              timeout=60, env={**os.environ, **env})
+
+    out = gpu_script(DRY_RUN="1", BENCHMARKS="pipeline teacher", REPEATS="1", STEPS="12")
+    commands = [shlex.split(line[2:]) for line in out.stdout.splitlines() if line.startswith("+ ")]
+    assert out.returncode == 0 and [argv[2] for argv in commands] == ["pipeline", "teacher"], out.stdout
+    assert all(argv[argv.index("--repeats") + 1] == "1" for argv in commands)
+    assert commands[0][commands[0].index("--steps") + 1] == "12"
+    unknown = gpu_script(DRY_RUN="1", BENCHMARKS="loss lozz")
+    assert unknown.returncode == 2 and "unknown benchmark 'lozz'" in unknown.stderr
+
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\necho "ran $*" >> "$(dirname "$0")/calls"\ncase "$2" in loss) exit 3 ;; esac\n')
+    fake.chmod(0o755)
+    run = gpu_script(PYTHON=str(fake), BENCHMARKS="loss summary")
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert run.returncode == 1 and "failed: loss (exit 3)" in run.stderr, run.stderr
+    assert [c.split()[2] for c in calls[1:]] == ["loss", "summary"]  # after the CUDA check, summary still ran

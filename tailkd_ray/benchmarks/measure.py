@@ -194,13 +194,18 @@ def build_random_llama(model_dir: Path, *, layers: int, width: int, vocab: int, 
     return model_dir
 
 
-def start_bench_ray() -> None:
-    """Start a local Ray for one benchmark run: max(8, CPU count) logical CPUs, no dashboard, worker output not
-    forwarded to the driver, Ray Data progress bars off. The caller shuts it down (``ray.shutdown()``)."""
+def start_bench_ray(device: torch.device) -> None:
+    """Start a local Ray for one benchmark run: max(8, CPU count) logical CPUs, on a GPU the GPUs torch sees (not
+    Ray's own detection, which can miss them in VMs and then leaves GPU actors pending forever), no dashboard,
+    worker output not forwarded to the driver, Ray Data progress bars off. The caller shuts it down."""
     import ray
     import ray.data
 
-    ray.init(address="local", num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.type == "cuda" and gpus == 0:
+        raise SystemExit(f"--device {device}: torch sees no CUDA GPU here; run on a GPU machine or use --device cpu")
+    ray.init(address="local", num_cpus=max(8, os.cpu_count() or 1), num_gpus=gpus, include_dashboard=False,
+             log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 

@@ -235,7 +235,7 @@ def run(args) -> dict:
                      student_config(pipeline_config(args, root, teacher_dir, "plain", 0)), args.seq_len, training=True),
                  "teacher_forward": model_flops_per_token(AutoConfig.from_pretrained(teacher_dir), args.seq_len,
                                                           training=False)}
-        start_bench_ray()
+        start_bench_ray(torch.device(args.device))
         try:
             import ray
 

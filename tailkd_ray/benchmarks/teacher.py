@@ -129,7 +129,7 @@ def run(args) -> dict:
         cfg = teacher_bench_config(args, model_dir)
         flops_per_token = model_flops_per_token(AutoConfig.from_pretrained(model_dir), args.seq_len, training=False)
         blocks = np.random.default_rng(args.seed).integers(0, args.vocab, (args.blocks, args.seq_len + 1), dtype=np.int32)
-        start_bench_ray()
+        start_bench_ray(torch.device(args.device))
         try:
             worker = probe_ray_worker()
             threads = worker["torch_threads"] * args.actors
