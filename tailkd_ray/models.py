@@ -73,6 +73,16 @@ def student_config(cfg: Config):
     if derived_head_dim and "head_dim" not in cfg.student.config:
         # The teacher's head_dim was hidden_size / heads; keep that relation rather than a stale value.
         config.head_dim = _default_head_dim(config)
+    validate = getattr(config, "validate", None)  # transformers >= 5 checks a config's architecture on request
+    if validate is not None:
+        try:
+            validate()
+        except Exception as error:  # huggingface_hub's StrictDataclassClassValidationError; not picklable by Ray
+            reason = str(error).strip().splitlines()[-1].strip()
+            raise ConfigError(f"student.config {cfg.student.config} on the teacher's {type(config).__name__} "
+                              f"({cfg.teacher.model}) is not a valid model: {reason}; set the fields it names in "
+                              f"student.config (e.g. num_attention_heads and num_key_value_heads dividing "
+                              f"hidden_size)") from None
     return config
 
 

@@ -582,6 +582,7 @@ def run_training(cfg: Config, train_ds, val_ds=None, teacher_mode: Optional[str]
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from tailkd_ray.models import student_config
     from tailkd_ray.placement import require_train_placement, train_worker_resources
 
     mode = teacher_mode or teacher_mode_for(cfg)
@@ -590,6 +591,8 @@ def run_training(cfg: Config, train_ds, val_ds=None, teacher_mode: Optional[str]
     if mode == "none" and cfg.loss.kind != "clm":
         raise ConfigError(f"loss.kind = {cfg.loss.kind} needs a teacher; teacher_mode none trains CLM only")
     require_train_placement(cfg.train, allow_autoscale=cfg.autoscaling)
+    if cfg.student.model is None:
+        student_config(cfg)  # a bad student.config fails here, by name, not inside a worker
     datasets = {"train": train_ds} if val_ds is None else {"train": train_ds, "val": val_ds}
     trainer = TorchTrainer(
         train_loop_per_worker,

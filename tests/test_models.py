@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tailkd_ray.config import ConfigError, from_dict
-from tailkd_ray.models import StudentWithHead, build_student, load_teacher
+from tailkd_ray.models import StudentWithHead, build_student, load_teacher, student_config
 
 SMALL_LLAMA = {"num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
                "num_key_value_heads": 1}
@@ -65,6 +65,18 @@ def test_random_init_is_seeded(tiny_llama_dir):
 def test_bad_override_key_names_it(tiny_llama_dir):
     with pytest.raises(ConfigError, match="student.config.num_layerz"):
         build_student(_cfg(tiny_llama_dir, {"num_layerz": 1}, init="random"))
+
+
+def test_invalid_student_architecture_is_a_config_error(tiny_llama_dir):
+    """The teacher's 4 heads do not divide a 66-wide student: a ConfigError naming the cause, from student_config
+    (which run_training calls on the driver), not an unpicklable library error inside a worker."""
+    from transformers import LlamaConfig
+
+    if not hasattr(LlamaConfig(), "validate"):
+        pytest.skip("this transformers has no config validation")
+    with pytest.raises(ConfigError, match=r"student.config .*hidden_size.: 66.* not a multiple of the number of "
+                                          r"attention heads \(4\)"):
+        student_config(_cfg(tiny_llama_dir, {"hidden_size": 66}, init="random"))
 
 
 def test_truncate_needs_same_head_dim(tiny_llama_dir):

@@ -162,12 +162,17 @@ def log(message: str) -> None:
     print(message, flush=True)
 
 
+def llama_heads(width: int) -> int:
+    """Attention heads of a benchmark Llama ``width`` wide: max(4, ``width`` // 64), heads of 64 at real widths."""
+    return max(4, width // 64)
+
+
 def small_llama_config(*, vocab: int, layers: int, width: int, seq_len: int, eos: int):
     """The ``LlamaConfig`` of the benchmarks' Llamas: heads of size ``width`` / max(4, ``width`` // 64) (64 for
     realistic widths), MLP 3 × ``width``, untied head, eos as bos and pad."""
     from transformers import LlamaConfig
 
-    heads = max(4, width // 64)
+    heads = llama_heads(width)
     return LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=3 * width,
                        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
                        max_position_embeddings=seq_len, tie_word_embeddings=False,

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tailkd_ray.benchmarks.measure import add_peak_tflops_argument, log, synchronize
+from tailkd_ray.benchmarks.measure import add_peak_tflops_argument, llama_heads, log, synchronize
 
 NAME = "pipeline"
 HELP = "student training tokens/s: teacher pool streaming vs Parquet cache vs a single-process loop"
@@ -78,8 +78,10 @@ def pipeline_config(args, root: Path, teacher_dir: Path, variant: str, run: int)
         "output_dir": str(root / "runs" / f"{variant}_{run}"),
         "teacher": {"model": str(teacher_dir), "batch_size": args.teacher_batch, "min_actors": args.actors,
                     "max_actors": args.actors, "num_gpus": 0.5 if gpu else 0.0},  # one GPU: teacher and student share it
+        # Heads set, not inherited: the teacher's count need not divide the student's width.
         "student": {"config": {"num_hidden_layers": args.student_layers, "hidden_size": width,
-                               "intermediate_size": 3 * width}, "init": "random"},
+                               "intermediate_size": 3 * width, "num_attention_heads": llama_heads(width),
+                               "num_key_value_heads": llama_heads(width)}, "init": "random"},
         "data": {"seq_len": args.seq_len},
         "summary": {"top_m": args.top_m, "tail_samples": args.tail_samples,
                     "cache_dir": str(root / "cache") if variant == "cache" else None},
