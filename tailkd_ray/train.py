@@ -29,7 +29,9 @@ num_workers − 1 rows to do so) and sums the metric accumulators across workers
 
 Outputs (rank 0, under ``output_dir``, which must be shared storage on a multi-node cluster):
 ``metrics.jsonl`` (one record per step, per evaluation, and ``resumed_from_step`` on resume; a step's record
-splits its time into ``data_wait_s``, ``compute_s`` and ``optimizer_s`` and records rank 0's ``peak_memory_mb``),
+splits its time into ``data_wait_s``, ``compute_s`` and ``optimizer_s`` and records rank 0's ``peak_memory_mb``;
+the fixed costs get records of their own: ``setup_s`` before the first step, ``checkpoint_s`` per checkpoint,
+``export_s``),
 ``data_stats.txt`` (Ray Data's per-stage timing of the input pipeline), ``tensorboard/`` event files,
 ``eval.json`` and ``student/`` (safetensors + tokenizer).
 """
@@ -428,8 +430,9 @@ def _export(strategy, cfg: Config, out_dir: Path, rank: int) -> None:
     state = strategy.full_state_dict()  # collective: every rank takes part
     if rank != 0:
         return
-    model = AutoModelForCausalLM.from_config(student_config(cfg), dtype=torch.float32)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    with torch.device("meta"):  # a skeleton the gathered state fills: no throwaway random init of a full model
+        model = AutoModelForCausalLM.from_config(student_config(cfg), dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     aliases = _tied_names(model)
     if unexpected or set(missing) - aliases:
         raise RuntimeError(f"gathered student state does not match its config: missing {sorted(set(missing) - aliases)}, "
@@ -477,6 +480,7 @@ def train_loop_per_worker(config: dict) -> None:
     from tailkd_ray.eval import write_eval_json
     from tailkd_ray.models import build_student, load_teacher
 
+    worker_started = time.perf_counter()
     cfg = from_dict(config["cfg"])
     mode = config["teacher_mode"]
     step_hook: Optional[StepHook] = config.get("step_hook")
@@ -517,6 +521,9 @@ def train_loop_per_worker(config: dict) -> None:
     strategy.train(True)
     final: Optional[dict] = None  # the last step's validation metrics
     loop_started = time.perf_counter()
+    # Fixed costs, as separate records: model build, sharding and restore before the first step; each
+    # checkpoint's write and commit; the export. Short runs (Tune trials) are dominated by them.
+    log.write({"step": progress.step, "setup_s": loop_started - worker_started}, prefix="run")
     while progress.step < cfg.train.max_steps:
         started = time.perf_counter()
         local = _train_step(strategy, batches, cfg, mode, teacher_model, device, autocast)
@@ -546,12 +553,14 @@ def train_loop_per_worker(config: dict) -> None:
             log.write(metrics, prefix="val")
             final = metrics if last else None
         if progress.step % cfg.train.checkpoint_every == 0 or last:
+            checkpoint_started = time.perf_counter()
             directory = save_checkpoint(strategy, progress, rank)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))
             # Wait until the controller has registered it (it polls workers every ~2 s): a worker dying in
             # that window would otherwise lose this checkpoint too, i.e. more than one interval of work.
             ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
             shutil.rmtree(directory, ignore_errors=True)
+            log.write({"step": progress.step, "checkpoint_s": time.perf_counter() - checkpoint_started}, prefix="run")
         elif len(metrics) > 1:
             ray.train.report(metrics)
 
@@ -561,7 +570,9 @@ def train_loop_per_worker(config: dict) -> None:
     if final is None:
         final = {"step": progress.step, **_evaluate(strategy, cfg, mode, teacher_model, device, autocast)} if has_val \
             else {"step": progress.step}
+    export_started = time.perf_counter()
     _export(strategy, cfg, out_dir, rank)
+    log.write({"step": progress.step, "export_s": time.perf_counter() - export_started}, prefix="run")
     if rank == 0:
         write_eval_json(final, out_dir / "eval.json")
     log.close()

@@ -145,6 +145,13 @@ def test_pipeline_quick(tmp_path):
     assert all(plain[k] > 0 for k in ("teacher_forward_s", "student_forward_and_loss_s", "backward_s"))
     for name in ("stream", "cache"):  # Ray Data's stage report of the run's input pipeline
         assert "Operator" in result["variants"][name]["runs"][0]["data_stats"]
+        run = result["variants"][name]["runs"][0]
+        fixed = run["fixed_seconds"]  # the run's seconds outside the steps: all positive, adding up to the whole
+        assert min(fixed[k] for k in ("worker_setup_s", "final_checkpoint_s", "export_s", "outside_workers_s")) > 0
+        assert fixed["worker_setup_s"] + fixed["training_loop_s"] + fixed["final_checkpoint_s"] + fixed["export_s"] \
+            + fixed["outside_workers_s"] == pytest.approx(run["seconds"])
+        assert f"{name} run of" in stdout
+    assert result["variants"]["plain"]["mean_fixed_seconds"] == {}
     assert "TeacherScorer" in result["variants"]["stream"]["runs"][0]["data_stats"]
     assert result["cache_scoring"]["tokens"] == (config["steps"] + 2) * config["batch"] * config["seq_len"]
     flops = result["model_flops_per_token"]

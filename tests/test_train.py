@@ -162,6 +162,9 @@ def test_eval_json_and_metrics_written(runs):
             assert r["data_wait_s"] <= r["step_time_s"] and r["compute_s"] + r["optimizer_s"] <= r["step_time_s"] + 1e-6
             assert 50 < r["peak_memory_mb"] < 20_000  # a worker process with torch loaded, on CPU
         assert all(b["elapsed_s"] > a["elapsed_s"] for a, b in zip(steps, steps[1:]) if b["step"] > a["step"])
+        fixed = {key: [r[key] for r in records(out) if key in r] for key in ("setup_s", "checkpoint_s", "export_s")}
+        assert len(fixed["setup_s"]) >= 1 and len(fixed["export_s"]) == 1 and len(fixed["checkpoint_s"]) >= 1, fixed
+        assert all(v > 0 for values in fixed.values() for v in values), fixed
         # Ray Data's per-stage report of the input pipeline (the scored blocks in summary mode).
         assert "Dataset" in (out / "data_stats.txt").read_text(), strategy
 

@@ -122,6 +122,19 @@ def steady_window(records: list[dict], warmup_steps: int) -> dict:
     return {"tokens_per_second": tokens / seconds, "steps": len(window), "mean_seconds": split}
 
 
+def fixed_costs(records: list[dict], seconds: float) -> dict:
+    """Where a Ray run's end-to-end ``seconds`` go besides training steps, from its metrics.jsonl: the workers'
+    setup (model build, sharding), the first step's wait for data (teacher actor start or Parquet listing; part of
+    the training loop's time), the final checkpoint, the export, and the rest outside the worker loop (worker
+    group start, dataset planning, shutdown)."""
+    steps = [r for r in records if "loss" in r]
+    found = {key: [r[key] for r in records if key in r] for key in ("setup_s", "checkpoint_s", "export_s")}
+    parts = {"worker_setup_s": sum(found["setup_s"]), "first_batch_wait_s": steps[0]["data_wait_s"],
+             "final_checkpoint_s": found["checkpoint_s"][-1], "export_s": sum(found["export_s"])}
+    in_workers = parts["worker_setup_s"] + steps[-1]["elapsed_s"] + parts["final_checkpoint_s"] + parts["export_s"]
+    return {**parts, "training_loop_s": steps[-1]["elapsed_s"], "outside_workers_s": seconds - in_workers}
+
+
 def ray_variant(args, root: Path, teacher_dir: Path, blocks: np.ndarray, variant: str, results: list):
     """One Ray Train run whose summaries are streamed from the pool or read from the cache."""
     from tailkd_ray.cache import open_cache
@@ -140,6 +153,7 @@ def ray_variant(args, root: Path, teacher_dir: Path, blocks: np.ndarray, variant
         tokens = sum(r["tokens"] for r in records if "loss" in r)
         results.append({"seconds": seconds, "end_to_end_tokens_per_second": tokens / seconds,
                         **steady_window(records, args.warmup_steps),
+                        "fixed_seconds": fixed_costs(records, seconds),
                         "peak_memory_mb": max(r["peak_memory_mb"] for r in records if "loss" in r),
                         "data_stats": (out / "data_stats.txt").read_text()})
 
@@ -297,6 +311,8 @@ def pipeline_result(args, results: dict, worker: dict, cache_seconds, scored_tok
             # The mean over repeats keeps the split additive (data wait + compute + optimizer = step).
             "mean_seconds_per_step": {key: statistics.mean(r["mean_seconds"][key] for r in runs)
                                       for key in runs[0]["mean_seconds"]},
+            "mean_fixed_seconds": {key: statistics.mean(r["fixed_seconds"][key] for r in runs)
+                                   for key in runs[0].get("fixed_seconds", {})},
             "runs": runs,
         } for name, runs in results.items()},
         "ratios": ratios,
@@ -323,6 +339,11 @@ def print_table(result: dict) -> None:
         s = result["variants"]["plain"]["mean_seconds_per_step"]
         log("  plain step: " + ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {s[k]:.3f} s" for k in
                                          ("teacher_forward_s", "student_forward_and_loss_s", "backward_s", "optimizer_s")))
+    for name, v in result["variants"].items():
+        if v["mean_fixed_seconds"]:
+            seconds = statistics.mean(r["seconds"] for r in v["runs"])
+            log(f"  {name} run of {seconds:.1f} s (mean over runs): " + ", ".join(
+                f"{k.removesuffix('_s').replace('_', ' ')} {t:.1f} s" for k, t in v["mean_fixed_seconds"].items()))
     if result["cache_scoring"]:
         cs = result["cache_scoring"]
         log(f"  teacher pass into the cache (once, not charged to cache): {cs['tokens']} tokens in {cs['seconds']:.1f} s "
