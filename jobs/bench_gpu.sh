@@ -9,8 +9,8 @@
 # Each benchmark prints its table (absolute tokens/s, MFU against the GPU's bf16 peak, peak memory) and writes
 # OUT_DIR/<name>.json. A benchmark that fails or times out is reported and the next one still runs; the script
 # exits 1 if any failed. Environment (all optional):
-#   BENCHMARKS="loss summary teacher pipeline"   the subset to run, in this order
-#   REPEATS=2        interleaved repeats of the teacher and pipeline benchmarks (the loss benchmark takes 7)
+#   BENCHMARKS="loss summary teacher pipeline checkpoint"   the subset to run, in this order
+#   REPEATS=2        interleaved repeats of the teacher, pipeline and checkpoint benchmarks (loss: 7)
 #   STEPS=40         optimizer steps per pipeline run (the first 8 are warm-up, left out of steady state)
 #   BENCH_TIMEOUT=0  seconds allowed to each benchmark (0: no limit), for leased machines
 #   PEAK_TFLOPS=…    the bf16 peak for MFU, for a GPU missing from tailkd_ray/benchmarks/measure.py's table
@@ -21,7 +21,7 @@ cd "$(dirname "$0")/.."
 
 OUT=${1:-runs/bench_gpu}
 PYTHON=${PYTHON:-python3}
-BENCHMARKS=${BENCHMARKS:-loss summary teacher pipeline}
+BENCHMARKS=${BENCHMARKS:-loss summary teacher pipeline checkpoint}
 REPEATS=${REPEATS:-2}
 STEPS=${STEPS:-40}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-0}
@@ -62,7 +62,10 @@ for name in $BENCHMARKS; do
     pipeline) run pipeline --device cuda --vocab $VOCAB --seq-len $SEQ --teacher-layers 28 --teacher-width 1536 \
                 --student-layers 24 --student-width 1024 --batch 2 --teacher-batch 2 --steps "$STEPS" \
                 --warmup-steps 8 --repeats "$REPEATS" $PEAK ;;
-    *) echo "BENCHMARKS: unknown benchmark '$name'; choose from: loss summary teacher pipeline" >&2; exit 2 ;;
+    # One checkpoint of the student (weights + AdamW state, from GPU memory): in place vs written locally and copied.
+    checkpoint) run checkpoint --device cuda --vocab $VOCAB --layers 24 --width 1024 --repeats "$REPEATS" ;;
+    *) echo "BENCHMARKS: unknown benchmark '$name'; choose from: loss summary teacher pipeline checkpoint" >&2
+       exit 2 ;;
   esac
 done
 if [ ${#failed[@]} -gt 0 ]; then

@@ -183,6 +183,20 @@ def test_model_flops_per_token_matches_a_hand_count():
     assert mfu(1e9, 100.0, 1.0) == pytest.approx(0.1) and mfu(1e9, 100.0, None) is None
 
 
+def test_checkpoint_quick(tmp_path):
+    """Both ways of persisting a checkpoint write the same DCP files into --storage-dir and are timed side by side."""
+    storage = tmp_path / "storage"
+    result, stdout = run_bench("checkpoint", "--quick", "--storage-dir", str(storage), "--json", str(tmp_path / "c.json"))
+    check_meta(result, "checkpoint")
+    assert ".metadata" in result["files_per_checkpoint"] and any(f.endswith(".distcp") for f in result["files_per_checkpoint"])
+    assert result["state_bytes"] == 3 * 4 * result["parameters"]  # float32 weights and two AdamW moments
+    assert all(len(v) == 2 and min(v) > 0 for v in result["seconds"].values())
+    assert result["ratio"]["paired_ratios"] == pytest.approx([a / b for a, b in zip(result["seconds"]["in_place"],
+                                                                                   result["seconds"]["copy"])])
+    assert storage.is_dir() and not any(storage.iterdir())  # the user's storage is left as found
+    assert "in_place / copy" in stdout
+
+
 def test_gpu_script_commands_parse():
     """jobs/bench_gpu.sh (run only where a GPU is): each command it would run is a valid bench.py invocation on cuda
     at the realistic sizes (V = 151,936, T = 4,096), and it covers all four benchmarks."""
@@ -198,7 +212,7 @@ def test_gpu_script_commands_parse():
     commands = [shlex.split(line[2:]) for line in out.stdout.splitlines() if line.startswith("+ ")]
     parsed = [build_parser().parse_args(argv[argv.index(str(BENCH.relative_to(BENCH.parents[1]))) + 1:])
               for argv in commands]
-    assert [args.command for args in parsed] == ["loss", "summary", "teacher", "pipeline"]
+    assert [args.command for args in parsed] == ["loss", "summary", "teacher", "pipeline", "checkpoint"]
     for args in parsed:
         assert args.json.startswith("/tmp/out/") and not args.quick
         vocab = args.synthetic_vocab if args.command == "summary" else args.vocab
@@ -207,7 +221,7 @@ def test_gpu_script_commands_parse():
             assert args.device == "cuda"
         if args.command in ("teacher", "pipeline"):
             assert args.seq_len == 4096 and args.peak_tflops == 989.0
-    pipeline = parsed[-1]
+    (pipeline,) = [args for args in parsed if args.command == "pipeline"]
     assert (pipeline.student_layers, pipeline.student_width) == (24, 1024)  # a ~0.5B student
 
 

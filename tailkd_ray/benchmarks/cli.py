@@ -17,10 +17,10 @@ from typing import Optional
 import torch
 
 import tailkd_ray.benchmarks
-from tailkd_ray.benchmarks import loss, pipeline, summary, teacher
+from tailkd_ray.benchmarks import checkpoint, loss, pipeline, summary, teacher
 from tailkd_ray.benchmarks.measure import log, run_metadata
 
-BENCHMARKS = (loss, summary, teacher, pipeline)
+BENCHMARKS = (loss, summary, teacher, pipeline, checkpoint)
 
 
 def build_parser() -> argparse.ArgumentParser:
