@@ -9,6 +9,8 @@ what is allowed, before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -187,8 +189,8 @@ class TuneConfig:
     def validate(self) -> None:
         if not self.k or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in self.k):
             raise ConfigError(f"tune.k must be a non-empty list of integers >= 1, got {self.k!r}")
-        if not self.beta or not all(isinstance(v, (int, float)) and v >= 0 for v in self.beta):
-            raise ConfigError(f"tune.beta must be a non-empty list of numbers >= 0, got {self.beta!r}")
+        if not self.beta or not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in self.beta):
+            raise ConfigError(f"tune.beta must be a non-empty list of finite numbers >= 0, got {self.beta!r}")
         _positive("tune", "max_concurrent", self.max_concurrent)
         if self.metric not in TUNE_METRICS:
             raise ConfigError(f"tune.metric must be one of {', '.join(TUNE_METRICS)} (minimised, comparable "
@@ -204,6 +206,19 @@ class TuneConfig:
 
 
 @dataclass
+class ExportConfig:
+    dtype: Literal["float32", "bfloat16", "float16"] = doc(
+        "float32", "Weight dtype of the exported student (`OUT/student/` safetensors): `bfloat16` or `float16` halve "
+                   "the files; float16 overflows beyond ±65504 where bfloat16 keeps float32's range.")
+
+    def validate(self) -> None:
+        # load_config checks the Literal; this also covers an ExportConfig built in Python.
+        allowed = typing.get_args(typing.get_type_hints(ExportConfig)["dtype"])
+        if self.dtype not in allowed:
+            raise ConfigError(f"export.dtype must be one of {', '.join(allowed)}; got {self.dtype!r}")
+
+
+@dataclass
 class Config:
     output_dir: str = doc("runs/tailkd", "Where students, metrics, eval and tune results are written.")
     autoscaling: bool = doc(False, "The Ray cluster autoscales (cluster/*.yaml): placement checks then wait for "
@@ -216,6 +231,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig, metadata={"doc": "The distillation loss."})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"doc": "Ray Train student training."})
     tune: TuneConfig = field(default_factory=TuneConfig, metadata={"doc": "Ray Tune K/β search."})
+    export: ExportConfig = field(default_factory=ExportConfig, metadata={"doc": "The exported student."})
 
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):
@@ -233,12 +249,17 @@ class Config:
 
 def _check_resources(key: str, resources: dict) -> None:
     for name, amount in resources.items():
-        if not isinstance(name, str) or not isinstance(amount, (int, float)) or amount <= 0:
+        if (not isinstance(name, str) or not isinstance(amount, (int, float)) or not math.isfinite(amount)
+                or amount <= 0):
             raise ConfigError(f"{key} must map resource names to positive amounts, got {name!r}: {amount!r}")
 
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
-    """Check ``value`` against a field's type annotation; ints are accepted where floats are expected."""
+    """Check ``value`` against a field's type annotation.
+
+    Where a float is expected, ints and numeric strings (a quoted ``"1e-4"``) are accepted; NaN and ±inf are
+    refused here, since every range check (``value < 0``) lets NaN through and it would only fail in a worker.
+    """
     origin = typing.get_origin(annotation)
     if origin is typing.Union or origin is types.UnionType:
         options = typing.get_args(annotation)
@@ -251,8 +272,14 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         if value not in allowed:
             raise ConfigError(f"{key} must be one of {', '.join(map(str, allowed))}; got {value!r}")
         return value
-    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if annotation is float and not isinstance(value, bool) and isinstance(value, (int, float, str)):
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConfigError(f"{key} must be a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
+        return number
     expected = origin or annotation
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
         raise ConfigError(f"{key} must be {getattr(expected, '__name__', expected)}, got {value!r}")
@@ -290,8 +317,31 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part} is not a section")
-        node[leaf] = yaml.safe_load(text) if text else None
+        try:
+            node[leaf] = yaml.load(text, Loader=_Loader) if text else None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"override {item!r}: the value {text!r} is not valid YAML: {_yaml_reason(error)}; "
+                              f"write it as YAML (quote a string holding ':', '#' or brackets)") from None
     return raw
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader reading floats as YAML 1.2 does: ``1e-4`` is a float, not the string "1e-4"."""
+
+
+# add_implicit_resolver copies the resolver table for the subclass: yaml.SafeLoader itself is unchanged.
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+                              list("-+0123456789"))
+
+
+def _yaml_reason(error: yaml.YAMLError) -> str:
+    """One line from a PyYAML error: what is wrong and where (line and column, 1-based)."""
+    mark, problem = getattr(error, "problem_mark", None), getattr(error, "problem", None)
+    if mark is None or problem is None:
+        return str(error).replace("\n", " ")
+    where = f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    context, context_mark = getattr(error, "context", None), getattr(error, "context_mark", None)
+    return f"{where} ({context} from line {context_mark.line + 1})" if context and context_mark else where
 
 
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
@@ -299,9 +349,18 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
     raw: dict = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            inside = sorted(path.glob("*.y*ml"))
+            raise ConfigError(f"config file {path} is a directory; pass the path of a YAML file"
+                              + (f" inside it, e.g. {inside[0]}" if inside else ""))
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        raw = yaml.safe_load(path.read_text()) or {}
+        try:
+            raw = yaml.load(path.read_text(), Loader=_Loader) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {path} is not valid YAML: {_yaml_reason(error)}") from None
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError(f"config file {path} cannot be read as text: {error}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
     raw = apply_overrides(raw, list(overrides or []))

@@ -11,16 +11,19 @@ student's layer i is the teacher's layer i, so the student keeps the teacher's *
   ``[n_heads·head_dim, d]`` keeps whole heads only if the student's ``head_dim`` equals the teacher's, so
   that is required (``ConfigError`` otherwise; e.g. halve ``num_attention_heads`` with ``hidden_size``);
   the student then keeps the teacher's first heads (and first key/value heads under GQA);
-- fused projections whose output concatenates equal parts (GPT-2 ``c_attn`` = [q | k | v] along the last
-  dim of its Conv1D weight) are sliced part by part, so each of q, k, v keeps its leading slice;
-- norms, biases and the LM head: leading entries / rows.
+- fused projections (``FUSED_PROJECTIONS``: GPT-2 ``c_attn`` = [q | k | v] along the last dim of its Conv1D
+  weight; Phi-3 ``qkv_proj`` = [q | k | v] rows sized by its query and key/value heads, ``gate_up_proj`` =
+  [gate | up] rows) are sliced part by part, so each part keeps its leading slice;
+- norms, biases and the LM head: leading entries / rows;
+- per-layer config lists (``layer_types``) keep their first N entries (``student_config``), matching the layers.
 
-Architectures with other fused layouts (e.g. unequal GQA ``qkv_proj``) are not truncated correctly by this
-rule; use ``init: random`` or an explicit ``student.model`` for them.
+Architectures with fused layouts not listed there (e.g. GPT-NeoX's per-head interleaved ``query_key_value``)
+are not truncated correctly by this rule; use ``init: random`` or an explicit ``student.model`` for them.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Callable, Optional
 
 import torch
@@ -28,8 +31,20 @@ from torch import nn
 
 from tailkd_ray.config import Config, ConfigError, StudentConfig, TeacherConfig
 
-# Fused projections: parameter-name suffix -> (number of equal parts, dimension that concatenates them).
-FUSED_PROJECTIONS = {"attn.c_attn.weight": (3, -1), "attn.c_attn.bias": (3, -1)}
+
+def _qkv_sizes(config) -> list[int]:
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return [config.num_attention_heads * head_dim(config)] + [kv_heads * head_dim(config)] * 2
+
+
+# Fused projections: parameter-name suffix -> (dimension that concatenates the parts, the parts' sizes from
+# the HF config).
+FUSED_PROJECTIONS: dict[str, tuple[int, Callable[[object], list[int]]]] = {
+    "attn.c_attn.weight": (-1, lambda c: [c.n_embd] * 3),  # GPT-2 Conv1D [d, 3d]: [q | k | v]
+    "attn.c_attn.bias": (-1, lambda c: [c.n_embd] * 3),
+    "self_attn.qkv_proj.weight": (0, _qkv_sizes),  # Phi-3 Linear rows: [q | k | v], GQA-sized
+    "mlp.gate_up_proj.weight": (0, lambda c: [c.intermediate_size] * 2),  # Phi-3 Linear rows: [gate | up]
+}
 
 
 def _auto():
@@ -53,8 +68,10 @@ def load_teacher(teacher: TeacherConfig, *, device: str | torch.device = "cpu",
 def student_config(cfg: Config):
     """The student's HF config: ``student.model``'s own, or the teacher's with ``student.config`` overrides.
 
-    Override keys must already exist in the teacher's config (a typo would otherwise be silently ignored).
-    A ``head_dim`` that the teacher derives as hidden_size / num_attention_heads is re-derived for the student.
+    Reads only the teacher's config.json (no weights, no tokenizer). Override keys must already exist in the
+    teacher's config (a typo would otherwise be silently ignored). A ``head_dim`` that the teacher derives as
+    hidden_size / num_attention_heads is re-derived for the student, and per-layer lists (``layer_types``,
+    ``mlp_layer_types``, ...) follow a changed ``num_hidden_layers`` (see ``_resize_per_layer``).
     """
     AutoConfig, _, _ = _auto()
     if cfg.student.model is not None:
@@ -62,28 +79,81 @@ def student_config(cfg: Config):
     if cfg.teacher.model is None:
         raise ConfigError("set student.model, or teacher.model so the student can be derived from its config")
     config = AutoConfig.from_pretrained(cfg.teacher.model, trust_remote_code=cfg.teacher.trust_remote_code)
+    overrides = cfg.student.config
     known = set(config.to_dict())
-    unknown = sorted(set(cfg.student.config) - known)
+    unknown = sorted(set(overrides) - known)
     if unknown:
         raise ConfigError(f"student.config.{unknown[0]} is not a field of the teacher's {type(config).__name__} "
                           f"({cfg.teacher.model}); known fields include: {', '.join(sorted(known)[:40])}")
     derived_head_dim = getattr(config, "head_dim", None) == _default_head_dim(config)
-    for key, value in cfg.student.config.items():
-        setattr(config, key, value)
-    if derived_head_dim and "head_dim" not in cfg.student.config:
+    teacher_layers = getattr(config, "num_hidden_layers", None)
+    per_layer = _per_layer_fields(config, teacher_layers)
+    for key, value in overrides.items():
+        _set_field(cfg, config, key, value)
+    if derived_head_dim and "head_dim" not in overrides:
         # The teacher's head_dim was hidden_size / heads; keep that relation rather than a stale value.
-        config.head_dim = _default_head_dim(config)
+        _set_field(cfg, config, "head_dim", _default_head_dim(config))
+    layers = getattr(config, "num_hidden_layers", None)
+    if layers != teacher_layers:
+        for key, values in per_layer.items():
+            if key not in overrides:
+                _set_field(cfg, config, key, _resize_per_layer(key, values, layers))
     validate = getattr(config, "validate", None)  # transformers >= 5 checks a config's architecture on request
     if validate is not None:
         try:
             validate()
         except Exception as error:  # huggingface_hub's StrictDataclassClassValidationError; not picklable by Ray
             reason = str(error).strip().splitlines()[-1].strip()
-            raise ConfigError(f"student.config {cfg.student.config} on the teacher's {type(config).__name__} "
-                              f"({cfg.teacher.model}) is not a valid model: {reason}; set the fields it names in "
-                              f"student.config (e.g. num_attention_heads and num_key_value_heads dividing "
-                              f"hidden_size)") from None
+            named = [k for k in dict.fromkeys(re.findall(r"`(\w+)`", reason)) if k in known]
+            fix = (f"set {' and '.join(f'student.config.{k}' for k in named)} consistently" if named else
+                   "set the fields it names in student.config (e.g. num_attention_heads and num_key_value_heads "
+                   "dividing hidden_size)")
+            raise ConfigError(f"student.config {overrides} on the teacher's {type(config).__name__} "
+                              f"({cfg.teacher.model}) is not a valid model: {reason}; {fix}") from None
     return config
+
+
+# List-valued config fields that are never per-layer even when their length happens to equal the layer count.
+_NOT_PER_LAYER = ("architectures",)
+
+
+def _per_layer_fields(config, layers: Optional[int]) -> dict[str, list]:
+    """Every top-level list field with one entry per layer (``layer_types`` and the like), by length."""
+    if not layers:
+        return {}
+    fields = {}
+    for key in config.to_dict():
+        value = getattr(config, key, None)
+        if (isinstance(value, (list, tuple)) and len(value) == layers and key not in _NOT_PER_LAYER
+                and "token" not in key):  # token ids (e.g. a list eos_token_id) are not per layer
+            fields[key] = list(value)
+    return fields
+
+
+def _resize_per_layer(key: str, values: list, layers: int) -> list:
+    """The teacher's per-layer list for ``layers`` layers.
+
+    Fewer layers keep the first ``layers`` entries: the student's layer i stands for the teacher's layer i
+    (which ``init: truncate`` copies), and a periodic pattern anchored at layer 0 (e.g. Gemma's alternating
+    sliding / full attention) is the same pattern regenerated. More layers repeat the list's shortest period,
+    which needs a list that repeats at all.
+    """
+    period = next(p for p in range(1, len(values) + 1)
+                  if all(v == values[i % p] for i, v in enumerate(values)))
+    if layers > len(values) and period == len(values):
+        raise ConfigError(f"student.config.num_hidden_layers = {layers} exceeds the teacher's {len(values)} layers "
+                          f"and the teacher's {key} {values} has no repeating pattern to extend: set "
+                          f"student.config.{key} (a list of {layers} entries)")
+    return [values[i % period] for i in range(layers)]
+
+
+def _set_field(cfg: Config, config, key: str, value) -> None:
+    try:
+        setattr(config, key, value)
+    except Exception as error:  # huggingface_hub's strict-dataclass type check, not picklable by Ray
+        reason = str(error).strip().splitlines()[-1].strip()
+        raise ConfigError(f"student.config.{key} = {value!r} is not valid for the teacher's {type(config).__name__} "
+                          f"({cfg.teacher.model}): {reason}") from None
 
 
 def _default_head_dim(config) -> Optional[int]:
@@ -114,7 +184,7 @@ def build_student(cfg: Config, *, teacher_state: Optional[dict] = None) -> nn.Mo
             teacher_config = _auto()[0].from_pretrained(cfg.teacher.model,
                                                         trust_remote_code=cfg.teacher.trust_remote_code)
             check_truncatable(teacher_config, config)
-            truncate_into(model, teacher_state)
+            truncate_into(model, teacher_state, teacher_config)
     _check_vocab(cfg, model)
     return model
 
@@ -147,28 +217,32 @@ def check_truncatable(teacher_config, student_config_) -> None:
                           f"heads): set num_attention_heads = hidden_size / {t}")
 
 
-def truncate_tensor(name: str, teacher: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Leading slice of ``teacher`` with the student's ``shape`` (fused projections part by part)."""
+def truncate_tensor(name: str, teacher: torch.Tensor, shape: torch.Size,
+                    parts: Optional[tuple[int, list[int], list[int]]] = None) -> torch.Tensor:
+    """Leading slice of ``teacher`` with the student's ``shape``.
+
+    ``parts`` = (dim, teacher part sizes, student part sizes) slices a fused projection part by part.
+    """
     if any(s > t for s, t in zip(shape, teacher.shape)) or len(shape) != teacher.dim():
         raise ConfigError(f"student.init = truncate: student tensor {name} {tuple(shape)} is larger than the "
                           f"teacher's {tuple(teacher.shape)}; a truncated student must be no wider than its teacher")
-    fused = next((spec for suffix, spec in FUSED_PROJECTIONS.items() if name.endswith(suffix)), None)
-    if fused is not None:
-        parts, dim = fused
-        pieces = [truncate_tensor(f"{name}[part {i}]", piece, _part_shape(shape, dim, parts))
-                  for i, piece in enumerate(teacher.chunk(parts, dim=dim))]
+    if parts is not None:
+        dim, teacher_sizes, student_sizes = parts
+        if sum(teacher_sizes) != teacher.shape[dim] or sum(student_sizes) != shape[dim]:
+            raise ConfigError(f"student.init = truncate: fused tensor {name} {tuple(teacher.shape)} -> {tuple(shape)} "
+                              f"does not split into the parts {teacher_sizes} -> {student_sizes} its config implies; "
+                              f"use student.init: random for this architecture")
+        pieces = []
+        for i, (piece, size) in enumerate(zip(teacher.split(teacher_sizes, dim=dim), student_sizes)):
+            part_shape = list(shape)
+            part_shape[dim] = size
+            pieces.append(truncate_tensor(f"{name}[part {i}]", piece, torch.Size(part_shape)))
         return torch.cat(pieces, dim=dim)
     return teacher[tuple(slice(0, s) for s in shape)]
 
 
-def _part_shape(shape: torch.Size, dim: int, parts: int) -> torch.Size:
-    sizes = list(shape)
-    sizes[dim] //= parts
-    return torch.Size(sizes)
-
-
 @torch.no_grad()
-def truncate_into(student: nn.Module, teacher_state: dict) -> None:
+def truncate_into(student: nn.Module, teacher_state: dict, teacher_config) -> None:
     """Copy the leading slices of the teacher's tensors into every student parameter and buffer."""
     for name, tensor in student.state_dict().items():
         if name not in teacher_state:
@@ -176,9 +250,16 @@ def truncate_into(student: nn.Module, teacher_state: dict) -> None:
                 continue  # derived from the config, not learned
             raise ConfigError(f"student.init = truncate: student tensor {name} has no counterpart in the teacher "
                               f"(the student needs the teacher's architecture)")
-        tensor.copy_(truncate_tensor(name, teacher_state[name], tensor.shape))
+        fused = next((spec for suffix, spec in FUSED_PROJECTIONS.items() if name.endswith(suffix)), None)
+        parts = (fused[0], fused[1](teacher_config), fused[1](student.config)) if fused else None
+        tensor.copy_(truncate_tensor(name, teacher_state[name], tensor.shape, parts))
     if getattr(student.config, "tie_word_embeddings", False):
         student.tie_weights()
+
+
+def export_dtype(cfg: Config) -> torch.dtype:
+    """The dtype ``export.dtype`` names, for the weights written to ``OUT/student/``."""
+    return getattr(torch, cfg.export.dtype)
 
 
 def load_tokenizer(cfg: Config):

@@ -59,7 +59,7 @@ def test_round_trip_through_dict():
     (["data.val_fraction=1.5"], "data.val_fraction must be in"),
     (["student.model=x", "student.config={num_hidden_layers: 2}"], "either student.model or student.config"),
     (["tune.k=[]"], "tune.k must be a non-empty list"),
-    (["tune.beta=[-1]"], "tune.beta must be a non-empty list of numbers >= 0"),
+    (["tune.beta=[-1]"], "tune.beta must be a non-empty list of finite numbers >= 0"),
     (["loss.k"], "not of the form section.key=value"),
 ])
 def test_validation_errors_name_the_key(override, match):
@@ -74,6 +74,54 @@ def test_bad_files(tmp_path):
     path.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
         load_config(path)
+    with pytest.raises(ConfigError, match=f"config file {tmp_path} is a directory; pass the path of a YAML file "
+                                          f"inside it, e.g. {tmp_path / 'list.yaml'}"):
+        load_config(tmp_path)
+
+
+def test_exponent_floats_are_numbers(tmp_path):
+    """PyYAML reads `1e-4` (no dot) as a string; floats are read as YAML 1.2 does and numeric strings accepted."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 1e-4\n  weight_decay: '5E-2'\ntune:\n  beta: [1e-1, 2, 3.5e+0]\n")
+    config = load_config(path, ["loss.temperature=2e0"])
+    assert config.train.lr == 1e-4 and config.train.weight_decay == 0.05 and config.loss.temperature == 2.0
+    assert config.tune.beta == [0.1, 2, 3.5]
+    with pytest.raises(ConfigError, match="train.max_steps must be int, got 1000.0"):
+        load_config(None, ["train.max_steps=1e3"])  # an int field takes integers only
+    with pytest.raises(ConfigError, match="train.lr must be a number, got 'fast'"):
+        load_config(None, ["train.lr=fast"])
+
+
+@pytest.mark.parametrize("override, match", [
+    (["loss.beta=.nan"], "loss.beta must be a finite number, got nan"),
+    (["train.lr=.inf"], "train.lr must be a finite number, got inf"),
+    (["loss.temperature=-.inf"], "loss.temperature must be a finite number, got -inf"),
+    (["data.val_fraction=.NaN"], "data.val_fraction must be a finite number"),
+    (["loss.weight='nan'"], "loss.weight must be a finite number, got 'nan'"),
+    (["tune.beta=[1, .nan]"], "tune.beta must be a non-empty list of finite numbers"),
+    (["teacher.resources={tailkd_inference: .inf}"], "teacher.resources must map resource names to positive"),
+])
+def test_nan_and_inf_are_refused_at_load_time(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, override)
+
+
+def test_yaml_syntax_errors_are_one_line_naming_file_or_override(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 1e-4\n  max_steps: [1, 2\nloss: {k: 3}\n")
+    with pytest.raises(ConfigError, match=rf"config file {path} is not valid YAML: expected ',' or '\]', but got "
+                                          rf"':' at line 4, column 5 \(while parsing a flow sequence from line 3\)"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"override 'tune.k=\[5, 10': the value '\[5, 10' is not valid YAML: .* at "
+                                          r"line 1, column 7"):
+        load_config(None, ["tune.k=[5, 10"])
+
+
+def test_export_dtype():
+    assert load_config().export.dtype == "float32"
+    assert load_config(None, ["export.dtype=bfloat16"]).export.dtype == "bfloat16"
+    with pytest.raises(ConfigError, match="export.dtype must be one of float32, bfloat16, float16; got 'int8'"):
+        load_config(None, ["export.dtype=int8"])
 
 
 def test_override_into_scalar_is_refused():

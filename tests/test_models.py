@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tailkd_ray.config import ConfigError, from_dict
-from tailkd_ray.models import StudentWithHead, build_student, load_teacher, student_config
+from tailkd_ray.models import StudentWithHead, build_student, export_dtype, load_teacher, student_config
 
 SMALL_LLAMA = {"num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
                "num_key_value_heads": 1}
@@ -89,3 +89,9 @@ def test_student_with_head_matches_model_logits(tiny_gpt2_dir):
     ids = torch.randint(0, 320, (2, 7))
     logits = StudentWithHead(model)(ids, lambda h, w, b: h @ w.t() + (0 if b is None else b))
     torch.testing.assert_close(logits, model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, dtype", [("float32", torch.float32), ("bfloat16", torch.bfloat16),
+                                         ("float16", torch.float16)])
+def test_export_dtype_names_the_torch_dtype(name, dtype):
+    assert export_dtype(from_dict({"export": {"dtype": name}})) is dtype
