@@ -36,7 +36,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from tailkd_ray.config import Config, ConfigError
+from tailkd_ray.config import Config
+from tailkd_ray.errors import CacheError, ConfigError, DataError
 from tailkd_ray.summary import FIELDS, TeacherSummary, bytes_per_position
 from tailkd_ray.teacher import block_hashes, input_ids_matrix, score_dataset
 
@@ -76,7 +77,8 @@ def teacher_identity(model_path: str) -> dict:
     directory = _local_model_dir(model_path)
     weights = sorted(name for name in os.listdir(directory) if name.endswith(_WEIGHT_SUFFIXES))
     if not weights:
-        raise ValueError(f"teacher {model_path} has no weight files ({', '.join(_WEIGHT_SUFFIXES)})")
+        raise ConfigError(f"teacher {model_path} has no weight files ({', '.join(_WEIGHT_SUFFIXES)}): set "
+                          f"teacher.model to a directory holding the teacher's weights")
     digest = hashlib.sha256()
     for name in weights:
         digest.update(name.encode() + b"\0")
@@ -110,8 +112,8 @@ def tokenizer_hash(tokenizer_path: str) -> str:
     digest = hashlib.sha256()
     names = [name for name in _TOKENIZER_FILES if os.path.isfile(os.path.join(directory, name))]
     if not names:
-        raise ValueError(f"no tokenizer files ({', '.join(_TOKENIZER_FILES)}) in {tokenizer_path}; set "
-                         f"data.tokenizer to the teacher's tokenizer")
+        raise DataError(f"no tokenizer files ({', '.join(_TOKENIZER_FILES)}) in {tokenizer_path}; set "
+                        f"data.tokenizer to the teacher's tokenizer")
     for name in names:
         with open(os.path.join(directory, name), "rb") as f:
             digest.update(name.encode() + b"\0" + f.read())
@@ -158,9 +160,15 @@ def _mismatches(cached: Any, wanted: Any, key: str = "") -> list[str]:
 def _require_match(manifest: dict, identity: dict, root: str) -> None:
     differing = _mismatches({k: manifest.get(k) for k in identity}, identity)
     if differing:
-        raise ValueError(f"summary cache {root} was computed from other inputs than this config; differing "
-                         f"field(s):\n  " + "\n  ".join(differing) + "\nset summary.cache_dir to another "
-                         f"directory (or delete this one) to score a new cache")
+        remedy = "set summary.cache_dir to another directory (or delete this one) to score a new cache"
+        # τ is the setting a user most expects to vary on one cache, but the teacher's log-probs are fixed at the
+        # scoring τ: say so rather than leave "temperature" among the other fields.
+        scored_at = manifest.get("temperature")
+        if scored_at != identity["temperature"]:
+            remedy = (f"its teacher log-probs are at temperature {scored_at}: set loss.temperature: {scored_at} to "
+                      f"train on it, or {remedy}")
+        raise CacheError(f"summary cache {root} was computed from other inputs than this config; differing "
+                         f"field(s): {'; '.join(differing)}. To fix: {remedy}")
 
 
 # --- files ------------------------------------------------------------------------------------------
@@ -173,7 +181,7 @@ def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
 
 def split_dir(cfg: Config, split: str) -> str:
     if cfg.summary.cache_dir is None:
-        raise ValueError("summary.cache_dir is null (streaming mode): set it to a directory to use a cache")
+        raise ConfigError("summary.cache_dir is null (streaming mode): set it to a directory to use a cache")
     return f"{cfg.summary.cache_dir.rstrip('/')}/{split}"
 
 
@@ -216,7 +224,7 @@ def _finished_shards(fs: pafs.FileSystem, base: str) -> dict[str, int]:
             with fs.open_input_file(path) as f:
                 shards[path.rpartition("/")[2]] = pq.ParquetFile(f).metadata.num_rows
         except pa.ArrowInvalid as err:
-            raise ValueError(f"summary cache shard {path} is not a readable Parquet file ({err}); delete it and "
+            raise CacheError(f"summary cache shard {path} is not a readable Parquet file ({err}); delete it and "
                              f"re-run `tailkd score` to re-score its blocks") from err
     return shards
 
@@ -236,10 +244,11 @@ def _cached_block_hashes(fs: pafs.FileSystem, base: str, shards: dict[str, int])
     return np.unique(np.concatenate(hashes))
 
 
-def write_shard(batch: dict[str, np.ndarray], *, root: str) -> dict[str, np.ndarray]:
-    """Ray Data task: write one batch of scored rows as a Parquet shard; returns its name and row count."""
+def write_shard(batch: dict[str, np.ndarray], *, root: str, temperature: float) -> dict[str, np.ndarray]:
+    """Ray Data task: write one batch of scored rows as a Parquet shard; returns its name and row count.
+    ``temperature`` (the scoring τ) goes into the shard's schema metadata, so a shard read alone knows it."""
     hashes = block_hashes(batch["input_ids"])
-    record = TeacherSummary.from_batch(batch).to_arrow(extra={"input_ids": batch["input_ids"]})
+    record = TeacherSummary.from_batch(batch, temperature=temperature).to_arrow(extra={"input_ids": batch["input_ids"]})
     table = pa.Table.from_batches([record]).append_column("block_hash", pa.array(hashes))
     name = f"part-{hashlib.blake2b(np.sort(hashes).tobytes(), digest_size=10).hexdigest()}.parquet"
     fs, base = _filesystem(root)
@@ -283,7 +292,7 @@ def score_to_cache(cfg: Config, blocks, *, teacher_id: dict, split: str = "train
                      manifest["rows"], len(manifest["shards"]))
             return _info(root, manifest, scored_rows=0)
     elif _shard_paths(fs, base):
-        raise ValueError(f"{root} holds Parquet shards but no {MANIFEST}: it is not a tailkd summary cache "
+        raise CacheError(f"{root} holds Parquet shards but no {MANIFEST}: it is not a tailkd summary cache "
                          f"(or its manifest was deleted); set summary.cache_dir to another directory or empty it")
     else:
         fs.create_dir(base, recursive=True)
@@ -299,7 +308,8 @@ def score_to_cache(cfg: Config, blocks, *, teacher_id: dict, split: str = "train
                                                           "seq_len": cfg.data.seq_len}, batch_format="numpy")
     started = time.monotonic()
     written = score_dataset(todo, cfg).map_batches(
-        write_shard, fn_kwargs={"root": root}, batch_size=shard_rows or rows_per_shard(cfg),
+        write_shard, fn_kwargs={"root": root, "temperature": cfg.loss.temperature},
+        batch_size=shard_rows or rows_per_shard(cfg),
         batch_format="numpy").take_all()
     scored_rows = sum(int(r["rows"]) for r in written)
     seconds = time.monotonic() - started
@@ -309,8 +319,8 @@ def score_to_cache(cfg: Config, blocks, *, teacher_id: dict, split: str = "train
     shards = _finished_shards(fs, base)
     rows = sum(shards.values())
     if rows == 0:
-        raise ValueError(f"no packed blocks to score for split {split!r}: the corpus produced no blocks of "
-                         f"data.seq_len + 1 = {cfg.data.seq_len + 1} tokens; check data.{split} and data.seq_len")
+        raise DataError(f"no packed blocks to score for split {split!r}: the corpus produced no blocks of "
+                        f"data.seq_len + 1 = {cfg.data.seq_len + 1} tokens; check data.{split} and data.seq_len")
     from tailkd_ray import __version__
 
     manifest = {**identity, "complete": True, "shards": shards, "rows": rows, "tokens": rows * cfg.data.seq_len,
@@ -337,8 +347,9 @@ def is_complete(cfg: Config, split: str) -> bool:
 def open_cache(cfg: Config, *, split: str = "train", teacher_id: Optional[dict] = None):
     """The complete cache as a Dataset with ``input_ids`` [B, T+1] and the five summary columns.
 
-    The manifest is checked against ``cfg`` first (teacher, tokenizer, summary settings, data; K ≤ top_m);
-    ``teacher_id`` defaults to ``teacher_identity(cfg.teacher.model)``.
+    The manifest is checked against ``cfg`` first (teacher, tokenizer, summary settings, scoring τ =
+    loss.temperature, data; K ≤ top_m); ``teacher_id`` defaults to ``teacher_identity(cfg.teacher.model)``. The
+    rows (numpy batches) do not carry τ: this check is what ties them to the loss's temperature.
     """
     import ray.data
 
@@ -346,14 +357,14 @@ def open_cache(cfg: Config, *, split: str = "train", teacher_id: Optional[dict] 
     fs, base = _filesystem(root)
     manifest = _read_manifest(fs, base)
     if manifest is None:
-        raise ValueError(f"no summary cache at {root} (no {MANIFEST}): run `tailkd score --config F` first")
+        raise CacheError(f"no summary cache at {root} (no {MANIFEST}): run `tailkd score --config F` first")
     if not manifest.get("complete"):
-        raise ValueError(f"summary cache {root} is incomplete (its scoring run was interrupted): run "
+        raise CacheError(f"summary cache {root} is incomplete (its scoring run was interrupted): run "
                          f"`tailkd score --config F` again to finish it")
     identity = cache_identity(cfg, teacher_id=teacher_id or teacher_identity(cfg.teacher.model), split=split)
     _require_match(manifest, identity, root)
     if cfg.loss.kind in ("tad", "topk") and cfg.loss.k > manifest["top_m"]:
-        raise ValueError(f"loss.k = {cfg.loss.k} exceeds the cache's top_m = {manifest['top_m']}: lower loss.k "
+        raise CacheError(f"loss.k = {cfg.loss.k} exceeds the cache's top_m = {manifest['top_m']}: lower loss.k "
                          f"or score a cache with a larger summary.top_m")
     paths = [f"{root}/{name}" for name in manifest["shards"]]
     return ray.data.read_parquet(paths, columns=["input_ids", *FIELDS]).map_batches(

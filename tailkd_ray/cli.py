@@ -2,6 +2,10 @@
 
 Every subcommand that takes ``--config F`` accepts dotted overrides after it, e.g.
 ``tailkd distill --config jobs/configs/smoke.yaml loss.k=5 loss.beta=2 output_dir=runs/k5``.
+
+A ``TailKDError`` (bad config, data, cache, vocabulary, cluster), also one raised inside a Ray worker, is
+printed as one line ``tailkd <command>: <message>`` with exit status 2; ``tailkd --debug <command>`` or
+``TAILKD_DEBUG=1`` prints the full traceback before it. Other exceptions propagate as tracebacks (bugs).
 """
 
 from __future__ import annotations
@@ -11,11 +15,11 @@ import importlib
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 
-from tailkd_ray.config import ConfigError, load_config, reference_markdown, resolve_local_paths
-from tailkd_ray.data import DataError
-from tailkd_ray.placement import PlacementError
+from tailkd_ray.config import load_config, reference_markdown, resolve_local_paths
+from tailkd_ray.errors import ConfigError, TailKDError, find_tailkd_error
 
 EXAMPLES = {
     "demo": "tailkd demo --out runs/demo        # built-in corpus, teacher + 3 students, report.md",
@@ -42,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n" + "\n".join(f"  {e}" for e in EXAMPLES.values()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, print the full traceback too (also: environment TAILKD_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="The embedded default end to end (local Ray, built-in corpus).",
@@ -79,6 +85,13 @@ def init_ray() -> None:
         ray.init(address="local", num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False)
 
 
+def error_line(command: str, error: TailKDError) -> str:
+    """The one line the CLI prints for a user error (multi-line messages joined)."""
+    message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    prefix = "invalid config: " if isinstance(error, ConfigError) else ""
+    return f"tailkd {command}: {prefix}{message}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -103,11 +116,13 @@ def main(argv: list[str] | None = None) -> int:
             run = getattr(importlib.import_module(module), function)
             student = str(Path(args.student).absolute()) if args.command == "eval" else None
             result = run(config, student) if args.command == "eval" else run(config)
-    except ConfigError as error:
-        print(f"tailkd {args.command}: invalid config: {error}", file=sys.stderr)
-        return 2
-    except (DataError, PlacementError) as error:  # bad corpus or a cluster that cannot host the job
-        print(f"tailkd {args.command}: {error}", file=sys.stderr)
+    except Exception as error:
+        user_error = find_tailkd_error(error)  # also when Ray wrapped it on the way from a worker
+        if user_error is None:
+            raise
+        if args.debug or os.environ.get("TAILKD_DEBUG", "") not in ("", "0"):
+            traceback.print_exception(error, file=sys.stderr)
+        print(error_line(args.command, user_error), file=sys.stderr)
         return 2
     if result is not None:
         print(json.dumps(result, indent=2, default=str))

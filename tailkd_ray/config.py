@@ -19,9 +19,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message names the key and what is allowed."""
+from tailkd_ray.errors import ConfigError  # re-exported: callers import it from here too
 
 
 def doc(default: Any, text: str) -> Any:

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from tailkd_ray.config import Config, DataConfig
+from tailkd_ray.errors import DataError  # re-exported: callers import it from here too
 
 if TYPE_CHECKING:
     from ray.data import Dataset
@@ -56,10 +57,6 @@ _DOCS_PER_BATCH = {"line": 8192, "file": 64, "rows": 512}
 _SLICE_CHARS = 1 << 20
 _EXAMPLES_PER_REASON = 3
 _STAT_COLUMNS = ("documents", "tokens", "blocks") + tuple(f"skip_{r}" for r in SKIP_REASONS)
-
-
-class DataError(ValueError):
-    """The corpus cannot be read as configured; the message names the file (and line) and what to do."""
 
 
 @dataclass

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from tailkd_ray.config import Config, ConfigError, StudentConfig, TeacherConfig
+from tailkd_ray.errors import VocabularyError
 
 
 def _qkv_sizes(config) -> list[int]:
@@ -199,8 +200,9 @@ def _check_vocab(cfg: Config, model: nn.Module) -> None:
     teacher_vocab = _auto()[0].from_pretrained(cfg.teacher.model, trust_remote_code=cfg.teacher.trust_remote_code).vocab_size
     student_vocab = model.get_output_embeddings().weight.shape[0]
     if student_vocab != teacher_vocab:
-        raise ConfigError(f"student vocabulary {student_vocab} != teacher vocabulary {teacher_vocab}: distillation "
-                          f"compares distributions over the same tokens; use a student with the teacher's tokenizer")
+        raise VocabularyError(f"student vocabulary {student_vocab} != teacher vocabulary {teacher_vocab}: distillation "
+                              f"compares distributions over the same tokens; use a student with the teacher's "
+                              f"tokenizer")
 
 
 def head_dim(config) -> Optional[int]:

@@ -24,6 +24,7 @@ import math
 from typing import Optional
 
 from .config import TeacherConfig, TrainConfig
+from .errors import PlacementError  # re-exported: callers import it from here too
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +40,6 @@ GPU_TRAIN_WORKER = {"GPU": 1.0}
 # Per-node resources Ray adds by itself; they say nothing about what a node is for.
 _IMPLICIT_RESOURCES = ("memory", "object_store_memory")
 _EPS = 1e-6  # Ray accounts resources in units of 1e-4; this only absorbs float rounding in the division
-
-
-class PlacementError(RuntimeError):
-    """No alive node (or not enough of them) can host the requested actors or workers."""
 
 
 def teacher_ray_options(teacher: TeacherConfig) -> dict:

@@ -11,19 +11,26 @@ For each token position the teacher distribution p = softmax(z / τ) is summaris
 
 Any K ≤ M can be trained from one summary, since α_K = α_M + Σ_{ranks K+1..M} p is exact: one teacher
 pass serves a whole K/β search. The summary is pure torch + pyarrow (no Ray).
+
+The log-probs are at the scoring temperature τ, which the summary records (``temperature``; Arrow schema
+metadata ``tailkd.temperature`` on disk) so a loss at another τ can be refused. Ray Data batches (dicts of
+numpy arrays) drop it: there the cache manifest or the config that scored the rows holds it.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-FIELDS = ("top_ids", "top_logp", "rest_logmass", "tail_ids", "tail_logp")
+from tailkd_ray.errors import NonFiniteLogitsError  # re-exported: callers import it from here too
+
+FIELDS = ("top_ids", "top_logp", "rest_logmass", "tail_ids", "tail_logp")  # the tensor fields, in order
+TEMPERATURE_KEY = b"tailkd.temperature"  # Arrow schema metadata holding the scoring τ
 
 
 @dataclass
@@ -35,6 +42,7 @@ class TeacherSummary:
     rest_logmass: torch.Tensor  # [...] float32
     tail_ids: torch.Tensor  # [..., S] int32
     tail_logp: torch.Tensor  # [..., S] float16 / float32
+    temperature: Optional[float] = field(default=None, kw_only=True)  # scoring τ; None = not known
 
     @property
     def top_m(self) -> int:
@@ -50,8 +58,8 @@ class TeacherSummary:
         return self.rest_logmass.shape
 
     def map(self, fn) -> "TeacherSummary":
-        """Apply ``fn`` to every field tensor (e.g. indexing, ``.to(device)``)."""
-        return TeacherSummary(**{name: fn(getattr(self, name)) for name in FIELDS})
+        """Apply ``fn`` to every field tensor (e.g. indexing, ``.to(device)``); the temperature is kept."""
+        return TeacherSummary(**{name: fn(getattr(self, name)) for name in FIELDS}, temperature=self.temperature)
 
     def flatten_positions(self) -> "TeacherSummary":
         """[B, T, ...] -> [B*T, ...]."""
@@ -70,26 +78,30 @@ class TeacherSummary:
         return {name: getattr(self, name).detach().cpu().numpy() for name in FIELDS}
 
     @classmethod
-    def from_batch(cls, batch: Mapping[str, object]) -> "TeacherSummary":
-        """Build from a mapping holding the five columns as numpy arrays or tensors (zero-copy for numpy)."""
+    def from_batch(cls, batch: Mapping[str, object], *, temperature: Optional[float] = None) -> "TeacherSummary":
+        """Build from a mapping holding the five columns as numpy arrays or tensors (zero-copy for numpy);
+        ``temperature`` is the scoring τ when the caller knows it (a batch does not carry it)."""
         missing = [name for name in FIELDS if name not in batch]
         if missing:
             raise KeyError(f"batch lacks teacher-summary column(s) {missing}; it has {sorted(batch)}")
-        return cls(**{name: torch.as_tensor(batch[name]) for name in FIELDS})
+        return cls(**{name: torch.as_tensor(batch[name]) for name in FIELDS}, temperature=temperature)
 
     def to_arrow(self, extra: Optional[Mapping[str, np.ndarray]] = None) -> pa.RecordBatch:
         """A record batch with one row per leading index (per sequence for [B, T] summaries).
 
         Each field is stored as a fixed-size-list column whose flat values are the tensor's contiguous
         buffer (no per-element conversion). ``extra`` adds columns such as ``input_ids`` with the same
-        leading dimension.
+        leading dimension. A known temperature goes into the schema metadata (``TEMPERATURE_KEY``).
         """
         columns = {**{name: getattr(self, name).detach().cpu().numpy() for name in FIELDS}, **(extra or {})}
-        return pa.RecordBatch.from_pydict({name: _fixed_list(array) for name, array in columns.items()})
+        metadata = None if self.temperature is None else {TEMPERATURE_KEY: repr(float(self.temperature)).encode()}
+        return pa.RecordBatch.from_pydict({name: _fixed_list(array) for name, array in columns.items()},
+                                          metadata=metadata)
 
     @classmethod
     def from_arrow(cls, batch: pa.RecordBatch | pa.Table, *, tokens_per_row: int) -> "TeacherSummary":
-        """Inverse of ``to_arrow`` for [B, T] summaries with ``tokens_per_row`` = T."""
+        """Inverse of ``to_arrow`` for [B, T] summaries with ``tokens_per_row`` = T; the temperature is read
+        from the schema metadata (None when absent)."""
         out = {}
         for name in FIELDS:
             array = _unfixed(batch.column(name), len(batch))
@@ -97,7 +109,8 @@ class TeacherSummary:
             with warnings.catch_warnings():  # Arrow buffers are read-only; the losses never write to them
                 warnings.simplefilter("ignore", UserWarning)
                 out[name] = torch.from_numpy(array.reshape(len(batch), tokens_per_row, *trailing))
-        return cls(**out)
+        stored = (batch.schema.metadata or {}).get(TEMPERATURE_KEY)
+        return cls(**out, temperature=None if stored is None else float(stored))
 
 
 def _fixed_list(array: np.ndarray) -> pa.Array:
@@ -115,17 +128,6 @@ def _unfixed(column: pa.Array | pa.ChunkedArray, rows: int) -> np.ndarray:
     return values.to_numpy(zero_copy_only=False).reshape(rows, -1)
 
 
-class NonFiniteLogitsError(ValueError):
-    """Teacher logits hold NaN or +inf (or a position's are all −inf); ``position`` is the index of the first bad
-    position (leading dims), ``token`` the first bad vocabulary entry there (None: all −inf)."""
-
-    def __init__(self, position: tuple[int, ...], token: Optional[int]):
-        self.position = position
-        where = "every vocabulary entry is -inf" if token is None else f"vocabulary entry {token}"
-        super().__init__(f"teacher logits are not finite at position {position} ({where}); "
-                         f"check the teacher's dtype/overflow or its input tokens there")
-
-
 SUMMARY_CHUNK_BYTES = 2**30  # float32 [positions, V] buffer size that ``summarize`` works in (two are alive)
 
 
@@ -140,7 +142,8 @@ def summarize(
     logp_dtype: torch.dtype = torch.float16,
     uniforms: Optional[torch.Tensor] = None,
 ) -> TeacherSummary:
-    """Summarise teacher logits ``[..., V]`` into a ``TeacherSummary`` (log-probs at temperature τ).
+    """Summarise teacher logits ``[..., V]`` into a ``TeacherSummary`` (log-probs at temperature τ, recorded as
+    its ``temperature``).
 
     Tail samples are drawn i.i.d. (with replacement) from p restricted to ranks > M, i.e. with
     probabilities p_i / α_M, by inverse-CDF sampling from uniforms: ``uniforms [..., S]`` in [0, 1) when
@@ -187,6 +190,7 @@ def summarize(
         rest_logmass=shaped(rest_logmass, torch.float32, ()),
         tail_ids=shaped(tail_ids, torch.int32),
         tail_logp=shaped(tail_logp, logp_dtype),
+        temperature=float(temperature),
     )
 
 

@@ -22,8 +22,9 @@ import numpy as np
 import torch
 
 from tailkd_ray.config import Config
+from tailkd_ray.errors import ConfigError, DataError, NonFiniteLogitsError, VocabularyError
 from tailkd_ray.placement import require_teacher_placement, teacher_ray_options
-from tailkd_ray.summary import NonFiniteLogitsError, summarize
+from tailkd_ray.summary import summarize
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +58,14 @@ def input_ids_matrix(batch: Mapping[str, Any], seq_len: int) -> np.ndarray:
     if ids.dtype == object:  # list column of possibly ragged rows
         for row, values in enumerate(ids):
             if len(values) != seq_len + 1:
-                raise ValueError(f"input_ids row {row} of this batch has {len(values)} tokens; packed blocks "
-                                 f"must have data.seq_len + 1 = {seq_len + 1}")
+                raise DataError(f"input_ids row {row} of this batch has {len(values)} tokens; packed blocks "
+                                f"must have data.seq_len + 1 = {seq_len + 1}")
         ids = np.stack(ids)
     if ids.ndim != 2 or ids.shape[1] != seq_len + 1:
-        raise ValueError(f"input_ids has shape {ids.shape}; packed blocks must be [rows, data.seq_len + 1 = "
-                         f"{seq_len + 1}]")
+        raise DataError(f"input_ids has shape {ids.shape}; packed blocks must be [rows, data.seq_len + 1 = "
+                        f"{seq_len + 1}]")
     if not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"input_ids must hold integer token ids, got dtype {ids.dtype}")
+        raise DataError(f"input_ids must hold integer token ids, got dtype {ids.dtype}")
     return ids.astype(np.int64, copy=False)
 
 
@@ -108,7 +109,8 @@ class TeacherScorer:
                                     **self.summary_args)
             except NonFiniteLogitsError as err:
                 row = err.position[0]
-                raise ValueError(f"teacher {self.model_path}: {describe_row(batch, row, hashes[row])}: {err}") from err
+                raise NonFiniteLogitsError(err.position, err.token, context=f"teacher {self.model_path}: "
+                                           f"{describe_row(batch, row, hashes[row])}") from err
         return {"input_ids": ids.astype(np.int32), **summary.to_numpy()}
 
     def _row_uniforms(self, hashes: np.ndarray, positions: int) -> torch.Tensor:
@@ -122,9 +124,9 @@ class TeacherScorer:
         bad = (ids < 0) | (ids >= self.vocab)
         if bad.any():
             row, pos = (int(i) for i in np.argwhere(bad)[0])
-            raise ValueError(f"{describe_row(batch, row, hashes[row])}: token id {ids[row, pos]} at position {pos} "
-                             f"is outside the teacher's vocabulary [0, {self.vocab}); the data was tokenized with "
-                             f"another tokenizer than the teacher's (check data.tokenizer)")
+            raise VocabularyError(f"{describe_row(batch, row, hashes[row])}: token id {ids[row, pos]} at position "
+                                  f"{pos} is outside the teacher's vocabulary [0, {self.vocab}); the data was "
+                                  f"tokenized with another tokenizer than the teacher's (check data.tokenizer)")
 
 
 def describe_row(batch: Mapping[str, Any], row: int, block_hash: int) -> str:
@@ -139,10 +141,10 @@ def describe_row(batch: Mapping[str, Any], row: int, block_hash: int) -> str:
 def scorer_kwargs(cfg: Config) -> dict:
     """``TeacherScorer`` constructor arguments from a config."""
     if cfg.teacher.model is None:
-        raise ValueError("teacher.model is not set: give the teacher's Hugging Face model path")
+        raise ConfigError("teacher.model is not set: give the teacher's Hugging Face model path")
     if cfg.summary.top_m is None:
-        raise ValueError("summary.top_m is null (co-located teacher, full logits in each training worker): "
-                         "there is no teacher pool to run; set summary.top_m to score summaries")
+        raise ConfigError("summary.top_m is null (co-located teacher, full logits in each training worker): "
+                          "there is no teacher pool to run; set summary.top_m to score summaries")
     return dict(model_path=str(cfg.teacher.model), seq_len=cfg.data.seq_len, top_m=cfg.summary.top_m,
                 tail_samples=cfg.summary.tail_samples, temperature=cfg.loss.temperature, seed=cfg.train.seed,
                 logp_dtype=cfg.summary.logp_dtype, use_gpu=cfg.teacher.num_gpus > 0,
@@ -175,8 +177,8 @@ def check_teacher_context(cfg: Config) -> None:
     config = AutoConfig.from_pretrained(cfg.teacher.model, trust_remote_code=cfg.teacher.trust_remote_code)
     window = getattr(config.get_text_config(), "max_position_embeddings", None)
     if window is not None and cfg.data.seq_len > window:
-        raise ValueError(f"data.seq_len = {cfg.data.seq_len} exceeds the teacher's context window "
-                         f"({window} positions in {cfg.teacher.model}/config.json); lower data.seq_len")
+        raise ConfigError(f"data.seq_len = {cfg.data.seq_len} exceeds the teacher's context window "
+                          f"({window} positions in {cfg.teacher.model}/config.json); lower data.seq_len")
 
 
 def score_dataset(blocks, cfg: Config):
@@ -205,7 +207,7 @@ def check_vocab_compatible(teacher_path: str, student: Optional[str | Mapping[st
       dict of config overrides applied to the teacher's config, or None for the teacher's own config);
     - every id of the data tokenizer must be < that size (models may pad ``vocab_size`` beyond it);
     - the data tokenizer's token table must equal the teacher's tokenizer's (when the teacher ships one).
-    Raises ``ValueError`` saying which differ and how to fix it.
+    Raises ``VocabularyError`` saying which differ and how to fix it (``DataError`` when there is no tokenizer).
     """
     from transformers import AutoConfig, AutoTokenizer
 
@@ -217,22 +219,23 @@ def check_vocab_compatible(teacher_path: str, student: Optional[str | Mapping[st
         student_vocab = (student or {}).get("vocab_size", teacher_vocab)
         student_name = "student (student.config)"
     if student_vocab != teacher_vocab:
-        raise ValueError(f"vocabulary size differs: teacher {teacher_path} has vocab_size {teacher_vocab}, "
-                         f"{student_name} has {student_vocab}; distillation needs one vocabulary: use a student "
-                         f"of the teacher's family/tokenizer (or drop vocab_size from student.config)")
+        raise VocabularyError(f"vocabulary size differs: teacher {teacher_path} has vocab_size {teacher_vocab}, "
+                              f"{student_name} has {student_vocab}; distillation needs one vocabulary: use a "
+                              f"student of the teacher's family/tokenizer (or drop vocab_size from student.config)")
 
     teacher_tokenizer = _teacher_tokenizer(teacher_path, trust_remote_code)
     data_tokenizer = (AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=trust_remote_code)
                       if tokenizer_path is not None else teacher_tokenizer)
     if data_tokenizer is None:
-        raise ValueError(f"no tokenizer found in teacher {teacher_path} and data.tokenizer is not set: "
-                         f"set data.tokenizer to the teacher's tokenizer")
+        raise DataError(f"no tokenizer found in teacher {teacher_path} and data.tokenizer is not set: "
+                        f"set data.tokenizer to the teacher's tokenizer")
     data_name = f"data tokenizer {tokenizer_path or teacher_path}"
     data_vocab = data_tokenizer.get_vocab()
     largest = max(data_vocab.values()) + 1
     if largest > teacher_vocab:
-        raise ValueError(f"{data_name} produces ids up to {largest - 1} but teacher {teacher_path} has vocab_size "
-                         f"{teacher_vocab}; tokenize the data with the teacher's tokenizer (data.tokenizer: null)")
+        raise VocabularyError(f"{data_name} produces ids up to {largest - 1} but teacher {teacher_path} has "
+                              f"vocab_size {teacher_vocab}; tokenize the data with the teacher's tokenizer "
+                              f"(data.tokenizer: null)")
     if teacher_tokenizer is None:
         log.warning("teacher %s ships no tokenizer: only the vocabulary size of %s was checked", teacher_path,
                     data_name)
@@ -260,6 +263,7 @@ def _compare_token_tables(teacher: Mapping[str, int], data: Mapping[str, int], t
     by_id_data = {i: t for t, i in data.items()}
     differing = sorted(i for i in set(by_id_teacher) | set(by_id_data) if by_id_teacher.get(i) != by_id_data.get(i))
     examples = ", ".join(f"id {i}: {by_id_teacher.get(i)!r} vs {by_id_data.get(i)!r}" for i in differing[:show])
-    raise ValueError(f"token tables differ between the {teacher_name} tokenizer ({len(teacher)} tokens) and the "
-                     f"{data_name} ({len(data)} tokens) at {len(differing)} id(s), first: {examples}; tokenize "
-                     f"the data with the teacher's tokenizer (data.tokenizer: null or the teacher's path)")
+    raise VocabularyError(f"token tables differ between the {teacher_name} tokenizer ({len(teacher)} tokens) and "
+                          f"the {data_name} ({len(data)} tokens) at {len(differing)} id(s), first: {examples}; "
+                          f"tokenize the data with the teacher's tokenizer (data.tokenizer: null or the teacher's "
+                          f"path)")

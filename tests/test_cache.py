@@ -1,5 +1,5 @@
 """Summary cache: complete write + manifest, exact round trip, skip when complete, resume after an
-interruption, refusal of foreign or mismatched caches, identity hashes."""
+interruption, refusal (CacheError) of foreign or mismatched caches, the scoring temperature, identity hashes."""
 
 from __future__ import annotations
 
@@ -9,11 +9,13 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from tailkd_ray.cache import (MANIFEST, open_cache, score_to_cache, summaries_for_training, teacher_identity)
 from tailkd_ray.config import load_config
-from tailkd_ray.summary import FIELDS
+from tailkd_ray.errors import CacheError
+from tailkd_ray.summary import FIELDS, TEMPERATURE_KEY
 from tailkd_ray.teacher import block_hashes, score_dataset
 
 SEQ_LEN, TOP_M, TAIL, ROWS, SHARD_ROWS = 16, 6, 3, 14, 4
@@ -84,6 +86,8 @@ def test_complete_cache_has_manifest_shards_and_exact_rows(complete_cache, tiny_
     assert (manifest["top_m"], manifest["tail_samples"], manifest["seq_len"], manifest["temperature"],
             manifest["logp_dtype"], manifest["seed"]) == (TOP_M, TAIL, SEQ_LEN, 1.0, "float16", 3)
     assert manifest["data"]["files"] == 1 and len(manifest["tokenizer_sha256"]) == 64
+    for shard in manifest["shards"]:  # each shard also records the scoring τ (it can be read without the manifest)
+        assert pq.read_schema(split_dir / shard).metadata[TEMPERATURE_KEY] == b"1.0"
 
     cached = open_cache(cfg).take_all()
     row = cached[0]
@@ -120,7 +124,7 @@ def test_interrupted_cache_is_refused_then_resumed(complete_cache, tiny_llama_di
     (interrupted / f".tmp-{second}-0123").write_bytes((split_dir / second).read_bytes()[:100])
     resumed_cfg = make_config(tiny_llama_dir, tmp_path / "cache", cfg.data.train)
 
-    with pytest.raises(ValueError, match="incomplete .*interrupted.*run `tailkd score --config F` again"):
+    with pytest.raises(CacheError, match="incomplete .*interrupted.*run `tailkd score --config F` again"):
         open_cache(resumed_cfg)
     first_mtime = os.path.getmtime(interrupted / first)
 
@@ -139,32 +143,46 @@ def test_mismatched_cache_is_refused_naming_the_fields(complete_cache, tiny_llam
     cfg, info, split_dir = complete_cache
     cache_dir = cfg.summary.cache_dir
     other_top_m = make_config(tiny_llama_dir, cache_dir, data_file, **{"summary.top_m": 8, "summary.tail_samples": 2})
-    with pytest.raises(ValueError, match=r"(?s)differing field\(s\):\n  tail_samples: cache has 3, config gives 2\n"
-                                         r"  top_m: cache has 6, config gives 8\nset summary.cache_dir to another"):
+    with pytest.raises(CacheError, match=r"differing field\(s\): tail_samples: cache has 3, config gives 2; "
+                                         r"top_m: cache has 6, config gives 8\. To fix: set summary.cache_dir to "
+                                         r"another directory"):
         score_to_cache(other_top_m, None, teacher_id=info.manifest["teacher"])
-    with pytest.raises(ValueError, match="top_m: cache has 6, config gives 8"):
+    with pytest.raises(CacheError, match="top_m: cache has 6, config gives 8"):
         open_cache(other_top_m, teacher_id=info.manifest["teacher"])
 
     other_teacher = make_config(tiny_gpt2_dir, cache_dir, data_file)
-    with pytest.raises(ValueError, match=r"teacher.config_sha256: .*\n  teacher.weights_sha256: "):
+    with pytest.raises(CacheError, match=r"teacher.config_sha256: .*; teacher.weights_sha256: "):
         open_cache(other_teacher)
 
     original = data_file.read_text()
     data_file.write_text("the corpus changed\n")
     try:
-        with pytest.raises(ValueError, match=r"data.bytes: cache has 10, config gives 19\n  data.files_sha256"):
+        with pytest.raises(CacheError, match=r"data.bytes: cache has 10, config gives 19; data.files_sha256"):
             score_to_cache(cfg, None, teacher_id=info.manifest["teacher"])
     finally:
         data_file.write_text(original)
+
+
+@pytest.mark.ray
+def test_cache_at_another_temperature_is_refused_naming_both(complete_cache, tiny_llama_dir, data_file):
+    """The cached log-probs are at the scoring τ (manifest ``temperature``): a loss at another τ must not use them."""
+    cfg, info, _ = complete_cache
+    hotter = make_config(tiny_llama_dir, cfg.summary.cache_dir, data_file, **{"loss.temperature": 2.0})
+    expected = (r"differing field\(s\): .*temperature: cache has 1.0, config gives 2.0\. To fix: its teacher log-probs "
+                r"are at temperature 1.0: set loss.temperature: 1.0 to train on it, or set summary.cache_dir")
+    with pytest.raises(CacheError, match=expected):
+        open_cache(hotter, teacher_id=info.manifest["teacher"])
+    with pytest.raises(CacheError, match=expected):
+        score_to_cache(hotter, None, teacher_id=info.manifest["teacher"])
 
 
 def test_shards_without_manifest_are_refused(tiny_llama_dir, data_file, tmp_path):
     (tmp_path / "train").mkdir()
     (tmp_path / "train" / "part-0.parquet").write_bytes(b"not ours")
     cfg = make_config(tiny_llama_dir, tmp_path, data_file)
-    with pytest.raises(ValueError, match="holds Parquet shards but no manifest.json: it is not a tailkd summary cache"):
+    with pytest.raises(CacheError, match="holds Parquet shards but no manifest.json: it is not a tailkd summary cache"):
         score_to_cache(cfg, None, teacher_id={"weights_sha256": "x"})
-    with pytest.raises(ValueError, match=r"no summary cache at .*/train \(no manifest.json\): run `tailkd score"):
+    with pytest.raises(CacheError, match=r"no summary cache at .*/train \(no manifest.json\): run `tailkd score"):
         open_cache(make_config(tiny_llama_dir, tmp_path / "nothing", data_file), teacher_id={})
 
 

@@ -1,4 +1,5 @@
-"""The teacher summary: top-M, rest mass, far-tail samples, Arrow round trip, unbiased far-tail KL."""
+"""The teacher summary: top-M, rest mass, far-tail samples, Arrow round trip, its recorded temperature, unbiased
+far-tail KL."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import pytest
 import torch
 
 from tailkd_ray.losses import tad_loss, tad_loss_from_summary
-from tailkd_ray.summary import FIELDS, TeacherSummary, bytes_per_position, summarize
+from tailkd_ray.summary import (FIELDS, TEMPERATURE_KEY, NonFiniteLogitsError, TeacherSummary, bytes_per_position,
+                                summarize)
 
 
 def teacher_logits(seed=0, shape=(2, 3, 50), scale=3.0):
@@ -71,8 +73,9 @@ def test_full_vocab_summary_has_empty_far_tail():
 def test_non_finite_logits_name_the_position(bad):
     z = teacher_logits()
     z[1, 2, 7] = bad
-    with pytest.raises(ValueError, match=r"position \(1, 2\)"):
+    with pytest.raises(NonFiniteLogitsError, match=r"position \(1, 2\)") as raised:
         summarize(z, top_m=4)
+    assert isinstance(raised.value, ValueError) and raised.value.position == (1, 2)
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -95,6 +98,26 @@ def test_arrow_and_parquet_round_trip(tmp_path, logp_dtype):
     for name in FIELDS:
         assert torch.equal(getattr(back, name), getattr(s, name)), name
     assert table.column("input_ids").to_pylist() == input_ids.tolist()
+    assert back.temperature == s.temperature == 1.0
+
+
+def test_summary_records_its_temperature_and_keeps_it():
+    """τ travels with the object (map, flatten, to) and through Arrow / Parquet schema metadata; a summary built
+    from bare tensors or a Ray Data batch does not know it (None) unless told."""
+    s = summarize(teacher_logits(), top_m=4, tail_samples=2, temperature=2.0)
+    assert s.temperature == 2.0
+    assert FIELDS == ("top_ids", "top_logp", "rest_logmass", "tail_ids", "tail_logp")
+    assert s.to("cpu").temperature == s.flatten_positions().temperature == s.map(lambda t: t[:1]).temperature == 2.0
+    assert TeacherSummary(*(getattr(s, name) for name in FIELDS)).temperature is None
+    assert TeacherSummary.from_batch(s.to_numpy()).temperature is None
+    assert TeacherSummary.from_batch(s.to_numpy(), temperature=2.0).temperature == 2.0
+
+    record = s.to_arrow()
+    assert record.schema.metadata == {TEMPERATURE_KEY: b"2.0"}
+    assert TeacherSummary.from_arrow(record, tokens_per_row=3).temperature == 2.0
+    unknown = TeacherSummary.from_batch(s.to_numpy()).to_arrow()
+    assert unknown.schema.metadata is None
+    assert TeacherSummary.from_arrow(unknown, tokens_per_row=3).temperature is None
 
 
 def test_numpy_batch_round_trip_is_zero_copy():

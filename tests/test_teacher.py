@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from tailkd_ray.config import load_config
+from tailkd_ray.errors import ConfigError, DataError, NonFiniteLogitsError, VocabularyError, find_tailkd_error
 from tailkd_ray.summary import FIELDS, summarize
 from tailkd_ray.teacher import (TeacherScorer, block_hashes, check_vocab_compatible, format_block_hash,
                                 row_generator_seed,
@@ -169,9 +170,10 @@ def test_non_finite_logits_error_names_the_row(tiny_llama_dir, builtin_corpus, t
     teacher = nan_embedding_teacher(tiny_llama_dir, tmp_path / "nan_teacher", poison)
     scorer = TeacherScorer(**scorer_kwargs(make_config(teacher)))
     block_hash = block_hashes(blocks)[2]
-    with pytest.raises(ValueError, match=rf"block_hash={format_block_hash(block_hash)} \(row 2 of its "
-                                         rf"batch.*not finite at position"):
+    with pytest.raises(NonFiniteLogitsError, match=rf"teacher .*: block_hash={format_block_hash(block_hash)} "
+                                                   rf"\(row 2 of its batch.*not finite at position") as raised:
         scorer({"input_ids": blocks})
+    assert raised.value.position[0] == 2
     # Blocks without the poisoned token are fine with the same teacher.
     assert scorer({"input_ids": blocks[:2]})["top_ids"].shape == (2, SEQ_LEN, TOP_M)
 
@@ -182,28 +184,32 @@ def test_non_finite_logits_fail_the_pool_run_instead_of_retrying(tiny_llama_dir,
     blocks[blocks == 319] = 1
     blocks[1, 3] = 319
     teacher = nan_embedding_teacher(tiny_llama_dir, tmp_path / "nan_teacher", 319)
-    with pytest.raises(Exception, match=f"block_hash={format_block_hash(block_hashes(blocks)[1])}"):
+    with pytest.raises(Exception, match=f"block_hash={format_block_hash(block_hashes(blocks)[1])}") as raised:
         score_dataset(as_dataset(blocks), make_config(teacher)).take_all()
+    # What the CLI prints: the actor's error, found again behind Ray Data's wrapping.
+    found = find_tailkd_error(raised.value)
+    assert isinstance(found, NonFiniteLogitsError)
+    assert f"block_hash={format_block_hash(block_hashes(blocks)[1])}" in str(found)
 
 
 def test_out_of_vocabulary_and_misshapen_blocks_are_refused(tiny_llama_dir, builtin_corpus):
     scorer = TeacherScorer(**scorer_kwargs(make_config(tiny_llama_dir)))
     blocks = tokenized_blocks(tiny_llama_dir, builtin_corpus, rows=3)
     blocks[1, 7] = 320
-    with pytest.raises(ValueError, match=r"row 1 of its batch.*token id 320 at position 7 is outside the teacher's "
-                                         r"vocabulary \[0, 320\)"):
+    with pytest.raises(VocabularyError, match=r"row 1 of its batch.*token id 320 at position 7 is outside the "
+                                              r"teacher's vocabulary \[0, 320\)"):
         scorer({"input_ids": blocks})
-    with pytest.raises(ValueError, match=r"shape \(3, 20\).*data.seq_len \+ 1 = 25"):
+    with pytest.raises(DataError, match=r"shape \(3, 20\).*data.seq_len \+ 1 = 25"):
         scorer({"input_ids": blocks[:, :20]})
     ragged = np.empty(2, dtype=object)
     ragged[:] = [blocks[0], blocks[0][:-3]]
-    with pytest.raises(ValueError, match="row 1 of this batch has 22 tokens"):
+    with pytest.raises(DataError, match="row 1 of this batch has 22 tokens"):
         scorer({"input_ids": ragged})
 
 
 def test_blocks_longer_than_the_teacher_context_are_refused_before_work(tiny_gpt2_dir):
     cfg = make_config(tiny_gpt2_dir, **{"data.seq_len": 300})
-    with pytest.raises(ValueError, match="data.seq_len = 300 exceeds the teacher's context window \\(256"):
+    with pytest.raises(ConfigError, match="data.seq_len = 300 exceeds the teacher's context window \\(256"):
         score_dataset(None, cfg)
 
 
@@ -224,9 +230,9 @@ def model_config_dir(path, vocab_size: int, tokenizer_from=None):
 
 def test_vocab_size_mismatch_is_refused(tiny_llama_dir, tmp_path):
     student = model_config_dir(tmp_path / "student384", 384)
-    with pytest.raises(ValueError, match=r"vocab_size 320, student .*student384 has 384"):
+    with pytest.raises(VocabularyError, match=r"vocab_size 320, student .*student384 has 384"):
         check_vocab_compatible(str(tiny_llama_dir), student, None)
-    with pytest.raises(ValueError, match=r"vocab_size 320, student \(student.config\) has 384"):
+    with pytest.raises(VocabularyError, match=r"vocab_size 320, student \(student.config\) has 384"):
         check_vocab_compatible(str(tiny_llama_dir), {"vocab_size": 384, "num_hidden_layers": 1}, None)
     assert check_vocab_compatible(str(tiny_llama_dir), str(tiny_llama_dir), None) == 320
     assert check_vocab_compatible(str(tiny_llama_dir), {"num_hidden_layers": 1}, str(tiny_llama_dir)) == 320
@@ -236,7 +242,7 @@ def test_padded_model_vocab_is_accepted_but_too_small_is_refused(tiny_llama_dir,
     padded = model_config_dir(tmp_path / "padded", 384, tokenizer_from=tiny_llama_dir)
     assert check_vocab_compatible(padded, model_config_dir(tmp_path / "padded_student", 384), None) == 384
     small = model_config_dir(tmp_path / "small", 256, tokenizer_from=tiny_llama_dir)
-    with pytest.raises(ValueError, match=r"produces ids up to 319 but teacher .*small has vocab_size 256"):
+    with pytest.raises(VocabularyError, match=r"produces ids up to 319 but teacher .*small has vocab_size 256"):
         check_vocab_compatible(small, None, None)
 
 
@@ -254,11 +260,11 @@ def test_token_table_mismatch_names_the_differing_tokens(tiny_llama_dir, tmp_pat
     assert AutoTokenizer.from_pretrained(swapped).get_vocab()[a] == 101
 
     expected = f"at 2 id(s), first: id 100: {a!r} vs {b!r}, id 101: {b!r} vs {a!r}; tokenize the data with"
-    with pytest.raises(ValueError, match="token tables differ .* " + re.escape(expected)):
+    with pytest.raises(VocabularyError, match="token tables differ .* " + re.escape(expected)):
         check_vocab_compatible(str(tiny_llama_dir), None, str(swapped))
     # score_dataset runs the same check before any work.
     cfg = make_config(tiny_llama_dir, **{"data.tokenizer": str(swapped)})
-    with pytest.raises(ValueError, match="token tables differ"):
+    with pytest.raises(VocabularyError, match="token tables differ"):
         score_dataset(None, cfg)
 
 
