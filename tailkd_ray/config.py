@@ -9,6 +9,7 @@ what is allowed, before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import re
 import types
@@ -148,6 +149,9 @@ class TrainConfig:
     checkpoint_every: int = doc(50, "Steps between distributed checkpoints (at most this much work is lost).")
     eval_every: int = doc(50, "Steps between validation runs.")
     max_failures: int = doc(0, "Worker-group restarts allowed before the run fails.")
+    max_nonfinite_steps: int = doc(0, "Optimizer steps whose loss or gradient norm is NaN/inf that may be skipped "
+                                      "(no update; each logged in metrics.jsonl as kind nonfinite) before the run "
+                                      "stops. 0: the first one stops the run. fsdp and ddp only.")
     seed: int = doc(0, "Seed of model init, data order and tail sampling.")
     run_name: str = doc("distill", "Ray Train run name; relaunching with the same name resumes.")
     resources_per_worker: dict = doc({}, "Custom Ray resources per trainer worker, e.g. {tailkd_training: 1}.")
@@ -159,8 +163,12 @@ class TrainConfig:
     def validate(self) -> None:
         for name in ("num_workers", "max_steps", "batch_size", "grad_accum", "checkpoint_every", "eval_every"):
             _positive("train", name, getattr(self, name))
-        for name in ("lr", "weight_decay", "warmup_steps", "grad_clip", "max_failures", "prefetch_batches"):
+        for name in ("lr", "weight_decay", "warmup_steps", "grad_clip", "max_failures", "prefetch_batches",
+                     "max_nonfinite_steps"):
             _positive("train", name, getattr(self, name), allow_zero=name != "lr")
+        if self.max_nonfinite_steps and self.strategy == "deepspeed":
+            raise ConfigError("train.max_nonfinite_steps needs train.strategy fsdp or ddp: DeepSpeed applies its "
+                              "optimizer step inside backward, before the step could be skipped")
         _check_resources("train.resources_per_worker", self.resources_per_worker)
 
 
@@ -242,6 +250,12 @@ class Config:
         if self.summary.top_m is not None and self.loss.kind == "rkl":
             raise ConfigError("loss.kind = rkl needs the full teacher distribution: set summary.top_m: null "
                               "(co-located teacher) or pick another loss.kind")
+        if self.loss.kind == "tad" and self.loss.k == self.summary.top_m and self.summary.tail_samples == 0:
+            # tune.search_config refuses this in a search over β; a single run may mean it, so only warn.
+            logging.getLogger(__name__).warning(
+                "loss.k = summary.top_m = %d with summary.tail_samples = 0: the summary holds nothing beyond the "
+                "teacher's top K, so TAD's tail term is 0 and loss.beta = %g has no effect (the loss is D_KL1); "
+                "set summary.tail_samples > 0 or loss.k < summary.top_m", self.loss.k, self.loss.beta)
         return self
 
 

@@ -17,8 +17,11 @@ Every loss returns the mean over valid tokens (``mask`` [B, T] of 0/1 or bool; N
 accumulates in float32 (float64 inputs stay float64). Temperature τ divides both teacher and student
 logits; **no τ² rescaling is applied** (scale with ``weight`` if you want Hinton's convention).
 
-Masses are computed without cancellation: teacher α from a logsumexp over the tail (exact logits) or over
-the summary's ranks > K (summary), the student's b_K = −expm1(logsumexp(log q over T_K)).
+Every mass is computed from the members it sums, never as 1 − (the rest): log α_K and log b_K are
+logsumexps over the ids outside T_K (T_K masked to −inf), log γ_M likewise outside the top M, and on the
+summary path α_K = α_M + Σ_{ranks K+1..M} p and b_K = γ_M + Σ_{ranks K+1..M} q. The complement form
+1 − Σ cancels in float32 once a confident student puts less than ~1e-6 outside T_K (at V = 152k the float32
+log-softmax normaliser alone is off by ~1e-5), which made the loss negative, wrong or NaN.
 
 The summary path (``TeacherSummary`` of DESIGN §3, M ≥ K) splits the tail into the middle ranks
 K+1..M (known exactly) and the far tail beyond M (mass α_M):
@@ -55,9 +58,10 @@ KINDS = ("tad", "kd", "rkl", "topk", "clm")
 # --------------------------------------------------------------------------------------------------
 # Small numerically careful helpers
 # --------------------------------------------------------------------------------------------------
-def log1mexp(x: Tensor) -> Tensor:
-    """log(1 − exp(x)) for x ≤ 0, accurate at both ends (Mächler 2012)."""
-    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+def log_mass_outside(logq: Tensor, ids: Tensor) -> Tensor:
+    """log Σ_{i∉ids} q_i for log-probs ``logq`` [N, V] and ids [N, K]: a logsumexp over the complement (``ids``
+    masked to −inf), exact for any mass down to float underflow of the log itself, unlike log(1 − Σ_{ids} q)."""
+    return logq.scatter(-1, ids, float("-inf")).logsumexp(-1)
 
 
 def _weighted(p: Tensor, value: Tensor) -> Tensor:
@@ -94,8 +98,9 @@ def _tad_terms_exact(logq: Tensor, teacher_logits: Tensor, k: int, temperature: 
         top_ids = teacher_logits.topk(k, dim=-1, sorted=False).indices
     logp_top, logq_top = logp.gather(-1, top_ids), logq.gather(-1, top_ids)
     p_tail = logp.exp().scatter(-1, top_ids, 0.0)  # p with T_K zeroed: sums below run over the tail
-    alpha = p_tail.sum(-1)  # a sum of the tail's own probabilities: no 1 − Σ cancellation
-    log_alpha, log_b = alpha.log(), log1mexp(logq_top.logsumexp(-1))
+    # Both masses from their own members, the same way, so that they agree exactly when q = p.
+    log_alpha, log_b = log_mass_outside(logp, top_ids), log_mass_outside(logq, top_ids)
+    alpha = log_alpha.exp()
     # α_K·D_KL2 = Σ_{i∉T_K} p_i (log p_i − log q_i) − α_K (log α_K − log b_K)   (multiplied form)
     tail = _weighted(p_tail, logp - logq).sum(-1) - _weighted(alpha, log_alpha - log_b)
     return _d_kl1(logp_top, logq_top, log_alpha, log_b), tail, alpha
@@ -112,11 +117,13 @@ def _tad_terms_summary(logq: Tensor, summary: TeacherSummary, k: int):
     log_alpha_m = summary.rest_logmass.to(logq.dtype)
     # α_K = Σ_{ranks K+1..M} p + α_M, summed in log space: exact, no cancellation.
     log_alpha = torch.cat([logp_mid, log_alpha_m[:, None]], dim=-1).logsumexp(-1)
-    log_b = log1mexp(logq_k.logsumexp(-1))
+    if m < logq.shape[-1]:
+        log_gamma_m = log_mass_outside(logq, summary.top_ids.long())
+    else:  # M = V: γ_M = 0 and α_M = 0 zeroes its terms; a logsumexp over nothing would give NaN gradients
+        log_gamma_m = torch.full_like(log_alpha_m, float("-inf"))
+    # b_K = γ_M + Σ_{ranks K+1..M} q: from its members, like α_K.
+    log_b = torch.cat([logq_mid, log_gamma_m[:, None]], dim=-1).logsumexp(-1)
     mid = _weighted(logp_mid.exp(), logp_mid - logq_mid - (log_alpha - log_b)[:, None]).sum(-1)
-    # γ_M = 1 when M = V: keep log1mexp off log(0) there (α_M = 0 zeroes the term, but 0·∞ = NaN in backward).
-    has_far = log_alpha_m > float("-inf")
-    log_gamma_m = log1mexp(torch.where(has_far, logq_top_m.logsumexp(-1), -1.0))
     far = log_alpha_m - log_alpha - log_gamma_m + log_b
     if summary.tail_samples:
         tail_logp = summary.tail_logp.to(logq.dtype)
@@ -179,6 +186,10 @@ def _check_args(kind: str, k: int, beta: float, temperature: float, vocab: int, 
     if kind != "clm" and teacher is None:
         raise ValueError(f"loss kind {kind!r} needs a teacher (logits or a TeacherSummary); got None")
     if isinstance(teacher, TeacherSummary):
+        if teacher.temperature is not None and not math.isclose(teacher.temperature, temperature):
+            raise ValueError(f"the summary was scored at temperature {teacher.temperature:g} but the loss runs at "
+                             f"temperature={temperature:g}: the teacher side cannot be re-tempered from a summary; "
+                             f"use the scoring temperature or re-score the teacher at {temperature:g}")
         if kind in ("tad", "topk") and k > teacher.top_m:
             raise ValueError(f"k={k} exceeds the summary's top_m={teacher.top_m}: a summary can train any "
                              f"K <= M; re-score with a larger summary.top_m or lower loss.k")
@@ -276,7 +287,8 @@ def tad_loss(student_logits: Tensor, teacher_logits: Tensor, *, k: int, beta: fl
 def tad_loss_from_summary(student_logits: Tensor, summary: TeacherSummary, *, k: int, beta: float,
                           mask: Optional[Tensor] = None, temperature: float = 1.0, normalize: bool = True) -> Tensor:
     """TAD from a ``TeacherSummary`` (the summary holds teacher log-probs already at its scoring τ;
-    ``temperature`` applies to the student). Equals ``tad_loss`` when M = V (or α_M = 0)."""
+    ``temperature`` applies to the student and must equal the summary's recorded τ, when it has one).
+    Equals ``tad_loss`` when M = V (or α_M = 0)."""
     return divergence_loss(student_logits, summary, kind="tad", k=k, beta=beta, mask=mask,
                            temperature=temperature, normalize=normalize)
 

@@ -53,6 +53,7 @@ import torch.distributed as dist
 from torch import nn
 
 from tailkd_ray.config import Config, ConfigError, from_dict, to_dict
+from tailkd_ray.errors import NonFiniteLossError
 from tailkd_ray.summary import FIELDS, TeacherSummary
 
 TEACHER_MODES = ("summary", "colocated", "none")
@@ -109,14 +110,18 @@ class TorchStrategy:
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.cfg.train.grad_accum).backward()
 
-    def optimizer_step(self) -> float:
+    def grad_norm(self) -> float:
+        """The global gradient norm, after clipping the gradients to ``train.grad_clip``."""
         max_norm = self.cfg.train.grad_clip or float("inf")  # inf: measure the norm, clip nothing
         norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        self.optimizer.step()
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    def step(self, update: bool = True) -> None:
+        """Apply the accumulated gradients (or, ``update=False``, drop them); the schedule advances either way."""
+        if update:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
 
     @property
     def lr(self) -> float:
@@ -178,9 +183,13 @@ class DeepSpeedStrategy:
         self.engine.backward(loss)  # scales by 1 / gradient_accumulation_steps itself
         self.engine.step()  # a real optimizer step only at the accumulation boundary
 
-    def optimizer_step(self) -> Optional[float]:
+    def grad_norm(self) -> Optional[float]:
         norm = self.engine.get_global_grad_norm()  # None when DeepSpeed did not compute it
         return float(norm) if norm is not None else None
+
+    def step(self, update: bool = True) -> None:
+        # The engine stepped inside backward; config validation keeps max_nonfinite_steps (update=False) off it.
+        assert update, "DeepSpeed cannot skip a step it has already applied"
 
     @property
     def lr(self) -> float:
@@ -356,6 +365,13 @@ def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def _all_gather_rows(row: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``row`` stacked [world, n] (on CPU), so a failure can be traced to its rank."""
+    rows = [torch.empty_like(row) for _ in range(dist.get_world_size())]
+    dist.all_gather(rows, row)
+    return torch.stack(rows).cpu()
+
+
 def _broadcast_flag(flag: bool, device: torch.device) -> bool:
     value = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.broadcast(value, src=0)
@@ -434,7 +450,7 @@ def _export(strategy, cfg: Config, out_dir: Path, rank: int) -> None:
     """Gather the full student on rank 0 and save it in HF format (safetensors) with the tokenizer."""
     from transformers import AutoModelForCausalLM
 
-    from tailkd_ray.models import load_tokenizer, student_config
+    from tailkd_ray.models import export_dtype, load_tokenizer, student_config
 
     state = strategy.full_state_dict()  # collective: every rank takes part
     if rank != 0:
@@ -448,7 +464,7 @@ def _export(strategy, cfg: Config, out_dir: Path, rank: int) -> None:
                            f"unexpected {sorted(unexpected)}")
     model.tie_weights()
     target = out_dir / "student"
-    model.save_pretrained(target)
+    model.to(export_dtype(cfg)).save_pretrained(target)
     load_tokenizer(cfg).save_pretrained(target)
 
 
@@ -461,11 +477,19 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def _require_finite(step: int, loss: float, grad_norm: Optional[float]) -> None:
-    """Stop a diverged run at once rather than train on NaN weights until max_steps."""
-    if not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm)):
-        raise FloatingPointError(f"non-finite training loss {loss} or gradient norm {grad_norm} at step {step}: "
-                                 f"lower train.lr, check the data and teacher summaries for NaN/inf")
+def nonfinite_problem(step: int, per_rank: torch.Tensor, grad_norm: Optional[float]) -> Optional[str]:
+    """None when the step is finite, else what was not: the ranks, the term (CLM or divergence) and the values.
+    ``per_rank`` [world, 5] holds each rank's (loss, clm, div) token sums, token count and data wait."""
+    bad = []
+    for rank, (loss, clm, div, tokens, _) in enumerate(per_rank.tolist()):
+        terms = [name for name, value in (("CLM", clm), ("divergence", div)) if not math.isfinite(value)]
+        if terms or not math.isfinite(loss):
+            tokens = max(tokens, 1.0)
+            bad.append(f"rank {rank}: {' and '.join(terms) or 'loss'} not finite (mean CLM {clm / tokens:.6g}, "
+                       f"mean divergence {div / tokens:.6g} over {int(tokens)} tokens)")
+    if grad_norm is not None and not math.isfinite(grad_norm):
+        bad.append(f"gradient norm {grad_norm}")
+    return f"step {step}: " + "; ".join(bad) if bad else None
 
 
 def _tied_names(model: nn.Module) -> set[str]:
@@ -533,18 +557,28 @@ def train_loop_per_worker(config: dict) -> None:
     # Fixed costs, as separate records: model build, sharding and restore before the first step; each
     # checkpoint's write and commit; the export. Short runs (Tune trials) are dominated by them.
     log.write({"step": progress.step, "setup_s": loop_started - worker_started}, prefix="run")
+    skipped = 0  # non-finite steps skipped by this attempt (train.max_nonfinite_steps)
     while progress.step < cfg.train.max_steps:
         started = time.perf_counter()
         local = _train_step(strategy, batches, cfg, mode, teacher_model, device, autocast)
         data_wait = float(local[4])
-        sums = _all_reduce_sum(local.to(device))
+        per_rank = _all_gather_rows(local.to(device))
+        sums = per_rank.sum(0)
         optimizing = time.perf_counter()
-        grad_norm = strategy.optimizer_step()
-        lr = strategy.lr
+        grad_norm = strategy.grad_norm()
         progress.step += 1
+        problem = nonfinite_problem(progress.step, per_rank, grad_norm)
+        if problem and skipped >= cfg.train.max_nonfinite_steps:
+            raise NonFiniteLossError(f"non-finite training loss or gradient at {problem} (train.max_nonfinite_steps"
+                                     f" = {cfg.train.max_nonfinite_steps}, {skipped} skipped before)")
+        strategy.step(update=problem is None)
+        lr = strategy.lr
         tokens = max(float(sums[3]), 1.0)
-        _require_finite(progress.step, float(sums[0]) / tokens, grad_norm)
         finished_step = time.perf_counter()
+        if problem:
+            skipped += 1
+            log.write({"kind": "nonfinite", "step": progress.step, "problem": problem, "skipped": skipped},
+                      prefix="run")
         # Where the step went, on rank 0 (compute includes the loss all-reduce); data_wait_s is the mean over
         # workers, elapsed_s counts from the first step's start (evaluations and checkpoints included).
         log.write({"step": progress.step, "loss": float(sums[0]) / tokens, "clm": float(sums[1]) / tokens,

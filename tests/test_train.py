@@ -194,3 +194,48 @@ def test_colocated_exact_matches_summary_with_m_equal_v(runs, ray_session, tiny_
                        steps=STEPS)
     exact = by_step(runs["ddp"])
     np.testing.assert_allclose([by_step(from_summary)[s] for s in exact], list(exact.values()), rtol=1e-5)
+
+
+def test_nonfinite_step_stops_the_run_or_is_skipped(ray_session, tiny_llama_dir, tmp_path_factory):
+    """A batch whose teacher summary is NaN makes one step's divergence NaN: by default the run stops with an
+    error naming the step, the rank and the term; with train.max_nonfinite_steps = 1 it is skipped and logged."""
+    from tailkd_ray.errors import NonFiniteLossError, find_tailkd_error
+    from tailkd_ray.train import run_training
+
+    rows = with_summaries(pattern_ids(16, seed=1), tiny_llama_dir, VOCAB - 1, tail_samples=1)
+    for row in rows[:BATCH]:  # one micro-batch of one worker
+        row["top_logp"] = np.full_like(row["top_logp"], np.nan)
+    val = with_summaries(pattern_ids(4, seed=2), tiny_llama_dir, VOCAB - 1, tail_samples=1)
+
+    def fit(name: str, **train):
+        out = tmp_path_factory.mktemp(name)
+        train_ds = ray_session.data.from_items(rows, override_num_blocks=len(rows) // BATCH)
+        val_ds = ray_session.data.from_items(val, override_num_blocks=2)
+        run_training(make_cfg(out, tiny_llama_dir, **train), train_ds, val_ds)
+        return out
+
+    with pytest.raises(Exception) as failure:
+        fit("nonfinite_stop")
+    error = find_tailkd_error(failure.value)
+    assert isinstance(error, NonFiniteLossError), failure.value
+    message = str(error)
+    assert "step " in message and "rank " in message and "divergence not finite" in message
+    assert "CLM not finite" not in message and "lower train.lr" not in message
+
+    out = fit("nonfinite_skip", max_nonfinite_steps=1)
+    skipped = [r for r in records(out) if r.get("kind") == "nonfinite"]
+    assert len(skipped) == 1 and "divergence not finite" in skipped[0]["problem"]
+    assert all(np.isfinite(r["loss"]) for r in records(out) if "loss" in r and r["step"] != skipped[0]["step"])
+    assert np.isfinite(json.loads((out / "eval.json").read_text())["val_loss"])
+
+
+def test_nonfinite_problem_names_rank_and_term():
+    from tailkd_ray.train import nonfinite_problem
+
+    finite = torch.tensor([[6.0, 4.0, 2.0, 2.0, 0.0], [5.0, 3.0, 2.0, 2.0, 0.0]])
+    assert nonfinite_problem(3, finite, 1.5) is None
+    bad = finite.clone()
+    bad[1, 1] = float("inf")
+    message = nonfinite_problem(3, bad, 1.5)
+    assert message.startswith("step 3: rank 1: CLM not finite") and "rank 0" not in message
+    assert "gradient norm nan" in nonfinite_problem(3, finite, float("nan"))

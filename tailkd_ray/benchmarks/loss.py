@@ -5,18 +5,26 @@ the same full teacher logits, and TAD-from-summary vs top-K KD on the same summa
 (variants interleaved, order alternating, median of paired ratios after a warmup). Then the peak extra
 memory of the chunked loss vs a naive full-logit KD (``hidden @ W.T`` + ``F.kl_div``) at several token
 counts. Goals: time ratios ≤ 1.03, memory ≥ 8× lower and flat as the token count grows.
+
+``--baseline-rev REV`` also times every variant with ``losses.py`` as it was at git revision REV, interleaved
+with today's, and reports today / REV per variant (e.g. the cost of a numerics fix, or a speed-up).
 """
 
 from __future__ import annotations
 
 import math
 import statistics
+import subprocess
+import sys
+import types
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from tailkd_ray.benchmarks.measure import log, paired_ratio, peak_extra_bytes, time_interleaved
+import tailkd_ray.losses
 from tailkd_ray.losses import distill_objective
 from tailkd_ray.summary import TeacherSummary, summarize
 
@@ -47,6 +55,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--k", type=int, default=10, help="TAD / top-K K (default 10)")
     parser.add_argument("--beta", type=float, default=1.0, help="TAD β (default 1)")
     parser.add_argument("--profile", action="store_true", help="also torch.profiler one step of each variant")
+    parser.add_argument("--baseline-rev", help="also time losses.py at this git revision, side by side (today / REV)")
 
 
 @dataclass
@@ -78,13 +87,28 @@ def make_loss_inputs(args, tokens: int) -> LossInputs:
     return LossInputs(hidden, weight, targets, teacher_logits, summary)
 
 
-def chunked_step(inputs: LossInputs, kind: str, teacher: str, args):
-    """One forward+backward of ``distill_objective`` (CLM + divergence ``kind``), teacher = "logits" | "summary"."""
+def load_losses_at(rev: str) -> types.ModuleType:
+    """``tailkd_ray/losses.py`` as it was at git revision ``rev``, imported as a module of its own."""
+    source_file = Path(tailkd_ray.losses.__file__).resolve()
+    repo = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=source_file.parent, capture_output=True,
+                          text=True, check=True).stdout.strip()
+    path = source_file.relative_to(repo).as_posix()
+    shown = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=repo, capture_output=True, text=True)
+    if shown.returncode != 0:
+        raise SystemExit(f"--baseline-rev {rev}: git cannot show {path} there: {shown.stderr.strip()}")
+    module = types.ModuleType(f"losses_at_{rev}")
+    sys.modules[module.__name__] = module  # dataclasses look their module up here
+    exec(compile(shown.stdout, f"{rev}:{path}", "exec"), module.__dict__)
+    return module
+
+
+def chunked_step(inputs: LossInputs, kind: str, teacher: str, args, objective=distill_objective):
+    """One forward+backward of ``objective`` (CLM + divergence ``kind``), teacher = "logits" | "summary"."""
     source = inputs.teacher_logits if teacher == "logits" else inputs.summary
 
     def step():
         inputs.clear_grads()
-        out = distill_objective(inputs.hidden, inputs.weight, inputs.targets, source, kind=kind, k=args.k,
+        out = objective(inputs.hidden, inputs.weight, inputs.targets, source, kind=kind, k=args.k,
                                 beta=args.beta, chunk_tokens=args.chunk_tokens)
         out.loss.backward()
         return out.loss.detach()
@@ -124,11 +148,17 @@ def run(args) -> dict:
         f"K={args.k}, β={args.beta}, summary M={args.top_m} S={args.tail_samples}, device={device}")
     inputs = make_loss_inputs(args, args.tokens)
     steps = {name: chunked_step(inputs, kind, teacher, args) for name, (kind, teacher) in TIMED_VARIANTS.items()}
+    if args.baseline_rev:
+        baseline = load_losses_at(args.baseline_rev).distill_objective
+        steps.update({f"{name}@{args.baseline_rev}": chunked_step(inputs, kind, teacher, args, baseline)
+                      for name, (kind, teacher) in TIMED_VARIANTS.items()})
     log(f"[loss] timing {', '.join(steps)}: {args.warmup} warmup + {args.repeats} interleaved repeats")
     timings = time_interleaved(steps, repeats=args.repeats, warmup=args.warmup, device=device, progress=log)
     ratios = [dict(paired_ratio(timings, a, b), goal=TIME_RATIO_GOAL) for a, b in TIME_PAIRS]
     for ratio in ratios:
         ratio["meets_goal"] = ratio["median_of_paired_ratios"] <= TIME_RATIO_GOAL
+    versus_baseline = ([paired_ratio(timings, name, f"{name}@{args.baseline_rev}") for name in TIMED_VARIANTS]
+                       if args.baseline_rev else [])
     profiles = profile_pairs(inputs, args) if args.profile else None
     del inputs, steps
     memory = bench_memory(args, device)
@@ -137,6 +167,7 @@ def run(args) -> dict:
                                                            "top_m", "tail_samples", "repeats", "warmup", "seed")},
         "step_seconds": {name: {"median": statistics.median(ts), "raw": ts} for name, ts in timings.items()},
         "time_ratios": ratios,
+        "versus_baseline": versus_baseline,
         "memory": memory,
         "profiles": profiles,
     }
@@ -199,6 +230,9 @@ def print_table(result: dict) -> None:
     for r in result["time_ratios"]:
         log(f"  {r['numerator'] + ' / ' + r['denominator']:26s} {r['median_of_paired_ratios']:10.3f}  "
             f"{r['ratio_of_medians']:14.3f}  ≤ {r['goal']:.2f}  {'yes' if r['meets_goal'] else 'NO'}")
+    for r in result["versus_baseline"]:
+        log(f"  {r['numerator'] + ' / ' + r['denominator']:26s} {r['median_of_paired_ratios']:10.3f}  "
+            f"{r['ratio_of_medians']:14.3f}")
     memory = result["memory"]
     names = list(memory["rows"][0]["peak_bytes"])
     log(f"\npeak extra memory, MiB ({memory['method']})")
