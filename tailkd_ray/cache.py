@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 
 from tailkd_ray.config import Config
 from tailkd_ray.errors import CacheError, ConfigError, DataError
-from tailkd_ray.summary import FIELDS, TeacherSummary, bytes_per_position
+from tailkd_ray.core.summary import FIELDS, TeacherSummary, bytes_per_position
 from tailkd_ray.teacher import block_hashes, input_ids_matrix, score_dataset
 
 log = logging.getLogger(__name__)

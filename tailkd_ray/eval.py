@@ -29,8 +29,8 @@ from typing import Callable, Iterable, Mapping, Optional, Union
 import torch
 from torch import Tensor
 
-from tailkd_ray.losses import forward_kl_loss
-from tailkd_ray.summary import FIELDS, TeacherSummary
+from tailkd_ray.core.losses import forward_kl_loss
+from tailkd_ray.core.summary import FIELDS, TeacherSummary
 
 EVAL_KEYS = ("val_loss", "val_ppl", "kl_to_teacher", "top1_agreement", "full_ece", "tail_mass_student",
              "tail_mass_teacher", "tokens")

@@ -24,7 +24,7 @@ import torch
 from tailkd_ray.config import Config
 from tailkd_ray.errors import ConfigError, DataError, NonFiniteLogitsError, VocabularyError
 from tailkd_ray.placement import require_teacher_placement, teacher_ray_options
-from tailkd_ray.summary import summarize
+from tailkd_ray.core.summary import summarize
 
 log = logging.getLogger(__name__)
 

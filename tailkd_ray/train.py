@@ -54,7 +54,7 @@ from torch import nn
 
 from tailkd_ray.config import Config, ConfigError, from_dict, to_dict
 from tailkd_ray.errors import NonFiniteLossError
-from tailkd_ray.summary import FIELDS, TeacherSummary
+from tailkd_ray.core.summary import FIELDS, TeacherSummary
 
 TEACHER_MODES = ("summary", "colocated", "none")
 StepHook = Callable[[int, int], None]  # (optimizer step just finished, world rank)
@@ -403,7 +403,7 @@ def _train_step(strategy, batches: Iterator[dict], cfg: Config, mode: str, teach
     """One optimizer step's forward/backward over ``grad_accum`` micro-batches; returns summed (loss, clm, div),
     the token count, and the seconds spent waiting for input (data pipeline, teacher pool) — a step starved
     of teacher summaries shows here, not in the compute time."""
-    from tailkd_ray.losses import distill_objective
+    from tailkd_ray.core.losses import distill_objective
 
     kwargs = asdict(cfg.loss)  # kind, k, beta, normalize, temperature, weight, chunk_tokens
     sums = torch.zeros(5, dtype=torch.float64)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tailkd_ray.summary import bytes_per_position
+from tailkd_ray.core.summary import bytes_per_position
 
 BENCH = Path(__file__).resolve().parents[1] / "jobs" / "bench.py"
 

@@ -15,7 +15,7 @@ import pytest
 from tailkd_ray.cache import (MANIFEST, open_cache, score_to_cache, summaries_for_training, teacher_identity)
 from tailkd_ray.config import load_config
 from tailkd_ray.errors import CacheError
-from tailkd_ray.summary import FIELDS, TEMPERATURE_KEY
+from tailkd_ray.core.summary import FIELDS, TEMPERATURE_KEY
 from tailkd_ray.teacher import block_hashes, score_dataset
 
 SEQ_LEN, TOP_M, TAIL, ROWS, SHARD_ROWS = 16, 6, 3, 14, 4

@@ -21,7 +21,7 @@ def test_old_import_locations_give_the_same_classes():
     from tailkd_ray.config import ConfigError as config_error
     from tailkd_ray.data import DataError as data_error
     from tailkd_ray.placement import PlacementError as placement_error
-    from tailkd_ray.summary import NonFiniteLogitsError as non_finite_error
+    from tailkd_ray.core.summary import NonFiniteLogitsError as non_finite_error
 
     assert (config_error, data_error, placement_error, non_finite_error) == (
         ConfigError, DataError, PlacementError, NonFiniteLogitsError)

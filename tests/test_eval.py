@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tailkd_ray.eval import EVAL_KEYS, evaluate
-from tailkd_ray.summary import summarize
+from tailkd_ray.core.summary import summarize
 
 V, D, B, T, K, BINS = 12, 6, 2, 5, 3, 10
 

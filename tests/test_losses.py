@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tailkd_ray.benchmarks.measure import peak_extra_bytes
-from tailkd_ray.losses import (
+from tailkd_ray.core.losses import (
     clm_loss,
     distill_objective,
     divergence_loss,
@@ -20,7 +20,7 @@ from tailkd_ray.losses import (
     tad_loss_from_summary,
     topk_kl_loss,
 )
-from tailkd_ray.summary import summarize
+from tailkd_ray.core.summary import summarize
 
 
 # ---------------------------------------------------------------------------------------------

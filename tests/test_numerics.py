@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tailkd_ray.eval import metric_sums
-from tailkd_ray.losses import distill_objective, divergence_loss
-from tailkd_ray.summary import summarize
+from tailkd_ray.core.losses import distill_objective, divergence_loss
+from tailkd_ray.core.summary import summarize
 
 K = 10
 TAIL_MASSES = (1e-2, 1e-4, 1e-8, 1e-12, 1e-20, 1e-30)

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tailkd_ray.losses import tad_loss, tad_loss_from_summary
-from tailkd_ray.summary import (FIELDS, TEMPERATURE_KEY, NonFiniteLogitsError, TeacherSummary, bytes_per_position,
+from tailkd_ray.core.losses import tad_loss, tad_loss_from_summary
+from tailkd_ray.core.summary import (FIELDS, TEMPERATURE_KEY, NonFiniteLogitsError, TeacherSummary, bytes_per_position,
                                 summarize)
 
 
@@ -165,7 +165,7 @@ def test_far_tail_of_a_peaked_teacher_does_not_underflow():
 def test_chunked_summary_equals_one_pass(monkeypatch):
     """summarize() works on bounded chunks of positions; rows are independent, so chunking changes nothing —
     including where a non-finite position is reported."""
-    import tailkd_ray.summary as summary_module
+    import tailkd_ray.core.summary as summary_module
 
     z = teacher_logits(shape=(3, 5, 40))
     whole = summarize(z, top_m=6, tail_samples=3, generator=torch.Generator().manual_seed(0))

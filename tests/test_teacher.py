@@ -16,7 +16,7 @@ import torch
 
 from tailkd_ray.config import load_config
 from tailkd_ray.errors import ConfigError, DataError, NonFiniteLogitsError, VocabularyError, find_tailkd_error
-from tailkd_ray.summary import FIELDS, summarize
+from tailkd_ray.core.summary import FIELDS, summarize
 from tailkd_ray.teacher import (TeacherScorer, block_hashes, check_vocab_compatible, format_block_hash,
                                 row_generator_seed,
                                 score_dataset, scorer_kwargs, teacher_map_args)

@@ -13,7 +13,7 @@ import torch
 from ray import cloudpickle
 
 from tailkd_ray.config import from_dict
-from tailkd_ray.summary import summarize
+from tailkd_ray.core.summary import summarize
 
 pytestmark = pytest.mark.ray
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the fault-injection hook travels to workers

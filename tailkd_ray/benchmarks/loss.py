@@ -24,9 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from tailkd_ray.benchmarks.measure import log, paired_ratio, peak_extra_bytes, time_interleaved
-import tailkd_ray.losses
-from tailkd_ray.losses import distill_objective
-from tailkd_ray.summary import TeacherSummary, summarize
+from tailkd_ray.core.losses import distill_objective
+from tailkd_ray.core.summary import TeacherSummary, summarize
 
 NAME = "loss"
 HELP = "step time ratios and peak memory of the chunked loss"
@@ -88,17 +87,21 @@ def make_loss_inputs(args, tokens: int) -> LossInputs:
 
 
 def load_losses_at(rev: str) -> types.ModuleType:
-    """``tailkd_ray/losses.py`` as it was at git revision ``rev``, imported as a module of its own."""
-    source_file = Path(tailkd_ray.losses.__file__).resolve()
-    repo = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=source_file.parent, capture_output=True,
+    """The losses module as it was at git revision ``rev`` (``tailkd_ray/core/losses.py``, before the core package
+    ``tailkd_ray/losses.py``), imported as a module of its own over today's ``TeacherSummary``."""
+    repo = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=Path(__file__).parent, capture_output=True,
                           text=True, check=True).stdout.strip()
-    path = source_file.relative_to(repo).as_posix()
-    shown = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=repo, capture_output=True, text=True)
-    if shown.returncode != 0:
-        raise SystemExit(f"--baseline-rev {rev}: git cannot show {path} there: {shown.stderr.strip()}")
+    for path in ("tailkd_ray/core/losses.py", "tailkd_ray/losses.py"):
+        shown = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=repo, capture_output=True, text=True)
+        if shown.returncode == 0:
+            break
+    else:
+        raise SystemExit(f"--baseline-rev {rev}: git cannot show the losses module there: {shown.stderr.strip()}")
+    # Old revisions import the summary from its old home; the benchmark's inputs are today's TeacherSummary.
+    source = shown.stdout.replace("from tailkd_ray.summary import", "from tailkd_ray.core.summary import")
     module = types.ModuleType(f"losses_at_{rev}")
     sys.modules[module.__name__] = module  # dataclasses look their module up here
-    exec(compile(shown.stdout, f"{rev}:{path}", "exec"), module.__dict__)
+    exec(compile(source, f"{rev}:{path}", "exec"), module.__dict__)
     return module
 
 

@@ -164,7 +164,7 @@ def plain_variant(args, root: Path, teacher_dir: Path, blocks: np.ndarray, threa
     """The single-process loop: teacher logits and exact TAD in this process, no Ray, ``threads`` threads."""
     from contextlib import nullcontext
 
-    from tailkd_ray.losses import distill_objective
+    from tailkd_ray.core.losses import distill_objective
     from tailkd_ray.models import StudentWithHead, build_student, load_teacher
     from tailkd_ray.train import peak_memory_mb
 

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from tailkd_ray.benchmarks.measure import log, small_llama_config, summary_stats
-from tailkd_ray.losses import tad_loss, tad_loss_from_summary
-from tailkd_ray.summary import bytes_per_position, summarize
+from tailkd_ray.core.losses import tad_loss, tad_loss_from_summary
+from tailkd_ray.core.summary import bytes_per_position, summarize
 
 NAME = "summary"
 HELP = "summary bytes and loss/gradient fidelity vs the exact loss"

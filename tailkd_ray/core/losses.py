@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from tailkd_ray.summary import FIELDS, TeacherSummary
+from tailkd_ray.core.summary import FIELDS, TeacherSummary
 
 Teacher = Union[Tensor, TeacherSummary, None]
 KINDS = ("tad", "kd", "rkl", "topk", "clm")
