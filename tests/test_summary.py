@@ -1,5 +1,5 @@
 """The teacher summary: top-M, rest mass, far-tail samples, Arrow round trip, its recorded temperature, unbiased
-far-tail KL."""
+far-tail KL; the same summary from hidden states and the LM head (summarize_hidden) as from full logits."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 
 from tailkd_ray.core.losses import tad_loss, tad_loss_from_summary
 from tailkd_ray.core.summary import (FIELDS, TEMPERATURE_KEY, NonFiniteLogitsError, TeacherSummary, bytes_per_position,
-                                summarize)
+                                summarize, summarize_hidden)
 
 
 def teacher_logits(seed=0, shape=(2, 3, 50), scale=3.0):
@@ -176,3 +176,87 @@ def test_chunked_summary_equals_one_pass(monkeypatch):
     z[2, 3, :] = float("-inf")  # in the seventh chunk
     with pytest.raises(ValueError, match=r"position \(2, 3\)"):
         summarize(z, top_m=6)
+
+
+def lm_head(seed=0, shape=(2, 5, 16), vocab=60, dtype=torch.float64, bias=True):
+    """Hidden states [*shape], an LM head weight [vocab, d] and bias [vocab] (or None) scaled to give logits of a
+    few units, as a trained teacher's."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(*shape, generator=g, dtype=torch.float64)
+    weight = torch.randn(vocab, shape[-1], generator=g, dtype=torch.float64) * (3.0 / math.sqrt(shape[-1]))
+    b = torch.randn(vocab, generator=g, dtype=torch.float64) if bias else None
+    return hidden.to(dtype), weight.to(dtype), None if b is None else b.to(dtype)
+
+
+def assert_same_summary(actual: TeacherSummary, expected: TeacherSummary) -> None:
+    for name in ("top_ids", "tail_ids"):
+        assert torch.equal(getattr(actual, name), getattr(expected, name)), name
+    for name in ("top_logp", "rest_logmass", "tail_logp"):
+        torch.testing.assert_close(getattr(actual, name), getattr(expected, name), rtol=1e-6, atol=1e-6, msg=name)
+    assert actual.temperature == expected.temperature
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("temperature", [1.0, 1.7])
+@pytest.mark.parametrize("chunk_tokens", [3, 4, 10, None])  # 3 and 4 do not divide the 10 positions
+def test_summarize_hidden_equals_summarize_on_full_logits(dtype, bias, temperature, chunk_tokens):
+    hidden, weight, b = lm_head(dtype=dtype, bias=bias)
+    uniforms = torch.rand(2, 5, 6, generator=torch.Generator().manual_seed(1))
+    logits = hidden @ weight.T + (0 if b is None else b)
+    args = dict(top_m=7, tail_samples=6, temperature=temperature, uniforms=uniforms, logp_dtype=torch.float32)
+    lean = summarize_hidden(hidden, weight, b, chunk_tokens=chunk_tokens, **args)
+    assert lean.shape == (2, 5) and lean.top_m == 7 and lean.tail_samples == 6
+    assert_same_summary(lean, summarize(logits, **args))
+
+
+def test_summarize_hidden_in_bf16_equals_summarize_on_the_heads_bf16_logits():
+    """A bf16 teacher: the LM head runs in bf16 as the model's own forward does, the log-softmax in float32."""
+    hidden, weight, b = lm_head(dtype=torch.bfloat16, shape=(3, 7, 32), vocab=200)
+    args = dict(top_m=8, tail_samples=4, uniforms=torch.rand(3, 7, 4, generator=torch.Generator().manual_seed(2)))
+    lean = summarize_hidden(hidden, weight, b, chunk_tokens=5, **args)
+    assert lean.top_logp.dtype == torch.float16
+    assert_same_summary(lean, summarize(torch.nn.functional.linear(hidden, weight, b), **args))
+
+
+def test_summarize_hidden_applies_a_final_logit_softcap():
+    hidden, weight, b = lm_head()
+    hidden = hidden * 4  # logits of tens: well inside tanh's curved part at cap 10
+    args = dict(top_m=5, tail_samples=3, uniforms=torch.rand(2, 5, 3, generator=torch.Generator().manual_seed(3)),
+                logp_dtype=torch.float32)
+    capped = 10.0 * torch.tanh((hidden @ weight.T + b) / 10.0)
+    lean = summarize_hidden(hidden, weight, b, softcap=10.0, chunk_tokens=3, **args)
+    assert_same_summary(lean, summarize(capped, **args))
+    assert not torch.allclose(summarize_hidden(hidden, weight, b, **args).top_logp, lean.top_logp)
+
+
+def test_summarize_hidden_draws_the_same_samples_from_one_generator():
+    hidden, weight, b = lm_head()
+    lean = summarize_hidden(hidden, weight, b, top_m=4, tail_samples=5, chunk_tokens=3,
+                            generator=torch.Generator().manual_seed(7))
+    full = summarize(hidden @ weight.T + b, top_m=4, tail_samples=5, generator=torch.Generator().manual_seed(7))
+    assert_same_summary(lean, full)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_summarize_hidden_names_a_non_finite_position_as_summarize_does(bad):
+    hidden, weight, b = lm_head()
+    hidden[1, 2, 3] = bad  # a whole logits row non-finite, in the second chunk of 4 positions
+    with pytest.raises(NonFiniteLogitsError) as full:
+        summarize(hidden @ weight.T + b, top_m=4)
+    with pytest.raises(NonFiniteLogitsError, match=r"position \(1, 2\)") as lean:
+        summarize_hidden(hidden, weight, b, top_m=4, chunk_tokens=4)
+    assert lean.value.position == full.value.position == (1, 2) and lean.value.token == full.value.token
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(hidden=torch.zeros(2, 5, 15, dtype=torch.float64)), "width 15"),
+    (dict(hidden=torch.zeros(2, 5, 16, dtype=torch.float32)), "float32"),
+    (dict(lm_head_bias=torch.zeros(59, dtype=torch.float64)), "lm_head_bias"),
+    (dict(softcap=0.0), "softcap"), (dict(chunk_tokens=0), "chunk_tokens"), (dict(top_m=61), "top_m"),
+])
+def test_summarize_hidden_invalid_arguments(change, match):
+    hidden, weight, b = lm_head()
+    args = dict(hidden=hidden, lm_head_weight=weight, lm_head_bias=b, top_m=4) | change
+    with pytest.raises(ValueError, match=match):
+        summarize_hidden(**args)

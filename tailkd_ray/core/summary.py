@@ -10,7 +10,9 @@ For each token position the teacher distribution p = softmax(z / τ) is summaris
 - ``tail_logp [S]`` (float16 / float32): log p of those ids.
 
 Any K ≤ M can be trained from one summary, since α_K = α_M + Σ_{ranks K+1..M} p is exact: one teacher
-pass serves a whole K/β search. The summary is pure torch + pyarrow (no Ray).
+pass serves a whole K/β search. ``summarize`` builds it from logits, ``summarize_hidden`` from the teacher's
+final hidden states and LM head chunk by chunk (a lean teacher never holds its [positions, V] logits). The
+summary is pure torch + pyarrow (no Ray).
 
 The log-probs are at the scoring temperature τ, which the summary records (``temperature``; Arrow schema
 metadata ``tailkd.temperature`` on disk) so a loss at another τ can be refused. Ray Data batches (dicts of
@@ -19,13 +21,15 @@ numpy arrays) drop it: there the cache manifest or the config that scored the ro
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import numpy as np
 import pyarrow as pa
 import torch
+import torch.nn.functional as F
 
 from tailkd_ray.errors import NonFiniteLogitsError  # re-exported: callers import it from here too
 
@@ -128,7 +132,7 @@ def _unfixed(column: pa.Array | pa.ChunkedArray, rows: int) -> np.ndarray:
     return values.to_numpy(zero_copy_only=False).reshape(rows, -1)
 
 
-SUMMARY_CHUNK_BYTES = 2**30  # float32 [positions, V] buffer size that ``summarize`` works in (two are alive)
+SUMMARY_CHUNK_BYTES = 2**28  # float32 [positions, V] buffer size that summaries are computed in (two are alive)
 
 
 @torch.inference_mode()
@@ -154,7 +158,76 @@ def summarize(
     (or are all −inf).
     """
     vocab = teacher_logits.shape[-1]
-    leading = tuple(teacher_logits.shape[:-1])
+    logits = teacher_logits.reshape(-1, vocab)
+    return _summarize_chunks(lambda rows: logits[rows], tuple(teacher_logits.shape[:-1]), vocab,
+                             teacher_logits.device, _default_chunk_rows(vocab), top_m=top_m,
+                             tail_samples=tail_samples, temperature=temperature, generator=generator,
+                             logp_dtype=logp_dtype, uniforms=uniforms)
+
+
+@torch.inference_mode()
+def summarize_hidden(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    lm_head_bias: Optional[torch.Tensor] = None,
+    *,
+    top_m: int,
+    tail_samples: int = 0,
+    temperature: float = 1.0,
+    softcap: Optional[float] = None,
+    generator: Optional[torch.Generator] = None,
+    logp_dtype: torch.dtype = torch.float16,
+    uniforms: Optional[torch.Tensor] = None,
+    chunk_tokens: Optional[int] = None,
+) -> TeacherSummary:
+    """``summarize`` of the logits ``hidden @ lm_head_weight.T + lm_head_bias`` (then ``softcap · tanh(z /
+    softcap)`` when ``softcap`` is set, as Gemma 2's ``final_logit_softcapping``), computed from the teacher's
+    final hidden states ``[..., d]`` ``chunk_tokens`` positions at a time: the [positions, V] logits are never
+    held whole (peak ≈ two float32 [chunk_tokens, V] buffers, logits and log-probs, plus the head's own output
+    when it is not float32). The LM head runs in the weight's dtype (e.g. bf16 on GPU), the log-softmax in
+    float32.
+
+    Same arguments, summary and ``NonFiniteLogitsError`` as ``summarize``: with the same ``uniforms`` it gives
+    the same summary as ``summarize`` on the full logits. ``chunk_tokens`` defaults to the positions of one
+    ``SUMMARY_CHUNK_BYTES`` float32 buffer.
+    """
+    vocab, width = lm_head_weight.shape
+    if hidden.shape[-1] != width:
+        raise ValueError(f"hidden states have width {hidden.shape[-1]} but the LM head weight is [V, d] = "
+                         f"{tuple(lm_head_weight.shape)}; pass the final (post-norm) hidden states of the same model")
+    if hidden.dtype != lm_head_weight.dtype:
+        raise ValueError(f"hidden states are {hidden.dtype} but the LM head weight is {lm_head_weight.dtype}; "
+                         f"cast one to the other (the model's own forward uses one dtype)")
+    if lm_head_bias is not None and tuple(lm_head_bias.shape) != (vocab,):
+        raise ValueError(f"lm_head_bias must have shape ({vocab},), got {tuple(lm_head_bias.shape)}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be > 0 (or None: no capping), got {softcap}")
+    if chunk_tokens is not None and chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1 (or None: the default), got {chunk_tokens}")
+    states = hidden.reshape(-1, width)
+
+    def chunk_logits(rows: slice) -> torch.Tensor:
+        logits = F.linear(states[rows], lm_head_weight, lm_head_bias)
+        # The model's own op order and dtype, so the logits match its forward's.
+        return logits if softcap is None else torch.tanh(logits / softcap) * softcap
+
+    return _summarize_chunks(chunk_logits, tuple(hidden.shape[:-1]), vocab, hidden.device,
+                             chunk_tokens or _default_chunk_rows(vocab), top_m=top_m, tail_samples=tail_samples,
+                             temperature=temperature, generator=generator, logp_dtype=logp_dtype, uniforms=uniforms)
+
+
+def _default_chunk_rows(vocab: int) -> int:
+    return max(1, SUMMARY_CHUNK_BYTES // (4 * vocab))
+
+
+def _summarize_chunks(chunk_logits: Callable[[slice], torch.Tensor], leading: tuple, vocab: int,
+                      device: torch.device, chunk_rows: int, *, top_m: int, tail_samples: int, temperature: float,
+                      generator: Optional[torch.Generator], logp_dtype: torch.dtype,
+                      uniforms: Optional[torch.Tensor]) -> TeacherSummary:
+    """The summary of positions [*leading] whose logits rows ``chunk_logits(rows)`` [rows, V] gives, ``chunk_rows``
+    positions at a time: float32 working memory stays ~2 × SUMMARY_CHUNK_BYTES whatever the batch (a 4 × 4096
+    batch at V = 151,936 would otherwise need 2 × 10 GB); rows are independent, so chunking changes nothing.
+    (441 positions per chunk at V = 151,936: on CPU, chunks of 128-512 positions ran no slower than 1,766.)"""
     if not 1 <= top_m <= vocab:
         raise ValueError(f"top_m must be in [1, vocab={vocab}], got {top_m}")
     if tail_samples < 0:
@@ -165,19 +238,16 @@ def summarize(
         raise ValueError(f"logp_dtype must be torch.float16 or torch.float32, got {logp_dtype}")
     if uniforms is not None and tuple(uniforms.shape) != (*leading, tail_samples):
         raise ValueError(f"uniforms must have shape {(*leading, tail_samples)}, got {tuple(uniforms.shape)}")
-    logits = teacher_logits.reshape(-1, vocab)
-    rows = logits.shape[0]
+    rows = math.prod(leading)
     if uniforms is None:
-        uniforms = torch.rand(rows, tail_samples, generator=generator, device=logits.device)
-    uniforms = uniforms.reshape(rows, tail_samples).to(logits.device, torch.float32)
-    # Positions in chunks: float32 working memory stays ~2 × SUMMARY_CHUNK_BYTES whatever the batch (a 4 × 4096
-    # batch at V = 151,936 would otherwise need 2 × 10 GB); rows are independent, so chunking changes nothing.
-    step = max(1, SUMMARY_CHUNK_BYTES // (4 * vocab))
+        uniforms = torch.rand(rows, tail_samples, generator=generator, device=device)
+    uniforms = uniforms.reshape(rows, tail_samples).to(device, torch.float32)
     chunks = []
-    for start in range(0, rows, step):
-        chunk = _summarize_rows(logits[start:start + step], uniforms[start:start + step], top_m, temperature)
+    for start in range(0, rows, chunk_rows):
+        logits = chunk_logits(slice(start, start + chunk_rows))
+        chunk = _summarize_rows(logits, uniforms[start:start + chunk_rows], top_m, temperature)
         if isinstance(chunk, int):
-            raise _non_finite_error(teacher_logits, start + chunk, leading)
+            raise _non_finite_error(logits[chunk], start + chunk, leading)
         chunks.append(chunk)
     top_logp, top_ids, rest_logmass, tail_ids, tail_logp = (torch.cat(column) for column in zip(*chunks))
 
@@ -217,13 +287,12 @@ def _summarize_rows(logits: torch.Tensor, uniforms: torch.Tensor, top_m: int, te
     return top_logp, top_ids, rest_logmass, tail_ids, tail_logp
 
 
-def _non_finite_error(teacher_logits: torch.Tensor, row: int, leading: tuple) -> "NonFiniteLogitsError":
-    """The error naming the first position whose logits hold NaN or +inf (else ``row``, whose logits are all −inf)."""
-    bad = torch.isnan(teacher_logits) | (teacher_logits == float("inf"))
-    if bad.any():
-        first = bad.nonzero()[0].tolist()
-        return NonFiniteLogitsError(tuple(first[:-1]), first[-1])
-    return NonFiniteLogitsError(tuple(int(i) for i in torch.unravel_index(torch.tensor(row), leading)), None)
+def _non_finite_error(row_logits: torch.Tensor, row: int, leading: tuple) -> "NonFiniteLogitsError":
+    """The error naming position ``row`` (flat index into ``leading``) and its first NaN or +inf vocabulary entry
+    (None: its logits are all −inf)."""
+    position = tuple(int(i) for i in torch.unravel_index(torch.tensor(row), leading))
+    bad = (torch.isnan(row_logits) | (row_logits == float("inf"))).nonzero()
+    return NonFiniteLogitsError(position, int(bad[0]) if len(bad) else None)
 
 
 def _far_tail(rest: torch.Tensor, far_max: torch.Tensor, uniforms: torch.Tensor):
