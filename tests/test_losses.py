@@ -242,7 +242,8 @@ def test_bf16_inputs_accumulate_in_float32():
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["tad", "kd", "rkl", "topk", "clm"])
 @pytest.mark.parametrize("chunk_tokens", [1, 3, 7, 1000])
-def test_chunked_equals_logits_path(kind, chunk_tokens):
+@pytest.mark.parametrize("normalize", [True, False])
+def test_chunked_equals_logits_path(kind, chunk_tokens, normalize):
     g = torch.Generator().manual_seed(23)
     B, T, d, V = 2, 5, 6, 21
     hidden = torch.randn(B, T, d, generator=g, dtype=torch.float64, requires_grad=True)
@@ -251,7 +252,7 @@ def test_chunked_equals_logits_path(kind, chunk_tokens):
     teacher = torch.randn(B, T, V, generator=g, dtype=torch.float64) * 2
     targets = torch.randint(0, V, (B, T), generator=g)
     mask = torch.rand(B, T, generator=g) > 0.3
-    opts = dict(k=4, beta=1.7, temperature=1.4)
+    opts = dict(k=4, beta=1.7, temperature=1.4, normalize=normalize)
     out = distill_objective(hidden, weight, targets, teacher, kind=kind, mask=mask, chunk_tokens=chunk_tokens,
                             weight=0.7, lm_head_bias=bias, **opts)
     logits = hidden @ weight.T + bias
@@ -266,19 +267,20 @@ def test_chunked_equals_logits_path(kind, chunk_tokens):
 
 
 @pytest.mark.parametrize("chunk_tokens", [2, 5, 64])
-def test_chunked_summary_equals_logits_path(chunk_tokens):
+@pytest.mark.parametrize("kind", ["tad", "kd", "topk"])
+def test_chunked_summary_equals_logits_path(chunk_tokens, kind):
     g = torch.Generator().manual_seed(29)
     B, T, d, V = 2, 6, 5, 30
     hidden = torch.randn(B, T, d, generator=g, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(V, d, generator=g, dtype=torch.float64, requires_grad=True)
     summary = summarize(torch.randn(B, T, V, generator=g) * 3, top_m=8, tail_samples=5, generator=g)
     targets = torch.randint(0, V, (B, T), generator=g)
-    out = distill_objective(hidden, weight, targets, summary, kind="tad", k=4, beta=2.0, chunk_tokens=chunk_tokens)
+    out = distill_objective(hidden, weight, targets, summary, kind=kind, k=4, beta=2.0, chunk_tokens=chunk_tokens)
     logits = hidden @ weight.T
-    want = clm_loss(logits, targets) + tad_loss_from_summary(logits, summary, k=4, beta=2.0)
+    want = clm_loss(logits, targets) + divergence_loss(logits, summary, kind=kind, k=4, beta=2.0)
     assert out.loss.item() == pytest.approx(want.item(), rel=1e-10)
     for a, b in zip(torch.autograd.grad(out.loss, (hidden, weight)), torch.autograd.grad(want, (hidden, weight))):
-        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("teacher_kind", ["logits", "summary"])

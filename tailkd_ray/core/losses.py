@@ -47,7 +47,6 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from tailkd_ray.core.summary import FIELDS, TeacherSummary
 
@@ -320,7 +319,7 @@ def clm_loss(student_logits: Tensor, targets: Tensor, *, mask: Optional[Tensor] 
 
 
 # --------------------------------------------------------------------------------------------------
-# Chunked training path: hidden states + LM head, O(chunk × V) peak memory, recompute in backward
+# Chunked training path: hidden states + LM head, O(chunk × V) peak memory, one pass (no recompute)
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class ObjectiveOutput:
@@ -332,36 +331,183 @@ class ObjectiveOutput:
     tokens: int
 
 
-def _chunk_terms(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, teacher_fields: tuple,
-                 positions: Tensor, top_ids: Optional[Tensor], kind: str, k: int, temperature: float):
-    """One chunk: logits → log-softmax → CLM and divergence terms (recomputed in backward).
+@dataclass
+class _ChunkPlan:
+    """What every chunk of the objective needs besides the student's hidden states and LM head: flat (valid
+    positions only) targets and teacher, the per-token tail weights w (TAD), the exact teacher's top-K ids."""
 
-    ``teacher_fields`` are the whole flat teacher (views); this chunk's ``positions`` are gathered here, inside
-    the checkpoint, so that no chunk's teacher copy stays alive until backward.
-    """
-    logits = F.linear(hidden, weight, bias)
-    logq = _log_softmax(logits, temperature, _compute_dtype(logits))
-    # CLM is always at τ = 1; reuse the log-softmax when τ = 1 (the common case).
-    logq_clm = logq if temperature == 1.0 else _log_softmax(logits, 1.0, logq.dtype)
-    clm = -logq_clm.gather(-1, targets[:, None]).squeeze(-1)
-    teacher = _teacher_from_fields(tuple(f[positions] for f in teacher_fields))
-    div, tail, alpha = _token_terms(logq, teacher, kind=kind, k=k, temperature=temperature, top_ids=top_ids)
-    return (clm, div) if tail is None else (clm, div, tail, alpha)
+    targets: Tensor  # [N]
+    teacher: Teacher  # flat over all B·T positions (views): [B·T, V] logits, a flat TeacherSummary, or None
+    positions: Tensor  # [N]: the valid positions' rows of ``teacher`` (gathered per chunk, never all at once)
+    tail_weights: Optional[Tensor]  # [N] (TAD) or None
+    log_alpha: Optional[Tensor]  # [N] log α_K (TAD) or None
+    top_ids: Optional[Tensor]  # [N, K] (exact TAD) or None
+    kind: str
+    k: int
+    temperature: float
+    weight: float
+    chunk_tokens: int
+
+    def chunk_losses(self, hidden: Tensor, lm_weight: Tensor, bias: Optional[Tensor], part: slice):
+        """Per-token (CLM, divergence) of the positions ``part``; divergence = L_DIV, tail weight applied."""
+        logits = F.linear(hidden, lm_weight, bias)
+        logq = _log_softmax(logits, self.temperature, _compute_dtype(logits))
+        # CLM is always at τ = 1; reuse the log-softmax when τ = 1 (the common case).
+        logq_clm = logq if self.temperature == 1.0 else _log_softmax(logits, 1.0, logq.dtype)
+        clm = -logq_clm.gather(-1, self.targets[part, None]).squeeze(-1)
+        teacher = _take_flat(self.teacher, self.positions[part])
+        top_ids = None if self.top_ids is None else self.top_ids[part]
+        div, tail, _ = _token_terms(logq, teacher, kind=self.kind, k=self.k, temperature=self.temperature,
+                                    top_ids=top_ids)
+        return clm, div if tail is None else div + self.tail_weights[part] * tail
+
+    @property
+    def analytic(self) -> bool:
+        """Whether ``chunk_losses_and_grad`` covers this plan: CLM alone or any kind with full teacher logits."""
+        return self.teacher is None or isinstance(self.teacher, Tensor)
+
+    def chunk_losses_and_grad(self, logits: Tensor, part: slice) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-token (CLM, divergence) and d(Σ CLM + weight·Σ div)/d logits, in closed form (no autograd graph).
+
+        With z the student logits, q = softmax(z/τ), q¹ = softmax(z) and G = ∂L_DIV/∂(z/τ) per token:
+        ∂CLM/∂z = q¹ − onehot(y); kd: G = q − p; rkl: G = q (log q − log p − KL(q‖p)); topk: G = q̂ − p̂ on T_K, 0
+        elsewhere; tad: G = q − p on T_K and q (1 − (α_K/b_K)(1 − w)) − w p off T_K (w the token's tail weight).
+        """
+        dtype = _compute_dtype(logits)
+        logq = _log_softmax(logits, self.temperature, dtype)
+        q = logq.exp()
+        logq_clm, q_clm = (logq, q) if self.temperature == 1.0 else _log_softmax_and_probs(logits, dtype)
+        targets = self.targets[part, None]
+        clm = -logq_clm.gather(-1, targets).squeeze(-1)
+        if self.teacher is None:
+            div, grad = torch.zeros_like(clm), q_clm.clone()
+        else:
+            teacher = self.teacher[self.positions[part]]
+            div, grad = self._divergence_and_grad(logq, q, teacher, part)
+            grad.mul_(self.weight / self.temperature).add_(q_clm)
+        grad.scatter_add_(-1, targets, torch.full_like(clm[:, None], -1.0))
+        return clm, div, grad
+
+    def _divergence_and_grad(self, logq: Tensor, q: Tensor, teacher_logits: Tensor, part: slice):
+        """(L_DIV per token, G) for full teacher logits; see ``chunk_losses_and_grad``."""
+        # -inf teacher logits (a masked vocabulary) give p = 0; clamping keeps 0 · (log p − log q) at 0, not NaN.
+        logp = _log_softmax(teacher_logits, self.temperature, logq.dtype).clamp_(min=torch.finfo(logq.dtype).min)
+        p = logp.exp()
+        if self.kind == "topk":
+            logp_top, top_ids = logp.topk(self.k, dim=-1, sorted=False)
+            logq_top = logq.gather(-1, top_ids)
+            log_p_hat = logp_top - logp_top.logsumexp(-1, keepdim=True)
+            log_q_hat = logq_top - logq_top.logsumexp(-1, keepdim=True)
+            p_hat = log_p_hat.exp()
+            div = (p_hat * (log_p_hat - log_q_hat)).sum(-1)
+            return div, torch.zeros_like(q).scatter_(-1, top_ids, log_q_hat.exp() - p_hat)
+        diff = logp - logq  # log p − log q
+        if self.kind == "kd":
+            return torch.linalg.vecdot(p, diff), q - p
+        if self.kind == "rkl":
+            div = -torch.linalg.vecdot(q, diff)
+            return div, -q * (diff + div[:, None])
+        # tad
+        ids, w, log_alpha = self.top_ids[part], self.tail_weights[part], self.log_alpha[part]
+        p_top, q_top = p.gather(-1, ids), q.gather(-1, ids)
+        tail_kl = torch.linalg.vecdot(p.scatter(-1, ids, 0.0), diff)  # Σ_{i∉T_K} p_i (log p_i − log q_i)
+        log_b = log_mass_outside(logq, ids)
+        alpha = log_alpha.exp()
+        bucket = _weighted(alpha, log_alpha - log_b)  # α_K (log α_K − log b_K)
+        d_kl1 = (p_top * diff.gather(-1, ids)).sum(-1) + bucket
+        div = d_kl1 + w * (tail_kl - bucket)
+        grad = q * (1.0 - (log_alpha - log_b).exp() * (1.0 - w))[:, None]
+        grad.addcmul_(p, -w[:, None])
+        return div, grad.scatter_(-1, ids, q_top - p_top)
 
 
-def _teacher_fields(teacher: Teacher) -> tuple:
-    """The teacher as a flat tuple of tensors (what checkpoint can pass through); inverse below."""
+def _log_softmax_and_probs(logits: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    logq = _log_softmax(logits, 1.0, dtype)
+    return logq, logq.exp()
+
+
+def _take_flat(teacher: Teacher, part) -> Teacher:
+    """Rows ``part`` (a slice or index tensor) of a flat teacher."""
     if teacher is None:
-        return ()
-    if isinstance(teacher, TeacherSummary):
-        return tuple(getattr(teacher, name) for name in FIELDS)
-    return (teacher,)
-
-
-def _teacher_from_fields(fields: tuple) -> Teacher:
-    if not fields:
         return None
-    return fields[0] if len(fields) == 1 else TeacherSummary(*fields)
+    return teacher.map(lambda f: f[part]) if isinstance(teacher, TeacherSummary) else teacher[part]
+
+
+class _OnePassObjective(torch.autograd.Function):
+    """Σ over tokens of CLM + weight·L_DIV, and its gradients, in one pass over the chunks.
+
+    Each chunk's logits, loss and gradients (w.r.t. its hidden states, the LM-head weight and bias) are computed
+    in forward and the chunk's graph is freed at once; backward only scales the stored gradients. So every chunk
+    runs forward once (activation checkpointing ran it twice) and one chunk's [chunk, V] tensors are alive.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, lm_weight: Tensor, bias: Optional[Tensor], plan: _ChunkPlan):
+        grad_hidden = torch.empty_like(hidden)
+        # Summed over chunks in float32 whatever the parameter dtype (bf16 sums would drop small chunks' share).
+        grad_weight = torch.zeros(lm_weight.shape, dtype=_compute_dtype(lm_weight), device=lm_weight.device)
+        grad_bias = None if bias is None else torch.zeros(bias.shape, dtype=_compute_dtype(bias), device=bias.device)
+        sums = torch.zeros(2, dtype=torch.float64, device=hidden.device)  # Σ CLM, Σ divergence
+        for start in range(0, hidden.shape[0], plan.chunk_tokens):
+            part = slice(start, start + plan.chunk_tokens)
+            if plan.analytic:
+                clm, div, grads = _closed_form_chunk(hidden[part], lm_weight, bias, plan, part)
+            else:
+                with torch.enable_grad():
+                    inputs = [hidden[part].detach().requires_grad_(), lm_weight.detach().requires_grad_()]
+                    if bias is not None:
+                        inputs.append(bias.detach().requires_grad_())
+                    clm, div = plan.chunk_losses(*inputs[:2], inputs[2] if bias is not None else None, part)
+                    grads = torch.autograd.grad((clm + plan.weight * div).sum(), inputs)
+            grad_hidden[part] = grads[0]
+            grad_weight += grads[1]
+            if bias is not None:
+                grad_bias += grads[2]
+            sums += torch.stack([clm.detach().sum(), div.detach().sum()]).double()
+        ctx.save_for_backward(grad_hidden, grad_weight.to(lm_weight.dtype),
+                              None if bias is None else grad_bias.to(bias.dtype))
+        clm_sum, div_sum = sums[0].clone(), sums[1].clone()
+        ctx.mark_non_differentiable(clm_sum, div_sum)
+        return sums[0] + plan.weight * sums[1], clm_sum, div_sum
+
+    @staticmethod
+    def backward(ctx, grad_total: Tensor, _grad_clm, _grad_div):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        return (grad_hidden * grad_total.to(grad_hidden.dtype), grad_weight * grad_total.to(grad_weight.dtype),
+                None if grad_bias is None else grad_bias * grad_total.to(grad_bias.dtype), None)
+
+
+def _closed_form_chunk(hidden: Tensor, lm_weight: Tensor, bias: Optional[Tensor], plan: _ChunkPlan, part: slice):
+    """(CLM, divergence, gradients w.r.t. hidden, weight[, bias]) of one chunk from the logits' closed-form
+    gradient: two matmuls, no autograd graph over [chunk, V]."""
+    logits = F.linear(hidden, lm_weight, bias)
+    clm, div, grad_logits = plan.chunk_losses_and_grad(logits, part)
+    grad_logits = grad_logits.to(logits.dtype)  # the matmuls run in the forward's dtype (bf16 under autocast)
+    grads = [grad_logits @ lm_weight.to(logits.dtype), grad_logits.t() @ hidden.to(logits.dtype)]
+    if bias is not None:
+        grads.append(grad_logits.sum(0))
+    return clm, div, grads
+
+
+def _teacher_tail_plan(flat_teacher: Teacher, positions: Tensor, kind: str, k: int, temperature: float,
+                       chunk_tokens: int, dtype: torch.dtype):
+    """TAD's teacher-only inputs at ``positions``, before the chunks: log α_K per token (for β(X)) and, for exact
+    logits, the top-K ids. ``None, None`` for the other kinds. ``dtype``: the student's compute dtype."""
+    if kind != "tad":
+        return None, None
+    if isinstance(flat_teacher, TeacherSummary):
+        top_logp = flat_teacher.top_logp[positions].to(dtype)
+        rest = flat_teacher.rest_logmass[positions].to(dtype)
+        return torch.cat([top_logp[:, k:], rest[:, None]], dim=-1).logsumexp(-1), None
+    top_ids, alphas = [], []
+    with torch.no_grad():
+        for start in range(0, positions.numel(), chunk_tokens):
+            logits = flat_teacher[positions[start:start + chunk_tokens]]
+            ids = logits.topk(k, dim=-1, sorted=False).indices
+            logp = _log_softmax(logits, temperature, dtype)
+            top_ids.append(ids)
+            alphas.append(log_mass_outside(logp, ids))
+    return torch.cat(alphas), torch.cat(top_ids)
 
 
 def distill_objective(hidden: Tensor, lm_head_weight: Tensor, targets: Tensor, teacher: Teacher, *, kind: str,
@@ -372,8 +518,9 @@ def distill_objective(hidden: Tensor, lm_head_weight: Tensor, targets: Tensor, t
 
     ``hidden`` [B, T, d] are the student's final hidden states, ``lm_head_weight`` [V, d] its output
     projection; ``teacher`` is full teacher logits [B, T, V], a ``TeacherSummary`` or None (``kind="clm"``).
-    Each chunk of ``chunk_tokens`` valid tokens computes its logits, log-softmax and per-token terms under
-    activation checkpointing, so only one chunk's [chunk, V] tensors are alive, in forward and backward.
+    Each chunk of ``chunk_tokens`` valid tokens computes its logits, log-softmax, per-token terms and their
+    gradients in one go (``_OnePassObjective``), so only one chunk's [chunk, V] tensors are alive and no chunk is
+    recomputed in backward. β(X) depends on the teacher only and is computed before the chunks.
     Values and gradients equal the logits path (``divergence_loss`` + ``clm_loss``).
     """
     b, t = _check_shapes(hidden.shape, teacher, mask)
@@ -384,27 +531,21 @@ def distill_objective(hidden: Tensor, lm_head_weight: Tensor, targets: Tensor, t
     if tuple(targets.shape) != (b, t):
         raise ValueError(f"targets shape {tuple(targets.shape)} does not match [B, T] = {(b, t)}")
     index = _valid_index(mask, b, t, hidden.device)
-    flat_hidden = hidden.reshape(-1, hidden.shape[-1])[index]  # [N, d]: small next to [N, V]
-    flat_targets = targets.reshape(-1)[index].long()
-
-    flat_teacher = _teacher_fields(_flatten(teacher))
-    pieces = []
-    for start in range(0, index.numel(), chunk_tokens):
-        part = slice(start, start + chunk_tokens)
-        positions = index[part]
-        top_ids = None
-        if kind == "tad" and isinstance(teacher, Tensor):
-            # The teacher's top-K ids are tiny: find them once here rather than again in the recompute.
-            with torch.no_grad():
-                top_ids = flat_teacher[0][positions].topk(k, dim=-1, sorted=False).indices
-        pieces.append(checkpoint(
-            _chunk_terms, flat_hidden[part], lm_head_weight, lm_head_bias, flat_targets[part],
-            flat_teacher, positions, top_ids, kind, k, temperature, use_reentrant=False))
-    if not pieces:
+    if index.numel() == 0:
         zero = hidden.sum() * 0.0
         return ObjectiveOutput(loss=zero, clm=zero.detach(), div=zero.detach(), tokens=0)
-    columns = [torch.cat(column) for column in zip(*pieces)]
-    clm, div, tail, alpha = columns + [None] * (4 - len(columns))  # tail, alpha: TAD only
-    div = _divergence(div, tail, alpha, torch.div(index, t, rounding_mode="floor"), b, beta=beta, normalize=normalize)
-    loss = _mean(clm + weight * div)
-    return ObjectiveOutput(loss=loss, clm=_mean(clm).detach(), div=_mean(div).detach(), tokens=index.numel())
+    flat_teacher = None if kind == "clm" else _flatten(teacher)
+    log_alpha, top_ids = _teacher_tail_plan(flat_teacher, index, kind, k, temperature, chunk_tokens,
+                                            _compute_dtype(hidden))
+    tail_weights = None if log_alpha is None else _tail_weights(
+        log_alpha.exp(), torch.div(index, t, rounding_mode="floor"), b, beta=beta, normalize=normalize)
+    plan = _ChunkPlan(targets=targets.reshape(-1)[index].long(), teacher=flat_teacher, positions=index,
+                      tail_weights=tail_weights, log_alpha=log_alpha,
+                      top_ids=top_ids, kind=kind, k=k, temperature=temperature, weight=weight,
+                      chunk_tokens=chunk_tokens)
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])[index]  # [N, d]: small next to [N, V]
+    total, clm_sum, div_sum = _OnePassObjective.apply(flat_hidden, lm_head_weight, lm_head_bias, plan)
+    n = index.numel()
+    dtype = _compute_dtype(hidden)  # float32, or float64 for float64 inputs (the sums are float64)
+    return ObjectiveOutput(loss=(total / n).to(dtype), clm=(clm_sum / n).to(dtype), div=(div_sum / n).to(dtype),
+                           tokens=n)
