@@ -18,9 +18,13 @@ lowered to the trials the cluster can host at once (``trials_that_fit``; not low
 Each trial writes to ``OUT/trials/k{K}_beta{β}/`` (metrics.jsonl, eval.json, student/).
 
 Early stopping. Only validation results reach Tune (a report carrying just a checkpoint would fail Tune's
-metric check), and not the one of the last step: a stop decided there would kill the trial before it
-exports its student. The last step's metrics are the trial's eval.json. ASHA's time axis is the
-optimizer step, so its rungs (``tune.grace_period`` × ``tune.reduction_factor``^i) are in steps.
+metric check). The last step's validation reaches Tune only once the trial has exported its student: the
+trial reports its eval.json (``step`` = train.max_steps) after its TorchTrainer returns, not from the
+training loop, where a stop decided on it (ASHA stops every trial at max_t = train.max_steps) would kill
+the trial before the export. So every completed trial reports its final metric, also one that validates
+only at its last step (train.eval_every >= train.max_steps), and an early-stopped one never exports.
+ASHA's time axis is the optimizer step, so its rungs (``tune.grace_period`` × ``tune.reduction_factor``^i)
+are in steps.
 
 Resume. Tune's experiment state lives in ``OUT/tune/search``; running ``tailkd tune`` again with the same
 config and output_dir restores it (``Tuner.restore``): finished and early-stopped trials are kept, not
@@ -79,6 +83,11 @@ def search_config(cfg: Config) -> Config:
         raise ConfigError(f"summary.top_m = {cfg.summary.top_m} < max(tune.k) = {max(cfg.tune.k)}: the teacher "
                           f"summary keeps only its top M ids, so K ≤ M; raise summary.top_m (a new cache is scored) "
                           f"or lower tune.k")
+    if len(set(cfg.tune.beta)) > 1 and max(cfg.tune.k) == cfg.summary.top_m and cfg.summary.tail_samples == 0:
+        raise ConfigError(f"tune.beta = {list(cfg.tune.beta)} is searched, but at K = max(tune.k) = summary.top_m = "
+                          f"{cfg.summary.top_m} with summary.tail_samples = 0 the summary holds nothing beyond the "
+                          f"teacher's top K: TAD's tail term is 0 and every β trains the same student; set "
+                          f"summary.tail_samples > 0, raise summary.top_m above max(tune.k), or lower max(tune.k)")
     if cfg.data.val is None and cfg.data.val_fraction == 0:
         raise ConfigError("tune needs validation data for tune.metric: set data.val or data.val_fraction > 0")
     return cfg
@@ -103,7 +112,8 @@ def trial_config(cfg: Config, k: int, beta: float, output_dir: Optional[str] = N
 # The trial
 # --------------------------------------------------------------------------------------------------
 class ValidationReport(TuneReportCallback):
-    """Forward a trial's validation results to Tune, except the last step's (see the module doc)."""
+    """Forward a trial's validation results to Tune, except the last step's, which ``train_trial`` reports
+    after the export (see the module doc)."""
 
     def __init__(self, metric: str, last_step: int):
         super().__init__()
@@ -117,7 +127,10 @@ class ValidationReport(TuneReportCallback):
 
 
 def train_trial(params: dict, *, base: dict, teacher_id: dict) -> None:
-    """Tune function trainable: train one (K, β) student with a TorchTrainer on the shared cache."""
+    """Tune function trainable: train one (K, β) student with a TorchTrainer on the shared cache, then
+    report its final validation (eval.json) to Tune."""
+    from ray import tune
+
     from tailkd_ray.cache import open_cache
     from tailkd_ray.train import run_training
 
@@ -125,6 +138,8 @@ def train_trial(params: dict, *, base: dict, teacher_id: dict) -> None:
     train_ds, val_ds = (open_cache(cfg, split=split, teacher_id=teacher_id) for split in SPLITS)
     run_training(cfg, train_ds, val_ds, "summary",
                  callbacks=[ValidationReport(cfg.tune.metric, cfg.train.max_steps)])
+    # The student is exported: a stop Tune decides on this report (ASHA's at max_t) costs nothing now.
+    tune.report(json.loads((Path(cfg.output_dir) / "eval.json").read_text()))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import yaml
 
@@ -65,6 +67,18 @@ def test_round_trip_through_dict():
 def test_validation_errors_name_the_key(override, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, override)
+
+
+def test_tad_with_k_equal_to_top_m_and_no_tail_samples_warns_that_beta_has_no_effect(caplog):
+    trap = ["summary.top_m=16", "summary.tail_samples=0", "loss.k=16", "loss.beta=2"]
+    with caplog.at_level(logging.WARNING, logger="tailkd_ray.config"):
+        load_config(None, trap)
+        assert "loss.k = summary.top_m = 16 with summary.tail_samples = 0" in caplog.text
+        assert "loss.beta = 2 has no effect" in caplog.text and "set summary.tail_samples > 0" in caplog.text
+        caplog.clear()
+        for fine in (["summary.tail_samples=4"], ["loss.k=8"], ["loss.kind=topk"]):
+            load_config(None, trap + fine)
+        assert caplog.text == ""
 
 
 def test_bad_files(tmp_path):

@@ -1,11 +1,13 @@
 """K/β search on tiny models and local Ray: one teacher pass for the whole grid, four trials each a 2-worker
 TorchTrainer, result files, a best config that re-runs with `tailkd distill`, ASHA stopping trials early,
-refusal of an incompatible cache, restore of a finished search, and the search's pure helpers."""
+trials that validate only at their last step (the CLI help's example among them), refusal of an incompatible
+cache, restore of a finished search, and the search's pure helpers."""
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -83,6 +85,22 @@ def read_rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def tune_results(out: Path, trial: str) -> list[dict]:
+    """The results Tune recorded for ``trial``, in order."""
+    return [json.loads(line) for line in (out / "tune" / "search" / trial / "result.json").read_text().splitlines()]
+
+
+def assert_one_completed_row_per_trial(out: Path, trials: list[str], steps: int, evals: int) -> list[dict]:
+    rows = read_rows(out / "tune_results.csv")
+    assert [r["trial"] for r in rows] == trials
+    for row in rows:
+        final = float(row["final_val_loss"])
+        assert row["status"] == "completed" and math.isfinite(final), row
+        assert int(row["steps"]) == steps and int(row["evals"]) == evals, row
+        assert final == pytest.approx(json.loads((out / "trials" / row["trial"] / "eval.json").read_text())["val_loss"])
+    return rows
+
+
 @pytest.mark.ray
 def test_grid_runs_four_trials_on_one_teacher_pass(grid):
     cfg, summary, scoring_calls = grid
@@ -106,9 +124,10 @@ def test_grid_runs_four_trials_on_one_teacher_pass(grid):
         assert 0 < evaluation["val_loss"] < 7 and evaluation["kl_source"] == "summary"
         assert row["student"] == str(trial / "student") and (trial / "student" / "model.safetensors").is_file()
     # each trial trained with its own K (the teacher's tail mass beyond its top K is measured with it)
-    for row in rows:  # Tune sees every validation but the last step's (a stop there would lose the export)
-        tune_results = (out / "tune" / "search" / row["trial"] / "result.json").read_text().splitlines()
-        assert [json.loads(line)["step"] for line in tune_results] == [1]
+    for row in rows:  # Tune sees every validation, the last step's once the student is exported (eval.json)
+        reported = tune_results(out, row["trial"])
+        assert [r["step"] for r in reported] == [1, 2]
+        assert reported[-1]["val_loss"] == pytest.approx(float(row["final_val_loss"]))
     tails = {int(r["k"]): json.loads((out / "trials" / r["trial"] / "eval.json").read_text())["tail_mass_teacher"]
              for r in rows}
     assert tails[8] < tails[2]
@@ -204,14 +223,55 @@ def test_asha_stops_trials_early(grid, tiny_llama_dir, corpus, tmp_path):
     assert rows["k8_beta8"]["status"] == "early_stopped", rows
     for name, row in rows.items():
         trial = tmp_path / "trials" / name
-        if row["status"] == "completed":
+        if row["status"] == "completed":  # its final validation reached Tune, after the export
             assert int(row["evals"]) == 3 and int(row["steps"]) == 3 and (trial / "student").is_dir(), row
+            assert tune_results(tmp_path, name)[-1]["step"] == 3
         else:
             assert row["status"] == "early_stopped" and int(row["evals"]) <= 3 and int(row["steps"]) <= 3, row
             assert row["student"] == "" and not (trial / "eval.json").exists()
     assert rows["k2_beta0.5"]["status"] == "completed"  # the best trial is never below a rung's median
     assert summary["early_stopped"] == sum(r["status"] == "early_stopped" for r in rows.values())
     assert summary["best"]["student"] in {r["student"] for r in rows.values() if r["status"] == "completed"}
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("eval_every", [2, 3], ids=["eval_every_eq_max_steps", "eval_every_gt_max_steps"])
+def test_trials_validating_only_at_their_last_step_report_it(grid, tiny_llama_dir, corpus, tmp_path, eval_every):
+    """train.eval_every >= train.max_steps: a trial's only validation is its last step's, which it reports to
+    Tune after its export (Tune's metric check used to abort such a search). ASHA as by default (its grace
+    period, train.eval_every, leaves nothing to stop early); the grid's cache is reused."""
+    from tailkd_ray.tune import run_tune
+
+    cfg, _, _ = grid
+    final_only = search_config(tmp_path, tiny_llama_dir, corpus,
+                               summary={"cache_dir": str(Path(cfg.output_dir) / "summary_cache")},
+                               train={"num_workers": 1, "eval_every": eval_every}, tune={"k": [2], "asha": True})
+    summary = run_tune(final_only)
+    assert summary["teacher_passes"] == 0 and summary["trials"] == summary["completed"] == 2
+    rows = assert_one_completed_row_per_trial(tmp_path, ["k2_beta0.5", "k2_beta2"], steps=2, evals=1)
+    for row in rows:
+        reported = tune_results(tmp_path, row["trial"])
+        assert [(r["step"], r["val_loss"]) for r in reported] == [(2, pytest.approx(float(row["final_val_loss"])))]
+    assert summary["best"]["student"] == min(rows, key=lambda r: float(r["final_val_loss"]))["student"]
+
+
+@pytest.mark.ray
+def test_cli_tune_example_runs_as_written(ray_session, tiny_llama_dir, corpus, tmp_path, monkeypatch):
+    """The help's `tailkd tune` example on jobs/configs/smoke.yaml, which validates only at its last step, with
+    the smoke config's teacher, corpus and output_dir pointed at test files (as test_job_submit.py does)."""
+    import shlex
+
+    from tailkd_ray.cli import EXAMPLES, main
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the example names its config relative to the repo
+    program, *args = shlex.split(EXAMPLES["tune"])
+    smoke = load_config(args[args.index("--config") + 1])
+    assert program == "tailkd" and smoke.train.eval_every == smoke.train.max_steps == 5
+    test_files = [f"teacher.model={tiny_llama_dir}", f"data.train={corpus[0]}", f"data.val={corpus[1]}",
+                  "data.tokenizer_actors=1", "student.config={num_hidden_layers: 1}", f"output_dir={tmp_path}"]
+    assert main(args + test_files) == 0
+    assert_one_completed_row_per_trial(tmp_path, ["k5_beta1", "k5_beta2", "k10_beta1", "k10_beta2"], steps=5, evals=1)
+    assert (tmp_path / "best_config.yaml").is_file()
 
 
 def test_trials_that_fit_leaves_a_cpu_for_each_trials_data():
@@ -254,6 +314,14 @@ def test_search_config_checks(tmp_path):
                             ({"data": {"train": "x", "val_fraction": 0.0}}, "needs validation data")]:
         with pytest.raises(ConfigError, match=message):
             effective(from_dict({**base, **change}))
+    no_tail = {"summary": {"top_m": 32, "tail_samples": 0}, "tune": {"k": [5, 32], "beta": [0.5, 2]}}
+    with pytest.raises(ConfigError, match=r"tune.beta = \[0.5, 2\] is searched, but at K = max\(tune.k\) = "
+                                          r"summary.top_m = 32 with summary.tail_samples = 0 .* set "
+                                          r"summary.tail_samples > 0"):
+        effective(from_dict({**base, **no_tail}))
+    for change in ({"tune": {"k": [5, 32], "beta": [2]}}, {"summary": {"top_m": 32, "tail_samples": 1}},
+                   {"tune": {"k": [5, 16], "beta": [0.5, 2]}}):  # β not searched, or β matters
+        effective(from_dict({**base, **no_tail, **change}))
     with pytest.raises(ConfigError, match="tune.metric must be one of"):
         from_dict({"tune": {"metric": "top1_agreement"}})
     with pytest.raises(ConfigError, match="every tune.beta must be > 0"):
