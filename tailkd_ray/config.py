@@ -39,7 +39,11 @@ def _positive(section: str, name: str, value: float, *, allow_zero: bool = False
 @dataclass
 class TeacherConfig:
     model: Optional[str] = doc(None, "Teacher: any AutoModelForCausalLM path or hub id (local files only here).")
-    batch_size: int = doc(8, "Packed sequences per teacher forward pass.")
+    batch_size: int = doc(8, "Packed sequences per teacher forward pass (unless teacher.tokens_per_batch is set).")
+    tokens_per_batch: Optional[int] = doc(
+        None, "Teacher batch size in tokens: each forward pass scores tokens_per_batch // data.seq_len packed "
+              "sequences, so one setting fits the teacher's memory whatever data.seq_len (must be >= "
+              "data.seq_len). null = teacher.batch_size sequences.")
     min_actors: int = doc(1, "Minimum size of the teacher actor pool.")
     max_actors: int = doc(1, "Maximum size of the teacher actor pool (autoscales between min and max).")
     num_gpus: float = doc(0.0, "GPUs per teacher actor (0 = CPU).")
@@ -50,11 +54,17 @@ class TeacherConfig:
     def validate(self) -> None:
         for name in ("batch_size", "min_actors", "max_actors"):
             _positive("teacher", name, getattr(self, name))
+        if self.tokens_per_batch is not None:
+            _positive("teacher", "tokens_per_batch", self.tokens_per_batch)
         _positive("teacher", "num_gpus", self.num_gpus, allow_zero=True)
         if self.max_actors < self.min_actors:
             raise ConfigError(f"teacher.max_actors ({self.max_actors}) must be >= teacher.min_actors "
                               f"({self.min_actors})")
         _check_resources("teacher.resources", self.resources)
+
+    def sequences_per_batch(self, seq_len: int) -> int:
+        """Packed sequences per teacher forward pass: tokens_per_batch // seq_len when set, else batch_size."""
+        return self.batch_size if self.tokens_per_batch is None else self.tokens_per_batch // seq_len
 
 
 @dataclass
@@ -240,6 +250,10 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig, metadata={"doc": "The exported student."})
 
     def validate(self) -> "Config":
+        if self.teacher.tokens_per_batch is not None and self.teacher.tokens_per_batch < self.data.seq_len:
+            raise ConfigError(f"teacher.tokens_per_batch = {self.teacher.tokens_per_batch} is below data.seq_len = "
+                              f"{self.data.seq_len}: a teacher forward pass holds at least one whole sequence; "
+                              f"raise it to >= {self.data.seq_len} or set it to null (teacher.batch_size sequences)")
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
             if dataclasses.is_dataclass(section):

@@ -138,6 +138,15 @@ def test_export_dtype():
         load_config(None, ["export.dtype=int8"])
 
 
+def test_teacher_batch_in_tokens_or_sequences():
+    assert load_config(None, ["teacher.batch_size=3"]).teacher.sequences_per_batch(512) == 3
+    cfg = load_config(None, ["teacher.tokens_per_batch=4000", "data.seq_len=1024"])
+    assert cfg.teacher.sequences_per_batch(cfg.data.seq_len) == 3  # whole sequences only: 3 × 1024 <= 4000
+    with pytest.raises(ConfigError, match=r"teacher.tokens_per_batch = 1000 is below data.seq_len = 1024.*"
+                                          r"raise it to >= 1024 or set it to null"):
+        load_config(None, ["teacher.tokens_per_batch=1000", "data.seq_len=1024"])
+
+
 def test_override_into_scalar_is_refused():
     with pytest.raises(ConfigError, match="not a section"):
         apply_overrides({"loss": 3}, ["loss.k.x=1"])
