@@ -20,6 +20,7 @@ from pathlib import Path
 
 from tailkd_ray.config import load_config, reference_markdown, resolve_local_paths
 from tailkd_ray.errors import ConfigError, TailKDError, find_tailkd_error
+from tailkd_ray.runtime import configure_logging, init_ray
 
 EXAMPLES = {
     "demo": "tailkd demo --out runs/demo        # built-in corpus, teacher + 3 students, report.md",
@@ -48,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true",
                         help="on an error, print the full traceback too (also: environment TAILKD_DEBUG=1)")
+    parser.add_argument("--log-level", default=os.environ.get("TAILKD_LOG_LEVEL", "info"),
+                        choices=["debug", "info", "warning", "error"],
+                        help="our log level (default info, or TAILKD_LOG_LEVEL); debug also brings back Ray's own "
+                             "INFO records and progress bars")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="The embedded default end to end (local Ray, built-in corpus).",
@@ -69,22 +74,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def init_ray() -> None:
-    """Join the cluster named by RAY_ADDRESS (set by ``ray job submit``), else start a local Ray.
-
-    Locally the CPU count is oversubscribed (at least 8 logical CPUs): trainer workers each hold a CPU for
-    the whole run, and Ray Data's tokenizer and teacher stages need CPUs beside them, or they stall.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-    else:
-        ray.init(address="local", num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False)
-
-
 def error_line(command: str, error: TailKDError) -> str:
     """The one line the CLI prints for a user error (multi-line messages joined)."""
     message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
@@ -94,6 +83,7 @@ def error_line(command: str, error: TailKDError) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
     try:
         if args.command == "demo":
             from tailkd_ray.demo import run_demo

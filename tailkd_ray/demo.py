@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from tailkd_ray.config import ConfigError, _build, apply_overrides, doc, from_dict
+from tailkd_ray.runtime import init_ray
 
 log = logging.getLogger("tailkd.demo")
 
@@ -198,9 +199,6 @@ def _claim_output_dir(out: Path, settings: DemoSettings) -> None:
 
 def run_demo(out_dir: str = "runs/demo", overrides: Optional[list[str]] = None) -> dict:
     """The whole demo; returns {student name: eval metrics}."""
-    from tailkd_ray.cli import init_ray
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     settings = demo_settings(list(overrides or []))
     out = Path(out_dir).absolute()  # Ray workers do not run in this directory
     _claim_output_dir(out, settings)

@@ -54,6 +54,7 @@ from torch import nn
 
 from tailkd_ray.config import Config, ConfigError, from_dict, to_dict
 from tailkd_ray.errors import NonFiniteLossError
+from tailkd_ray.runtime import train_logging_config
 from tailkd_ray.core.summary import FIELDS, TeacherSummary
 
 TEACHER_MODES = ("summary", "colocated", "none")
@@ -655,7 +656,8 @@ def run_training(cfg: Config, train_ds, val_ds=None, teacher_mode: Optional[str]
                                      resources_per_worker=train_worker_resources(cfg.train)),
         run_config=RunConfig(name=cfg.train.run_name, storage_path=str(Path(cfg.output_dir).resolve() / "ray_train"),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=list(callbacks or [])),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=list(callbacks or []),
+                             logging_config=train_logging_config()),
         datasets=datasets,
     )
     return trainer.fit()

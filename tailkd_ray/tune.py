@@ -38,7 +38,6 @@ import csv
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -47,6 +46,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from tailkd_ray.cache import SPLITS, score_splits
 from tailkd_ray.config import Config, ConfigError, from_dict, to_dict
+from tailkd_ray.runtime import init_ray, is_quiet
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ def make_tuner(cfg: Config, teacher_id: dict):
             num_samples=cfg.tune.num_samples if cfg.tune.search == "random" else 1,
             trial_name_creator=lambda trial: trial_name(trial.config["k"], trial.config["beta"]),
             trial_dirname_creator=lambda trial: trial_name(trial.config["k"], trial.config["beta"])),
-        run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(storage), verbose=1))
+        run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(storage), verbose=0 if is_quiet() else 1))
     return tuner, False
 
 
@@ -338,18 +338,12 @@ def run_tune(cfg: Config) -> dict:
     and config paths), output files, and the teacher cost (``teacher_passes`` run by this call, 0 when the
     cache was reused; ``teacher_tokens_scored``; ``cache_tokens``; ``tokens_if_scored_per_trial``).
     """
-    import ray
-
     from tailkd_ray.cache import teacher_identity
 
-    # Trials keep the working directory of Ray's workers (as Train workers do), so that relative data and
-    # model paths mean the same in a trial as in `tailkd distill`; Tune would chdir into the trial dir.
-    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     cfg = search_config(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if not ray.is_initialized():
-        ray.init()
+    init_ray()
     teacher_id = teacher_identity(cfg.teacher.model)
     teacher = score_splits(cfg, teacher_id)
 

@@ -1,0 +1,120 @@
+"""Starting or joining Ray, once per process, and how loud Ray is.
+
+``init_ray`` joins the cluster named by ``RAY_ADDRESS`` (set by ``ray job submit``) or starts a local Ray. Quiet
+mode (every log level above DEBUG) turns Ray's own INFO records and progress bars off, in the driver and in
+every worker, so that our own stage and progress lines are what a user reads; ``--log-level debug`` brings
+all of Ray's output back. Measured on a small ``tailkd demo``: 2,094 lines before, 54 after.
+
+A local Ray also runs its dashboard on a free loopback port, and every worker is told its address
+(``RAY_API_SERVER_ADDRESS``): Ray Train's PlacementGroupCleaner asks the state API whether the run's controller
+is alive. Without a dashboard it asked 127.0.0.1:8265, where nobody listened (a warning every second), or where
+another Ray's dashboard answered "no such actor" and the cleaner removed a live run's placement group.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import socket
+import warnings
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def configure_logging(level: str = "info") -> bool:
+    """Our loggers at ``level`` (the CLI's ``--log-level`` / ``TAILKD_LOG_LEVEL``), once; returns quiet mode
+    (True unless ``level`` is debug). Ray's environment settings are exported here, before ray or
+    transformers are imported by the command."""
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        raise ValueError(f"unknown log level {level!r}: use debug, info, warning or error")
+    logging.basicConfig(level=numeric, format=LOG_FORMAT, datefmt="%H:%M:%S")
+    logging.getLogger("tailkd_ray").setLevel(numeric)
+    quiet = numeric > logging.DEBUG
+    os.environ.update(ray_env(quiet))
+    return quiet
+
+
+def ray_env(quiet: bool) -> dict[str, str]:
+    """Environment for the driver and every Ray worker. Train's print patch doubles every print of a worker;
+    Tune trials keep the workers' working directory (as Train workers do), so that relative data and model
+    paths mean the same in a trial as in ``tailkd distill``."""
+    env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_CHDIR_TO_TRIAL_DIR": "0"}
+    if quiet:
+        env.update(RAY_DATA_LOG_LEVEL="WARNING", RAY_DATA_DISABLE_PROGRESS_BARS="1", HF_HUB_DISABLE_PROGRESS_BARS="1")
+    return env
+
+
+def quiet_worker_setup() -> None:
+    """Ray's ``worker_process_setup_hook`` in quiet mode: what the environment cannot reach in a worker."""
+    from ray.util.annotations import RayDeprecationWarning
+
+    # Train V2 names this logger by its file path, so its "Reporting training result" lines escape LoggingConfig.
+    logging.getLogger(importlib.util.find_spec("ray.train.v2._internal.execution.context").origin).setLevel(
+        logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled" notices
+    warnings.filterwarnings("ignore", category=RayDeprecationWarning)  # raised by Ray Train's own DataConfig
+
+
+def is_quiet() -> bool:
+    """Quiet mode as configured for this process (``configure_logging``); quiet by default."""
+    return logging.getLogger("tailkd_ray").getEffectiveLevel() > logging.DEBUG
+
+
+def train_logging_config():
+    """Ray Train's ``RunConfig(logging_config=...)`` for the controller and the training workers."""
+    import ray.train
+
+    return ray.train.LoggingConfig(log_level="WARNING" if is_quiet() else "INFO")
+
+
+def init_ray() -> None:
+    """Join the cluster named by RAY_ADDRESS, else start a local Ray; no-op when Ray is already up.
+
+    Locally the CPU count is oversubscribed (at least 8 logical CPUs): trainer workers each hold a CPU for the
+    whole run, and Ray Data's tokenizer and teacher stages need CPUs beside them, or they stall.
+    """
+    import ray
+    import ray.data
+
+    quiet = is_quiet()
+    env = ray_env(quiet)
+    os.environ.update(env)  # the driver's side, also when Ray is already up (e.g. started by a test)
+    if ray.is_initialized():
+        return
+    runtime_env = {"env_vars": env}
+    if quiet:
+        runtime_env["worker_process_setup_hook"] = quiet_worker_setup
+    options = dict(logging_level=logging.WARNING if quiet else logging.INFO)
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env=runtime_env, **options)
+    else:
+        _start_local_ray(runtime_env, options)
+    context = ray.data.DataContext.get_current()  # copied into every dataset built from here on
+    context.enable_progress_bars = context.print_on_execution_start = not quiet
+    if quiet:
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+
+
+def _start_local_ray(runtime_env: dict, options: dict, attempts: int = 3) -> None:
+    import ray
+
+    for attempt in range(attempts):
+        port = free_local_port()
+        runtime_env["env_vars"]["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        try:
+            ray.init(address="local", num_cpus=max(8, os.cpu_count() or 1), include_dashboard=True,
+                     dashboard_host="127.0.0.1", dashboard_port=port, runtime_env=runtime_env, **options)
+            os.environ["RAY_API_SERVER_ADDRESS"] = runtime_env["env_vars"]["RAY_API_SERVER_ADDRESS"]
+            return
+        except Exception as error:  # another process took the port between probe and bind: try another one
+            if "already" not in str(error) or attempt == attempts - 1:
+                raise
+
+
+def free_local_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
