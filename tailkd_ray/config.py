@@ -165,6 +165,8 @@ class TrainConfig:
     seed: int = doc(0, "Seed of model init, data order and tail sampling.")
     run_name: str = doc("distill", "Ray Train run name; relaunching with the same name resumes.")
     resources_per_worker: dict = doc({}, "Custom Ray resources per trainer worker, e.g. {tailkd_training: 1}.")
+    log_every: int = doc(0, "Steps between the progress lines rank 0 prints (step, losses, tokens/s, data wait, "
+                            "ETA; `ray job logs` shows them). 0: max_steps // 20, about 20 lines per run.")
     prefetch_batches: int = doc(1, "Micro-batches each worker's Ray Data iterator prepares ahead of the step "
                                    "(0 = none). Raising it can help when metrics.jsonl shows data_wait_s > 0, but "
                                    "workers then request blocks out of step, so which worker trains on which block "
@@ -174,7 +176,7 @@ class TrainConfig:
         for name in ("num_workers", "max_steps", "batch_size", "grad_accum", "checkpoint_every", "eval_every"):
             _positive("train", name, getattr(self, name))
         for name in ("lr", "weight_decay", "warmup_steps", "grad_clip", "max_failures", "prefetch_batches",
-                     "max_nonfinite_steps"):
+                     "max_nonfinite_steps", "log_every"):
             _positive("train", name, getattr(self, name), allow_zero=name != "lr")
         if self.max_nonfinite_steps and self.strategy == "deepspeed":
             raise ConfigError("train.max_nonfinite_steps needs train.strategy fsdp or ddp: DeepSpeed applies its "

@@ -478,6 +478,20 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def _progress_due(step: int, train) -> bool:
+    every = train.log_every or max(1, train.max_steps // 20)  # 0: about 20 lines per run
+    return step % every == 0 or step == train.max_steps
+
+
+def progress_line(record: dict, max_steps: int, *, steps_done: int) -> str:
+    """One line of training progress from a step record: step, losses, throughput, data wait and time left."""
+    per_step = record["elapsed_s"] / max(steps_done, 1)
+    left = per_step * (max_steps - record["step"])
+    return (f"train step {record['step']}/{max_steps}  loss {record['loss']:.4f}  clm {record['clm']:.4f}  "
+            f"div {record['div']:.4f}  {record['tokens'] / max(record['step_time_s'], 1e-9):,.0f} tok/s  "
+            f"data wait {record['data_wait_s']:.2f}s  ETA {int(left) // 60}m{int(left) % 60:02d}s")
+
+
 def nonfinite_problem(step: int, per_rank: torch.Tensor, grad_norm: Optional[float]) -> Optional[str]:
     """None when the step is finite, else what was not: the ranks, the term (CLM or divergence) and the values.
     ``per_rank`` [world, 5] holds each rank's (loss, clm, div) token sums, token count and data wait."""
@@ -559,6 +573,7 @@ def train_loop_per_worker(config: dict) -> None:
     # checkpoint's write and commit; the export. Short runs (Tune trials) are dominated by them.
     log.write({"step": progress.step, "setup_s": loop_started - worker_started}, prefix="run")
     skipped = 0  # non-finite steps skipped by this attempt (train.max_nonfinite_steps)
+    first_step = progress.step
     while progress.step < cfg.train.max_steps:
         started = time.perf_counter()
         local = _train_step(strategy, batches, cfg, mode, teacher_model, device, autocast)
@@ -582,12 +597,15 @@ def train_loop_per_worker(config: dict) -> None:
                       prefix="run")
         # Where the step went, on rank 0 (compute includes the loss all-reduce); data_wait_s is the mean over
         # workers, elapsed_s counts from the first step's start (evaluations and checkpoints included).
-        log.write({"step": progress.step, "loss": float(sums[0]) / tokens, "clm": float(sums[1]) / tokens,
-                   "div": float(sums[2]) / tokens, "lr": lr, "grad_norm": grad_norm, "tokens": int(sums[3]),
-                   "epoch": progress.epoch, "step_time_s": finished_step - started,
-                   "data_wait_s": float(sums[4]) / context.get_world_size(),
-                   "compute_s": optimizing - started - data_wait, "optimizer_s": finished_step - optimizing,
-                   "elapsed_s": finished_step - loop_started, "peak_memory_mb": peak_memory_mb(device)})
+        record = {"step": progress.step, "loss": float(sums[0]) / tokens, "clm": float(sums[1]) / tokens,
+                  "div": float(sums[2]) / tokens, "lr": lr, "grad_norm": grad_norm, "tokens": int(sums[3]),
+                  "epoch": progress.epoch, "step_time_s": finished_step - started,
+                  "data_wait_s": float(sums[4]) / context.get_world_size(),
+                  "compute_s": optimizing - started - data_wait, "optimizer_s": finished_step - optimizing,
+                  "elapsed_s": finished_step - loop_started, "peak_memory_mb": peak_memory_mb(device)}
+        log.write(record)
+        if rank == 0 and _progress_due(progress.step, cfg.train):
+            print(progress_line(record, cfg.train.max_steps, steps_done=progress.step - first_step), flush=True)
         if step_hook is not None:
             step_hook(progress.step, rank)
         last = progress.step == cfg.train.max_steps

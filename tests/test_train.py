@@ -239,3 +239,16 @@ def test_nonfinite_problem_names_rank_and_term():
     message = nonfinite_problem(3, bad, 1.5)
     assert message.startswith("step 3: rank 1: CLM not finite") and "rank 0" not in message
     assert "gradient norm nan" in nonfinite_problem(3, finite, float("nan"))
+
+
+def test_progress_line_reads_a_step_record():
+    from tailkd_ray.config import TrainConfig
+    from tailkd_ray.train import _progress_due, progress_line
+
+    record = {"step": 10, "loss": 2.5, "clm": 2.0, "div": 0.5, "tokens": 4096, "step_time_s": 0.5,
+              "data_wait_s": 0.01, "elapsed_s": 5.0}
+    line = progress_line(record, 100, steps_done=10)
+    assert line.startswith("train step 10/100  loss 2.5000") and "8,192 tok/s" in line and "ETA 0m45s" in line
+    train = TrainConfig(max_steps=100)
+    assert [s for s in range(1, 101) if _progress_due(s, train)] == list(range(5, 101, 5))
+    assert _progress_due(7, TrainConfig(max_steps=7, log_every=3)) and not _progress_due(4, TrainConfig(max_steps=7, log_every=3))
