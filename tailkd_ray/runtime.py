@@ -105,9 +105,11 @@ def _start_local_ray(runtime_env: dict, options: dict, attempts: int = 3) -> Non
         port = free_local_port()
         runtime_env["env_vars"]["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         try:
+            # Only this Ray's workers get the address (runtime_env), never os.environ: the raylet of any later
+            # local Ray started by this process would inherit it and its cleaner ask this (then dead, or
+            # another Ray's) dashboard, which removes live placement groups.
             ray.init(address="local", num_cpus=max(8, os.cpu_count() or 1), include_dashboard=True,
                      dashboard_host="127.0.0.1", dashboard_port=port, runtime_env=runtime_env, **options)
-            os.environ["RAY_API_SERVER_ADDRESS"] = runtime_env["env_vars"]["RAY_API_SERVER_ADDRESS"]
             return
         except Exception as error:  # another process took the port between probe and bind: try another one
             if "already" not in str(error) or attempt == attempts - 1:
