@@ -13,7 +13,7 @@
 #   REPEATS=2        interleaved repeats of the teacher, pipeline and checkpoint benchmarks (loss: 7)
 #   STEPS=40         optimizer steps per pipeline run (the first 8 are warm-up, left out of steady state)
 #   BENCH_TIMEOUT=0  seconds allowed to each benchmark (0: no limit), for leased machines
-#   PEAK_TFLOPS=…    the bf16 peak for MFU, for a GPU missing from tailkd_ray/benchmarks/measure.py's table
+#   PEAK_TFLOPS=…    the bf16 peak for MFU, for a GPU missing from jobs/bench/measure.py's table
 # About 10-15 minutes on one H200 with the defaults; the pipeline benchmark needs the GPU to itself (teacher and
 # student share it).
 set -uo pipefail

@@ -11,16 +11,18 @@ printed as one line ``tailkd <command>: <message>`` with exit status 2; ``tailkd
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
 import traceback
 from pathlib import Path
+from typing import Optional
 
-from tailkd_ray.config import load_config, reference_markdown, resolve_local_paths
+import yaml
+
+from tailkd_ray.config import load_config, reference_markdown, resolve_local_paths, to_dict
 from tailkd_ray.errors import ConfigError, TailKDError, find_tailkd_error
-from tailkd_ray.runtime import configure_logging, init_ray
+from tailkd_ray.runtime import configure_logging
 
 EXAMPLES = {
     "demo": "tailkd demo --out runs/demo        # built-in corpus, teacher + 3 students, report.md",
@@ -31,12 +33,12 @@ EXAMPLES = {
     "config": "tailkd config --config jobs/configs/smoke.yaml loss.k=5   # print the resolved config",
 }
 
-# subcommand -> (module, function, one-line help); the function takes the validated Config.
+# The subcommands that run a pipeline on a config file, with their one-line help (``run`` dispatches them).
 COMMANDS = {
-    "score": ("tailkd_ray.cache", "score", "Teacher pass: write the summary cache to summary.cache_dir."),
-    "distill": ("tailkd_ray.train", "distill", "Score (streamed or cached) and train the student end to end."),
-    "tune": ("tailkd_ray.tune", "run_tune", "Ray Tune search over loss.k and loss.beta sharing one teacher pass."),
-    "eval": ("tailkd_ray.eval", "evaluate_student", "Evaluate any student on data.val; writes eval.json."),
+    "score": "Teacher pass: write the summary cache to summary.cache_dir.",
+    "distill": "Score (streamed or cached) and train the student end to end.",
+    "tune": "Ray Tune search over loss.k and loss.beta sharing one teacher pass.",
+    "eval": "Evaluate any student on data.val; writes eval.json.",
 }
 
 
@@ -61,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the demo's settings")
 
     for name in (*COMMANDS, "config"):
-        help_text = COMMANDS[name][2] if name in COMMANDS else "Print the resolved, validated config as YAML."
+        help_text = COMMANDS.get(name, "Print the resolved, validated config as YAML.")
         p = sub.add_parser(name, help=help_text, description=help_text,
                            epilog=f"example:\n  {EXAMPLES[name]}\n\nconfig keys: tailkd config --reference",
                            formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -81,31 +83,35 @@ def error_line(command: str, error: TailKDError) -> str:
     return f"tailkd {command}: {prefix}{message}"
 
 
+def run(args: argparse.Namespace) -> Optional[dict]:
+    """Run the parsed command; returns what to print as JSON (None: nothing)."""
+    if args.command == "config":
+        if args.reference:
+            print(reference_markdown(), end="")
+        else:
+            print(yaml.safe_dump(to_dict(load_config(args.config, args.overrides)), sort_keys=False), end="")
+        return None
+    # Imported only now, after configure_logging: Ray and huggingface_hub read their settings from the environment
+    # when imported (and `tailkd --help` / `tailkd config` need neither).
+    from tailkd_ray.pipelines import demo, distill, evaluate, score, tune
+
+    if args.command == "demo":
+        return demo.run_demo(args.out, args.overrides)
+    config = resolve_local_paths(load_config(args.config, args.overrides))
+    if args.command == "score":
+        return score.score(config)
+    if args.command == "distill":
+        return distill.distill(config)
+    if args.command == "tune":
+        return tune.run_tune(config)
+    return evaluate.evaluate_student(config, str(Path(args.student).absolute()))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
     try:
-        if args.command == "demo":
-            from tailkd_ray.demo import run_demo
-
-            result = run_demo(args.out, args.overrides)
-        elif args.command == "config":
-            if args.reference:
-                print(reference_markdown(), end="")
-                return 0
-            import yaml
-
-            from tailkd_ray.config import to_dict
-
-            print(yaml.safe_dump(to_dict(load_config(args.config, args.overrides)), sort_keys=False), end="")
-            return 0
-        else:
-            config = resolve_local_paths(load_config(args.config, args.overrides))
-            init_ray()
-            module, function, _ = COMMANDS[args.command]
-            run = getattr(importlib.import_module(module), function)
-            student = str(Path(args.student).absolute()) if args.command == "eval" else None
-            result = run(config, student) if args.command == "eval" else run(config)
+        result = run(args)
     except Exception as error:
         user_error = find_tailkd_error(error)  # also when Ray wrapped it on the way from a worker
         if user_error is None:

@@ -9,8 +9,10 @@ what is allowed, before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import logging
 import math
+import os
 import re
 import types
 import typing
@@ -21,6 +23,8 @@ from typing import Any, Literal, Optional
 import yaml
 
 from tailkd_ray.errors import ConfigError  # re-exported: callers import it from here too
+
+log = logging.getLogger(__name__)
 
 
 def doc(default: Any, text: str) -> Any:
@@ -194,7 +198,7 @@ class TuneConfig:
                                "between their min and max.")
     beta: list = doc([0.5, 1.0, 2.0], "β values to search; `random` search draws log-uniformly between their "
                                       "min and max (> 0).")
-    max_concurrent: int = doc(1, "Trials running at once (lowered to what the cluster fits, see tailkd_ray/tune.py).")
+    max_concurrent: int = doc(1, "Trials running at once (lowered to what the cluster fits, see tailkd_ray/pipelines/tune.py).")
     metric: str = doc("val_loss", f"Validation metric the search minimises: one of {', '.join(TUNE_METRICS)}.")
     search: Literal["grid", "random"] = doc("grid", "`grid`: every (K, β) pair of tune.k × tune.beta once; "
                                                     "`random`: tune.num_samples draws from their ranges.")
@@ -260,19 +264,25 @@ class Config:
             section = getattr(self, f.name)
             if dataclasses.is_dataclass(section):
                 section.validate()
-        if self.summary.top_m is not None and self.loss.kind in ("tad", "topk") and self.loss.k > self.summary.top_m:
-            raise ConfigError(f"loss.k = {self.loss.k} exceeds summary.top_m = {self.summary.top_m}: the summary "
-                              f"keeps only the teacher's top {self.summary.top_m}; raise summary.top_m or lower loss.k")
+        if self.summary.top_m is not None and self.loss.kind in ("tad", "topk"):
+            require_k_within_top_m("loss.k", self.loss.k, self.summary.top_m)
         if self.summary.top_m is not None and self.loss.kind == "rkl":
             raise ConfigError("loss.kind = rkl needs the full teacher distribution: set summary.top_m: null "
                               "(co-located teacher) or pick another loss.kind")
         if self.loss.kind == "tad" and self.loss.k == self.summary.top_m and self.summary.tail_samples == 0:
-            # tune.search_config refuses this in a search over β; a single run may mean it, so only warn.
-            logging.getLogger(__name__).warning(
+            # pipelines.tune.search_config refuses this in a search over β; a single run may mean it, so only warn.
+            log.warning(
                 "loss.k = summary.top_m = %d with summary.tail_samples = 0: the summary holds nothing beyond the "
                 "teacher's top K, so TAD's tail term is 0 and loss.beta = %g has no effect (the loss is D_KL1); "
                 "set summary.tail_samples > 0 or loss.k < summary.top_m", self.loss.k, self.loss.beta)
         return self
+
+
+def require_k_within_top_m(k_key: str, k: int, top_m: int) -> None:
+    """The one rule tying K to the summary: a summary keeps the teacher's top M ids, so it serves any K ≤ M."""
+    if k > top_m:
+        raise ConfigError(f"{k_key} = {k} exceeds summary.top_m = {top_m}: the teacher summary keeps only its top "
+                          f"{top_m} ids, so K ≤ M; raise summary.top_m (a new summary cache is scored) or lower {k_key}")
 
 
 def _check_resources(key: str, resources: dict) -> None:
@@ -314,7 +324,9 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     return value
 
 
-def _build(cls: type, values: dict, prefix: str) -> Any:
+def build_dataclass(cls: type, values: dict, prefix: str = "") -> Any:
+    """An instance of the dataclass ``cls`` from plain values, each checked against its field's type; nested
+    dataclass fields are built from mappings. Errors name the key as ``prefix`` + field name."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
@@ -327,7 +339,7 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
         if dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
                 raise ConfigError(f"{prefix}{name} must be a mapping of keys, got {value!r}")
-            kwargs[name] = _build(hint, value, f"{prefix}{name}.")
+            kwargs[name] = build_dataclass(hint, value, f"{prefix}{name}.")
         else:
             kwargs[name] = _coerce(f"{prefix}{name}", value, hint)
     return cls(**kwargs)
@@ -392,7 +404,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
     raw = apply_overrides(raw, list(overrides or []))
-    return _build(Config, raw, "").validate()
+    return build_dataclass(Config, raw, "").validate()
 
 
 def to_dict(config: Config) -> dict:
@@ -402,7 +414,7 @@ def to_dict(config: Config) -> dict:
 
 def from_dict(values: dict) -> Config:
     """Inverse of ``to_dict``; validates."""
-    return _build(Config, values, "").validate()
+    return build_dataclass(Config, values, "").validate()
 
 
 def reference_markdown() -> str:
@@ -415,6 +427,16 @@ def reference_markdown() -> str:
         else:
             lines.append(_row(top.name, top))
     return "\n".join(lines) + "\n"
+
+
+def differing_fields(recorded: Any, wanted: Any, *, recorded_as: str, key: str = "") -> list[str]:
+    """Dotted keys where two nested mappings (a recorded identity or config and this config's) differ, each with
+    both values: ``"<key>: <recorded_as> has <value>, config gives <value>"``."""
+    if isinstance(recorded, dict) and isinstance(wanted, dict):
+        return [m for k in sorted(set(recorded) | set(wanted))
+                for m in differing_fields(recorded.get(k), wanted.get(k), recorded_as=recorded_as,
+                                          key=f"{key}.{k}" if key else k)]
+    return [] if recorded == wanted else [f"{key}: {recorded_as} has {recorded!r}, config gives {wanted!r}"]
 
 
 def _row(key: str, f: dataclasses.Field) -> str:
@@ -431,9 +453,6 @@ _OUTPUT_KEYS = ("output_dir", "summary.cache_dir")
 
 def resolve_local_paths(config: Config, base: Optional[Path] = None) -> Config:
     """Make relative local paths absolute against ``base`` (default: the current directory), in place."""
-    import glob
-    import os
-
     base = Path(base or Path.cwd())
     for key in PATH_KEYS:
         section_name, _, name = key.rpartition(".")

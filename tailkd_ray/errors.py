@@ -4,7 +4,7 @@ The CLI prints any ``TailKDError`` as one line (``tailkd <command>: <message>``,
 ``--debug``), so every message names the input at fault and what to do. Each kind also derives from the
 built-in class it was raised as before (``ValueError`` / ``RuntimeError``), so ``except ValueError``
 callers keep working. Programming errors (API misuse inside pure functions, e.g. tensor shapes in
-``losses.py``) stay plain ``ValueError``s.
+``core/losses.py``) stay plain ``ValueError``s.
 
 Errors raised inside Ray tasks, actors or training workers reach the driver wrapped in Ray's own
 exceptions; ``find_tailkd_error`` digs the original out of them.

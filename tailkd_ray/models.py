@@ -1,5 +1,12 @@
-"""Student and teacher models: build the student from an HF path or from overrides of the teacher's config,
-initialise it randomly (seeded) or by truncating the teacher, and wrap it for the chunked objective.
+"""Models and tokenizers: the one home of every Hugging Face load, build and check.
+
+- ``load_tokenizer`` (the one tokenizer loader), ``data_tokenizer_path`` / ``export_tokenizer`` (which one a run
+  uses); ``check_vocab_compatible`` (teacher, student and data tokenizer share one vocabulary; a built student is
+  held to the same rule);
+- ``load_teacher``; ``student_config`` and ``build_student`` (the one student builder: an HF path, or overrides
+  of the teacher's config initialised randomly (seeded) or by truncating the teacher); ``StudentWithHead``, the
+  wrapper the chunked objective runs in; ``llama_config`` / ``save_random_model``, the small random-weight models
+  of the demo, the benchmarks and the tests.
 
 Truncation (``student.init: truncate``, as in the paper): every student tensor is copied from the teacher
 tensor of the same name, keeping its **leading slice along every dimension**,
@@ -23,14 +30,19 @@ are not truncated correctly by this rule; use ``init: random`` or an explicit ``
 
 from __future__ import annotations
 
+import logging
 import re
-from typing import Callable, Optional
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from tailkd_ray.config import Config, ConfigError, StudentConfig, TeacherConfig
-from tailkd_ray.errors import VocabularyError
+from tailkd_ray.errors import DataError, VocabularyError
+
+log = logging.getLogger(__name__)
 
 
 def _qkv_sizes(config) -> list[int]:
@@ -48,22 +60,26 @@ FUSED_PROJECTIONS: dict[str, tuple[int, Callable[[object], list[int]]]] = {
 }
 
 
-def _auto():
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def load_model(path: str | Path, *, trust_remote_code: bool, device: str | torch.device = "cpu",
+               dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """A frozen eval-mode ``AutoModelForCausalLM`` (a teacher, or a student to evaluate), float32 by default."""
+    model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=trust_remote_code,
+                                                 dtype=dtype or torch.float32)
+    model.to(device).eval().requires_grad_(False)
+    return model
 
-    return AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+def inference_dtype(device: str | torch.device) -> torch.dtype:
+    """The dtype a frozen model runs in on ``device``: bfloat16 on a GPU, float32 on CPU (no fast bf16 there)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
 def load_teacher(teacher: TeacherConfig, *, device: str | torch.device = "cpu",
                  dtype: Optional[torch.dtype] = None) -> nn.Module:
-    """The teacher as a frozen eval-mode ``AutoModelForCausalLM`` (co-located exact mode and evaluation)."""
+    """The teacher as a frozen eval-mode model (co-located exact mode, truncation and evaluation)."""
     if teacher.model is None:
         raise ConfigError("teacher.model is not set: give the teacher's HF path")
-    _, AutoModelForCausalLM, _ = _auto()
-    model = AutoModelForCausalLM.from_pretrained(teacher.model, trust_remote_code=teacher.trust_remote_code,
-                                                 dtype=dtype or torch.float32)
-    model.to(device).eval().requires_grad_(False)
-    return model
+    return load_model(teacher.model, trust_remote_code=teacher.trust_remote_code, device=device, dtype=dtype)
 
 
 def student_config(cfg: Config):
@@ -74,12 +90,11 @@ def student_config(cfg: Config):
     hidden_size / num_attention_heads is re-derived for the student, and per-layer lists (``layer_types``,
     ``mlp_layer_types``, ...) follow a changed ``num_hidden_layers`` (see ``_resize_per_layer``).
     """
-    AutoConfig, _, _ = _auto()
     if cfg.student.model is not None:
         return AutoConfig.from_pretrained(cfg.student.model, trust_remote_code=cfg.student.trust_remote_code)
     if cfg.teacher.model is None:
         raise ConfigError("set student.model, or teacher.model so the student can be derived from its config")
-    config = AutoConfig.from_pretrained(cfg.teacher.model, trust_remote_code=cfg.teacher.trust_remote_code)
+    config = _teacher_config(cfg.teacher)
     overrides = cfg.student.config
     known = set(config.to_dict())
     unknown = sorted(set(overrides) - known)
@@ -164,11 +179,11 @@ def _default_head_dim(config) -> Optional[int]:
 
 
 def build_student(cfg: Config, *, teacher_state: Optional[dict] = None) -> nn.Module:
-    """The student model on CPU in float32, initialised per ``student.init`` (seeded by ``train.seed``).
+    """The student model on CPU in float32, initialised per ``student.init`` (seeded by ``train.seed``), with the
+    teacher's vocabulary (``VocabularyError`` otherwise).
 
     ``teacher_state`` (a state dict) avoids re-reading the teacher for ``truncate`` when it is already loaded.
     """
-    _, AutoModelForCausalLM, _ = _auto()
     student_cfg: StudentConfig = cfg.student
     if student_cfg.model is not None and student_cfg.init == "random":
         # An explicit student checkpoint is used as is: its weights are the initialisation.
@@ -177,32 +192,24 @@ def build_student(cfg: Config, *, teacher_state: Optional[dict] = None) -> nn.Mo
     else:
         config = student_config(cfg)
         torch.manual_seed(cfg.train.seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
-                                                 trust_remote_code=_remote_code(cfg))
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=_remote_code(cfg))
         if student_cfg.init == "truncate":
-            if teacher_state is None:
-                teacher_state = load_teacher(cfg.teacher).state_dict()
-            teacher_config = _auto()[0].from_pretrained(cfg.teacher.model,
-                                                        trust_remote_code=cfg.teacher.trust_remote_code)
+            teacher_state = teacher_state if teacher_state is not None else load_teacher(cfg.teacher).state_dict()
+            teacher_config = _teacher_config(cfg.teacher)
             check_truncatable(teacher_config, config)
             truncate_into(model, teacher_state, teacher_config)
-    _check_vocab(cfg, model)
+    if cfg.teacher.model is not None:
+        require_one_vocabulary(f"teacher {cfg.teacher.model}", model_vocab_size(_teacher_config(cfg.teacher)),
+                               "the built student", model.get_output_embeddings().weight.shape[0])
     return model
+
+
+def _teacher_config(teacher: TeacherConfig):
+    return AutoConfig.from_pretrained(teacher.model, trust_remote_code=teacher.trust_remote_code)
 
 
 def _remote_code(cfg: Config) -> bool:
     return cfg.student.trust_remote_code if cfg.student.model is not None else cfg.teacher.trust_remote_code
-
-
-def _check_vocab(cfg: Config, model: nn.Module) -> None:
-    if cfg.teacher.model is None:
-        return
-    teacher_vocab = _auto()[0].from_pretrained(cfg.teacher.model, trust_remote_code=cfg.teacher.trust_remote_code).vocab_size
-    student_vocab = model.get_output_embeddings().weight.shape[0]
-    if student_vocab != teacher_vocab:
-        raise VocabularyError(f"student vocabulary {student_vocab} != teacher vocabulary {teacher_vocab}: distillation "
-                              f"compares distributions over the same tokens; use a student with the teacher's "
-                              f"tokenizer")
 
 
 def head_dim(config) -> Optional[int]:
@@ -264,11 +271,101 @@ def export_dtype(cfg: Config) -> torch.dtype:
     return getattr(torch, cfg.export.dtype)
 
 
-def load_tokenizer(cfg: Config):
-    """The tokenizer exported with the student: ``data.tokenizer``, else the teacher's, else the student's."""
-    _, _, AutoTokenizer = _auto()
-    path = cfg.data.tokenizer or cfg.teacher.model or cfg.student.model
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.teacher.trust_remote_code and path == cfg.teacher.model)
+def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False):
+    """The tokenizer at ``path`` (a Hugging Face directory or hub id), its fast (Rust) version where one exists."""
+    return AutoTokenizer.from_pretrained(str(path), use_fast=True, trust_remote_code=trust_remote_code)
+
+
+def data_tokenizer_path(cfg: Config) -> Optional[str]:
+    """The tokenizer the corpus is tokenized with: ``data.tokenizer``, else the teacher's."""
+    return cfg.data.tokenizer or cfg.teacher.model
+
+
+def export_tokenizer(cfg: Config):
+    """The tokenizer exported with the student: the data tokenizer, else the student's own."""
+    path = data_tokenizer_path(cfg) or cfg.student.model
+    return load_tokenizer(path, trust_remote_code=cfg.teacher.trust_remote_code and path == cfg.teacher.model)
+
+
+def model_vocab_size(config) -> int:
+    """Rows of the model's embedding / LM head (may exceed the tokenizer's size: padded vocabularies)."""
+    return int(config.get_text_config().vocab_size)
+
+
+def require_one_vocabulary(teacher_name: str, teacher_vocab: int, student_name: str, student_vocab: int) -> None:
+    """Distillation compares distributions over the same tokens: teacher and student vocabulary sizes must agree."""
+    if student_vocab != teacher_vocab:
+        raise VocabularyError(f"vocabulary size differs: {teacher_name} has vocab_size {teacher_vocab}, "
+                              f"{student_name} has {student_vocab}; distillation needs one vocabulary: use a "
+                              f"student of the teacher's family/tokenizer (or drop vocab_size from student.config)")
+
+
+def check_vocab_compatible(teacher_path: str, student: Optional[str | Mapping[str, Any]],
+                           tokenizer_path: Optional[str], *, trust_remote_code: bool = False) -> int:
+    """Check that teacher, student and data tokenizer share one vocabulary; return the model vocab size.
+
+    - the teacher's and the student's config ``vocab_size`` must be equal (``student`` is a model path, a
+      dict of config overrides applied to the teacher's config, or None for the teacher's own config);
+    - every id of the data tokenizer must be < that size (models may pad ``vocab_size`` beyond it);
+    - the data tokenizer's token table must equal the teacher's tokenizer's (when the teacher ships one).
+    Raises ``VocabularyError`` saying which differ and how to fix it (``DataError`` when there is no tokenizer).
+    """
+    teacher_vocab = model_vocab_size(AutoConfig.from_pretrained(teacher_path, trust_remote_code=trust_remote_code))
+    if isinstance(student, str):
+        student_vocab = model_vocab_size(AutoConfig.from_pretrained(student, trust_remote_code=trust_remote_code))
+        student_name = f"student {student}"
+    else:
+        student_vocab = (student or {}).get("vocab_size", teacher_vocab)
+        student_name = "student (student.config)"
+    require_one_vocabulary(f"teacher {teacher_path}", teacher_vocab, student_name, student_vocab)
+    _check_data_tokenizer(teacher_path, teacher_vocab, tokenizer_path, trust_remote_code)
+    return teacher_vocab
+
+
+def _check_data_tokenizer(teacher_path: str, teacher_vocab: int, tokenizer_path: Optional[str],
+                          trust_remote_code: bool) -> None:
+    """The data tokenizer's ids fit the teacher's vocabulary and its token table is the teacher tokenizer's."""
+    teacher_tokenizer = _teacher_tokenizer(teacher_path, trust_remote_code)
+    data_tokenizer = (load_tokenizer(tokenizer_path, trust_remote_code=trust_remote_code)
+                      if tokenizer_path is not None else teacher_tokenizer)
+    if data_tokenizer is None:
+        raise DataError(f"no tokenizer found in teacher {teacher_path} and data.tokenizer is not set: "
+                        f"set data.tokenizer to the teacher's tokenizer")
+    data_name = f"data tokenizer {tokenizer_path or teacher_path}"
+    data_vocab = data_tokenizer.get_vocab()
+    largest = max(data_vocab.values()) + 1
+    if largest > teacher_vocab:
+        raise VocabularyError(f"{data_name} produces ids up to {largest - 1} but teacher {teacher_path} has "
+                              f"vocab_size {teacher_vocab}; tokenize the data with the teacher's tokenizer "
+                              f"(data.tokenizer: null)")
+    if teacher_tokenizer is None:
+        log.warning("teacher %s ships no tokenizer: only the vocabulary size of %s was checked", teacher_path,
+                    data_name)
+    elif teacher_tokenizer is not data_tokenizer:
+        _compare_token_tables(teacher_tokenizer.get_vocab(), data_vocab, f"teacher {teacher_path}", data_name)
+
+
+def _teacher_tokenizer(path: str, trust_remote_code: bool):
+    """The tokenizer saved with the teacher, or None when the teacher directory holds none."""
+    try:
+        return load_tokenizer(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:  # the model's config loaded, so this means "no tokenizer files"
+        log.debug("no tokenizer with teacher %s: %s", path, err)
+        return None
+
+
+def _compare_token_tables(teacher: Mapping[str, int], data: Mapping[str, int], teacher_name: str,
+                          data_name: str, show: int = 5) -> None:
+    if teacher == data:
+        return
+    by_id_teacher = {i: t for t, i in teacher.items()}
+    by_id_data = {i: t for t, i in data.items()}
+    differing = sorted(i for i in set(by_id_teacher) | set(by_id_data) if by_id_teacher.get(i) != by_id_data.get(i))
+    examples = ", ".join(f"id {i}: {by_id_teacher.get(i)!r} vs {by_id_data.get(i)!r}" for i in differing[:show])
+    raise VocabularyError(f"token tables differ between the {teacher_name} tokenizer ({len(teacher)} tokens) and "
+                          f"the {data_name} ({len(data)} tokens) at {len(differing)} id(s), first: {examples}; "
+                          f"tokenize the data with the teacher's tokenizer (data.tokenizer: null or the teacher's "
+                          f"path)")
 
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:
@@ -307,7 +404,28 @@ class StudentWithHead(nn.Module):
         return head_fn(hidden, self.head.weight, getattr(self.head, "bias", None))
 
     def register_for_zero3(self) -> None:
-        import deepspeed
+        import deepspeed  # deferred: slow to import, and only the deepspeed strategy needs it
 
         for param in self.head.parameters():
             deepspeed.zero.register_external_parameter(self, param)
+
+
+def llama_config(*, vocab: int, layers: int, width: int, heads: int, intermediate: int, max_positions: int,
+                 kv_heads: Optional[int] = None, eos_id: int = 0) -> LlamaConfig:
+    """A small Llama config (the demo's teacher, the benchmarks' and the tests' models): untied LM head, the eos
+    id as bos and pad too."""
+    return LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=intermediate, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
+                       max_position_embeddings=max_positions, tie_word_embeddings=False,
+                       bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id)
+
+
+def save_random_model(config, out_dir: str | Path, *, seed: int, tokenizer=None) -> Path:
+    """A randomly initialised (seeded) causal LM of ``config`` saved as safetensors in ``out_dir``, with
+    ``tokenizer`` (a tokenizer or its path) beside it; returns ``out_dir``."""
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out_dir, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
+        tokenizer.save_pretrained(out_dir)
+    return Path(out_dir)

@@ -23,8 +23,10 @@ import logging
 import math
 from typing import Optional
 
-from .config import TeacherConfig, TrainConfig
-from .errors import PlacementError  # re-exported: callers import it from here too
+import ray
+
+from tailkd_ray.config import TeacherConfig, TrainConfig
+from tailkd_ray.errors import PlacementError  # re-exported: callers import it from here too
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +104,6 @@ def require_placement(*, resources: dict, num_gpus: float, num_cpus: float, coun
     """
     unit = {k: float(v) for k, v in {"CPU": num_cpus, "GPU": num_gpus, **resources}.items() if v}
     if nodes is None:
-        import ray
-
         nodes = ray.nodes()
     alive = [node for node in nodes if node.get("Alive")]
     problem = _placement_problem(unit, count, what, alive)

@@ -48,7 +48,7 @@ def ray_env(quiet: bool) -> dict[str, str]:
 
 def quiet_worker_setup() -> None:
     """Ray's ``worker_process_setup_hook`` in quiet mode: what the environment cannot reach in a worker."""
-    from ray.util.annotations import RayDeprecationWarning
+    from ray.util.annotations import RayDeprecationWarning  # deferred, as every Ray import here (see init_ray)
 
     # Train V2 names this logger by its file path, so its "Reporting training result" lines escape LoggingConfig.
     logging.getLogger(importlib.util.find_spec("ray.train.v2._internal.execution.context").origin).setLevel(
@@ -64,7 +64,7 @@ def is_quiet() -> bool:
 
 def train_logging_config():
     """Ray Train's ``RunConfig(logging_config=...)`` for the controller and the training workers."""
-    import ray.train
+    import ray.train  # deferred, as every Ray import here (see init_ray)
 
     return ray.train.LoggingConfig(log_level="WARNING" if is_quiet() else "INFO")
 
@@ -75,6 +75,8 @@ def init_ray() -> None:
     Locally the CPU count is oversubscribed (at least 8 logical CPUs): trainer workers each hold a CPU for the
     whole run, and Ray Data's tokenizer and teacher stages need CPUs beside them, or they stall.
     """
+    # Deferred: the CLI imports this module before configure_logging has exported Ray's environment settings,
+    # which Ray reads when it is imported.
     import ray
     import ray.data
 
@@ -99,7 +101,7 @@ def init_ray() -> None:
 
 
 def _start_local_ray(runtime_env: dict, options: dict, attempts: int = 3) -> None:
-    import ray
+    import ray  # deferred, as every Ray import here (see init_ray)
 
     for attempt in range(attempts):
         port = free_local_port()

@@ -56,14 +56,14 @@ def ray_session():
 @pytest.fixture(scope="session")
 def builtin_corpus(tmp_path_factory):
     """A ~300 KB slice of the built-in corpus: (train_dir, val_dir) of .txt documents."""
-    from tailkd_ray.corpus import write_builtin_corpus
+    from tailkd_ray.data.corpus import write_builtin_corpus
 
     return write_builtin_corpus(tmp_path_factory.mktemp("corpus"), max_bytes=300_000)
 
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(builtin_corpus, tmp_path_factory):
-    from tailkd_ray.corpus import train_bpe_tokenizer
+    from tailkd_ray.data.corpus import train_bpe_tokenizer
 
     train_dir, _ = builtin_corpus
     out = tmp_path_factory.mktemp("tokenizer")
@@ -71,26 +71,14 @@ def tiny_tokenizer_dir(builtin_corpus, tmp_path_factory):
     return out
 
 
-def _save_tiny_model(config, tokenizer_dir, out_dir, seed=0):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out_dir)
-    return out_dir
-
-
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tiny_tokenizer_dir, tmp_path_factory):
     """A 2-layer, 64-wide Llama-style teacher with the tiny tokenizer's vocabulary."""
-    from transformers import LlamaConfig
+    from tailkd_ray.models import llama_config, save_random_model
 
-    config = LlamaConfig(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    return _save_tiny_model(config, tiny_tokenizer_dir, tmp_path_factory.mktemp("tiny_llama"))
+    config = llama_config(vocab=TINY_VOCAB, layers=2, width=64, heads=4, kv_heads=2, intermediate=128,
+                          max_positions=256)
+    return save_random_model(config, tmp_path_factory.mktemp("tiny_llama"), seed=0, tokenizer=tiny_tokenizer_dir)
 
 
 @pytest.fixture(scope="session")
@@ -98,6 +86,8 @@ def tiny_gpt2_dir(tiny_tokenizer_dir, tmp_path_factory):
     """A 2-layer, 64-wide GPT-2-style model (tied embeddings) with the tiny tokenizer's vocabulary."""
     from transformers import GPT2Config
 
+    from tailkd_ray.models import save_random_model
+
     config = GPT2Config(vocab_size=TINY_VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=256,
                         bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    return _save_tiny_model(config, tiny_tokenizer_dir, tmp_path_factory.mktemp("tiny_gpt2"))
+    return save_random_model(config, tmp_path_factory.mktemp("tiny_gpt2"), seed=0, tokenizer=tiny_tokenizer_dir)

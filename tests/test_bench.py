@@ -170,7 +170,7 @@ def test_model_flops_per_token_matches_a_hand_count():
     """PaLM's count for a tiny Llama: 2·(matmul weights) + 4·L·d·T forward, ×3 for training."""
     from transformers import LlamaConfig
 
-    from tailkd_ray.benchmarks.measure import mfu, model_flops_per_token
+    from bench.measure import mfu, model_flops_per_token
 
     vocab, width, layers, seq = 100, 16, 2, 8
     config = LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=48, num_hidden_layers=layers,
@@ -203,7 +203,7 @@ def test_gpu_script_commands_parse():
     import os
     import shlex
 
-    from tailkd_ray.benchmarks.cli import build_parser
+    from bench.cli import build_parser
 
     script = BENCH.parent / "bench_gpu.sh"
     out = subprocess.run(["bash", str(script), "/tmp/out"], capture_output=True, text=True, timeout=60,

@@ -12,11 +12,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from tailkd_ray.cache import (MANIFEST, open_cache, score_to_cache, summaries_for_training, teacher_identity)
 from tailkd_ray.config import load_config
-from tailkd_ray.errors import CacheError
 from tailkd_ray.core.summary import FIELDS, TEMPERATURE_KEY
-from tailkd_ray.teacher import block_hashes, score_dataset
+from tailkd_ray.data.hashing import block_hashes
+from tailkd_ray.errors import CacheError
+from tailkd_ray.pipelines.distill import teacher_summaries
+from tailkd_ray.teacher.cache import MANIFEST, open_cache, score_to_cache, teacher_identity
+from tailkd_ray.teacher.pool import score_dataset
 
 SEQ_LEN, TOP_M, TAIL, ROWS, SHARD_ROWS = 16, 6, 3, 14, 4
 
@@ -128,7 +130,7 @@ def test_interrupted_cache_is_refused_then_resumed(complete_cache, tiny_llama_di
         open_cache(resumed_cfg)
     first_mtime = os.path.getmtime(interrupted / first)
 
-    resumed = summaries_for_training(resumed_cfg, as_dataset(random_blocks()))
+    resumed = teacher_summaries(resumed_cfg, as_dataset(random_blocks()))
     assert read_manifest(interrupted)["complete"] is True
     already = manifest["shards"][first]
     assert not any(name.startswith(".tmp-") for name in os.listdir(interrupted))
@@ -208,8 +210,8 @@ def test_teacher_identity_follows_the_weights(tiny_llama_dir, tmp_path):
 @pytest.mark.ray
 def test_score_command_runs_one_teacher_pass_then_reuses(tiny_llama_dir, builtin_corpus, ray_session, tmp_path):
     """`tailkd score`: train and val summaries into summary.cache_dir once; a rerun scores nothing."""
-    from tailkd_ray.cache import score
     from tailkd_ray.config import ConfigError
+    from tailkd_ray.pipelines.score import score
 
     _, val_dir = builtin_corpus
     cfg = make_config(tiny_llama_dir, tmp_path / "cache", val_dir, **{"data.val_fraction": 0.25})

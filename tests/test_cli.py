@@ -68,8 +68,8 @@ def test_bad_corpus_is_a_clear_error_not_a_traceback(ray_session, tiny_tokenizer
 @pytest.fixture
 def cache_at_another_temperature(tiny_llama_dir, tmp_path):
     """argv of `tailkd score` at loss.temperature 2 over a complete cache scored at τ = 1 (nothing else differs)."""
-    from tailkd_ray.cache import cache_identity, teacher_identity
     from tailkd_ray.config import load_config
+    from tailkd_ray.teacher.cache import cache_identity, teacher_identity
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("some text\n")
@@ -115,14 +115,14 @@ def test_vocabulary_mismatch_in_a_teacher_actor_is_one_line(ray_session, tiny_ll
     import numpy as np
     import ray.data
 
-    import tailkd_ray.cache
-    from tailkd_ray.teacher import score_dataset
+    import tailkd_ray.pipelines.score
+    from tailkd_ray.teacher.pool import score_dataset
 
     def score_foreign_ids(cfg):  # a corpus tokenized for a larger vocabulary than the teacher's 320
         blocks = np.arange(2 * 9).reshape(2, 9) + 310
         return score_dataset(ray.data.from_items([{"input_ids": row} for row in blocks]), cfg).take_all()
 
-    monkeypatch.setattr(tailkd_ray.cache, "score", score_foreign_ids)
+    monkeypatch.setattr(tailkd_ray.pipelines.score, "score", score_foreign_ids)
     (tmp_path / "none.yaml").write_text("{}\n")
     code = main(["score", "--config", str(tmp_path / "none.yaml"), f"teacher.model={tiny_llama_dir}", "data.seq_len=8",
                  "summary.top_m=8", "loss.k=4"])

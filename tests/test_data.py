@@ -1,4 +1,4 @@
-"""Ray Data ingest (tailkd_ray.data): every format packs into exact seq_len + 1 int32 blocks of the
+"""Ray Data ingest (tailkd_ray.data: read, pack, splits, hashing): every format packs into exact seq_len + 1 int32 blocks of the
 EOS-joined token stream, deterministically, with bad input skipped-and-counted or refused by name."""
 
 from __future__ import annotations
@@ -11,8 +11,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tailkd_ray import data as D
 from tailkd_ray.config import DataConfig, load_config
+from tailkd_ray.data import pack
+from tailkd_ray.data.hashing import held_out_mask
+from tailkd_ray.data.pack import IngestReport, check_packing_tokenizer, split_text, tokenize_and_pack
+from tailkd_ray.data.read import read_documents
+from tailkd_ray.data.splits import train_val_datasets
+from tailkd_ray.errors import DataError
+from tailkd_ray.models import load_tokenizer
 
 pytestmark = pytest.mark.ray
 
@@ -29,7 +35,7 @@ DOCS = [
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_tokenizer_dir):
-    return D.load_tokenizer(str(tiny_tokenizer_dir))
+    return load_tokenizer(tiny_tokenizer_dir)
 
 
 def _stream(tokenizer, docs) -> np.ndarray:
@@ -42,9 +48,9 @@ def _stream(tokenizer, docs) -> np.ndarray:
 
 def _pack(pattern, tokenizer_dir, *, fmt="text", **data_fields):
     data_cfg = DataConfig(format=fmt, seq_len=SEQ_LEN, tokenizer_actors=1, **data_fields)
-    report = D.IngestReport()
-    blocks = D.tokenize_and_pack(D.read_documents(str(pattern), data_cfg), str(tokenizer_dir), data_cfg,
-                                 stats=report)
+    report = IngestReport()
+    blocks = tokenize_and_pack(read_documents(str(pattern), data_cfg), load_tokenizer(tokenizer_dir), data_cfg,
+                               stats=report)
     rows = [row["input_ids"] for row in blocks.take_all()]
     return (np.stack(rows) if rows else np.zeros((0, SEQ_LEN + 1), np.int32)), report
 
@@ -90,7 +96,7 @@ def test_tails_of_many_batches_are_packed_not_lost(ray_session, tiny_tokenizer_d
                                                    monkeypatch):
     docs = DOCS * 5
     (tmp_path / "docs.txt").write_text("\n".join(docs), encoding="utf-8")
-    monkeypatch.setitem(D._DOCS_PER_BATCH, "line", 4)  # 8 batches, each leaving a tail
+    monkeypatch.setitem(pack._DOCS_PER_BATCH, "line", 4)  # 8 batches, each leaving a tail
     blocks, report = _pack(tmp_path / "docs.txt", tiny_tokenizer_dir, text_document="line")
     stream = _stream(tokenizer, docs)
     assert report.blocks == len(blocks) == len(stream) // (SEQ_LEN + 1)  # only the final partial block drops
@@ -105,7 +111,7 @@ def test_split_is_deterministic_disjoint_and_sized(ray_session, builtin_corpus, 
                              "data.val_fraction=0.2", "train.seed=3"])
 
     def run():
-        train, val, report = D.train_val_datasets(cfg)
+        train, val, report = train_val_datasets(cfg)
         return ([r["input_ids"].tobytes() for r in train.take_all()],
                 [r["input_ids"].tobytes() for r in val.take_all()], report)
 
@@ -122,7 +128,7 @@ def test_separate_val_corpus(ray_session, builtin_corpus, tiny_tokenizer_dir):
     train_dir, val_dir = builtin_corpus
     cfg = load_config(None, [f"data.train={train_dir}", f"data.val={val_dir}", f"data.tokenizer={tiny_tokenizer_dir}",
                              "data.seq_len=63"])
-    train, val, report = D.train_val_datasets(cfg)
+    train, val, report = train_val_datasets(cfg)
     assert (train.count(), val.count()) == (report.train_blocks, report.val_blocks)
     files = len(list(train_dir.glob("*.txt"))) + len(list(val_dir.glob("*.txt")))
     assert report.val_blocks > 50 and report.documents == files
@@ -131,16 +137,16 @@ def test_separate_val_corpus(ray_session, builtin_corpus, tiny_tokenizer_dir):
 
 def test_held_out_mask_depends_on_seed_and_ids_only():
     blocks = np.random.default_rng(0).integers(0, 320, size=(4000, 16), dtype=np.int32)
-    mask = D.held_out_mask(blocks, 7, 0.1)
+    mask = held_out_mask(blocks, 7, 0.1)
     assert abs(mask.mean() - 0.1) < 0.02
-    np.testing.assert_array_equal(D.held_out_mask(blocks[::-1], 7, 0.1), mask[::-1])
-    assert (D.held_out_mask(blocks, 8, 0.1) != mask).sum() > 100
-    assert not D.held_out_mask(blocks, 7, 0.0).any()
+    np.testing.assert_array_equal(held_out_mask(blocks[::-1], 7, 0.1), mask[::-1])
+    assert (held_out_mask(blocks, 8, 0.1) != mask).sum() > 100
+    assert not held_out_mask(blocks, 7, 0.0).any()
 
 
 def test_split_text_keeps_the_tokenization(tokenizer):
     text = " ".join(DOCS) * 40 + "   spaces\n\n  and\ttabs " * 30
-    pieces = D.split_text(text, 200)
+    pieces = split_text(text, 200)
     assert "".join(pieces) == text and max(map(len, pieces)) <= 200 and len(pieces) > 10
     joined = [i for p in pieces for i in tokenizer(p, add_special_tokens=False)["input_ids"]]
     assert joined == tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -190,36 +196,36 @@ def test_out_of_vocab_and_null_rows_are_counted(ray_session, tiny_tokenizer_dir,
 def test_a_file_without_the_column_is_named(ray_session, tiny_tokenizer_dir, tmp_path):
     pq.write_table(pa.table({"text": DOCS}), tmp_path / "a.parquet")
     pq.write_table(pa.table({"body": DOCS, "n": list(range(len(DOCS)))}), tmp_path / "b.parquet")
-    with pytest.raises(D.DataError, match=r"b\.parquet has no column 'text'; columns: body, n"):
+    with pytest.raises(DataError, match=r"b\.parquet has no column 'text'; columns: body, n"):
         _pack(tmp_path, tiny_tokenizer_dir, fmt="parquet")
-    with pytest.raises(D.DataError, match=r"b\.parquet has no column 'text'; columns: body, n"):
+    with pytest.raises(DataError, match=r"b\.parquet has no column 'text'; columns: body, n"):
         _pack(tmp_path / "b.parquet", tiny_tokenizer_dir, fmt="parquet")  # no file has it
 
 
 def test_jsonl_errors_name_the_line(ray_session, tiny_tokenizer_dir, tmp_path):
     (tmp_path / "a.jsonl").write_text('{"text": "ok"}\n{"body": "no text"}\n', encoding="utf-8")
-    with pytest.raises(D.DataError, match=r"a\.jsonl:2: no field 'text'; fields: body"):
+    with pytest.raises(DataError, match=r"a\.jsonl:2: no field 'text'; fields: body"):
         _pack(tmp_path / "a.jsonl", tiny_tokenizer_dir, fmt="jsonl")
     (tmp_path / "a.jsonl").write_text('{"text": "ok"}\n{"text": "cut\n', encoding="utf-8")
-    with pytest.raises(D.DataError, match=r"a\.jsonl:2: invalid JSON"):
+    with pytest.raises(DataError, match=r"a\.jsonl:2: invalid JSON"):
         _pack(tmp_path / "a.jsonl", tiny_tokenizer_dir, fmt="jsonl")
 
 
 def test_a_corrupt_parquet_file_is_named(ray_session, tiny_tokenizer_dir, tmp_path):
     pq.write_table(pa.table({"text": DOCS}), tmp_path / "a.parquet")
     (tmp_path / "b.parquet").write_bytes(b"PAR1 this is not parquet")
-    with pytest.raises(D.DataError, match=r"b\.parquet is not a readable Parquet file"):
-        D.read_documents(str(tmp_path / "*.parquet"), DataConfig(format="parquet"))
+    with pytest.raises(DataError, match=r"b\.parquet is not a readable Parquet file"):
+        read_documents(str(tmp_path / "*.parquet"), DataConfig(format="parquet"))
 
 
 def test_a_pattern_without_files_is_named(tmp_path):
-    with pytest.raises(D.DataError, match="nothing-here/\\*.txt' matches no file"):
-        D.read_documents(str(tmp_path / "nothing-here" / "*.txt"), DataConfig())
+    with pytest.raises(DataError, match="nothing-here/\\*.txt' matches no file"):
+        read_documents(str(tmp_path / "nothing-here" / "*.txt"), DataConfig())
 
 
 def test_a_tokenizer_without_eos_is_refused(tiny_tokenizer_dir, tmp_path):
     from transformers import PreTrainedTokenizerFast
 
     PreTrainedTokenizerFast(tokenizer_file=str(tiny_tokenizer_dir / "tokenizer.json")).save_pretrained(tmp_path)
-    with pytest.raises(D.DataError, match="has no eos token"):
-        D.load_tokenizer(str(tmp_path))
+    with pytest.raises(DataError, match="has no eos token"):
+        check_packing_tokenizer(load_tokenizer(tmp_path))

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tailkd_ray.demo import METRIC_COLUMNS, read_curve, results_table, run_demo
+from tailkd_ray.pipelines.demo import METRIC_COLUMNS, read_curve, results_table, run_demo
 
 TINY = ["corpus_bytes=150000", "vocab_size=300", "seq_len=32", "teacher_layers=1", "teacher_width=64",
         "teacher_steps=6", "student_layers=1", "student_width=32", "student_steps=4", "eval_every=2",
@@ -26,7 +26,7 @@ def test_demo_end_to_end_tiny(ray_session, tmp_path):
         assert metrics["val_loss"] > 0 and metrics["tokens"] > 0
         saved = json.loads((out / "students" / name / "eval.json").read_text())
         assert saved["val_loss"] == pytest.approx(metrics["val_loss"])
-        curve = read_curve(out / "students" / name / "metrics.jsonl")
+        curve = read_curve(out / "students" / name)
         assert [step for step, _ in curve][-1] == 4 and len(curve) >= 2
         student = out / "students" / name / "student"
         model = AutoModelForCausalLM.from_pretrained(student)
@@ -50,7 +50,7 @@ def test_demo_end_to_end_tiny(ray_session, tmp_path):
 
 def test_demo_settings_validation():
     from tailkd_ray.config import ConfigError
-    from tailkd_ray.demo import demo_settings
+    from tailkd_ray.pipelines.demo import demo_settings
 
     with pytest.raises(ConfigError, match="unknown key nope"):
         demo_settings(["nope=1"])

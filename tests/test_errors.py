@@ -80,23 +80,21 @@ def test_error_raised_in_a_ray_data_udf_is_found_on_the_driver(ray_session):
 
 
 def test_every_vocabulary_mismatch_raises_vocabulary_error(tiny_llama_dir):
-    """teacher.check_vocab_compatible (driver, at start-up), models._check_vocab (a built student) and the teacher
-    pool's id check (teacher.TeacherScorer, inside an actor) raise one class for one problem."""
+    """models.check_vocab_compatible (driver, at start-up), models.build_student (a built student) and the teacher
+    pool's id check (teacher.pool.TeacherScorer, inside an actor) raise one class for one problem."""
     import numpy as np
-    from transformers import AutoModelForCausalLM, LlamaConfig
 
     from tailkd_ray.config import load_config
-    from tailkd_ray.models import _check_vocab
-    from tailkd_ray.teacher import TeacherScorer, check_vocab_compatible, scorer_kwargs
+    from tailkd_ray.models import build_student, check_vocab_compatible
+    from tailkd_ray.teacher.pool import TeacherScorer, scorer_kwargs
 
     with pytest.raises(VocabularyError, match="vocab_size 320, student .* has 384"):
         check_vocab_compatible(str(tiny_llama_dir), {"vocab_size": 384}, None)
 
     cfg = load_config(None, [f"teacher.model={tiny_llama_dir}", "data.seq_len=8"])
-    student = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=384, hidden_size=32, intermediate_size=64,
-                                                           num_hidden_layers=1, num_attention_heads=2))
-    with pytest.raises(VocabularyError, match="student vocabulary 384 != teacher vocabulary 320"):
-        _check_vocab(cfg, student)
+    wider = load_config(None, [f"teacher.model={tiny_llama_dir}", "student.config={vocab_size: 384}"])
+    with pytest.raises(VocabularyError, match="vocab_size 320, the built student has 384"):
+        build_student(wider)
 
     scorer = TeacherScorer(**scorer_kwargs(cfg))
     with pytest.raises(VocabularyError, match=r"token id 320 at position 2 is outside the teacher's vocabulary"):

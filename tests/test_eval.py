@@ -1,4 +1,4 @@
-"""eval.py: every metric against a brute-force computation on a tiny case."""
+"""core/metrics.py: every metric against a brute-force computation on a tiny case."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tailkd_ray.eval import EVAL_KEYS, evaluate
+from tailkd_ray.core.metrics import EVAL_KEYS, evaluate
 from tailkd_ray.core.summary import summarize
 
 V, D, B, T, K, BINS = 12, 6, 2, 5, 3, 10

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tailkd_ray.benchmarks.measure import peak_extra_bytes
+from bench.measure import peak_extra_bytes  # jobs/bench (pytest's pythonpath)
 from tailkd_ray.core.losses import (
     clm_loss,
     distill_objective,

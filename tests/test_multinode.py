@@ -27,7 +27,8 @@ import pytest
 from ray import cloudpickle
 
 from tailkd_ray.config import from_dict
-from tailkd_ray.teacher import TeacherScorer
+from tailkd_ray.teacher.pool import TeacherScorer
+from tailkd_ray.train import runlog
 
 pytestmark = pytest.mark.ray
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # recorders travel to actors and workers by value
@@ -137,7 +138,7 @@ def make_cfg(out: Path, teacher_dir, corpus_dir, teacher: dict | None = None, **
 
 
 def train_steps(out: Path) -> list[int]:
-    return [r["step"] for r in read_records(out / "metrics.jsonl") if "loss" in r]
+    return [r["step"] for r in runlog.read_records(out, "step")]
 
 
 # ---- tests ---------------------------------------------------------------------------------------------------
@@ -146,15 +147,15 @@ def test_teacher_pool_grows_from_its_minimum_under_load(cluster, tiny_llama_dir,
     on the inference node (the only one offering tailkd_inference)."""
     import ray
 
-    from tailkd_ray import teacher
+    from tailkd_ray.teacher import pool
 
     records = tmp_path / "scorers.jsonl"
-    monkeypatch.setattr(teacher, "TeacherScorer", recording_scorer(records, delay_s=1.0))
+    monkeypatch.setattr(pool, "TeacherScorer", recording_scorer(records, delay_s=1.0))
     cfg = make_cfg(tmp_path, tiny_llama_dir, corpus_dir=None, teacher={"min_actors": 1, "max_actors": 2,
                                                                         "batch_size": 1})
     ids = np.random.default_rng(0).integers(0, 320, size=(24, SEQ_LEN + 1), dtype=np.int32)
     blocks = ray.data.from_items([{"input_ids": row} for row in ids], override_num_blocks=24)
-    scored = teacher.score_dataset(blocks, cfg).take_all()
+    scored = pool.score_dataset(blocks, cfg).take_all()
 
     assert sorted(tuple(r["input_ids"]) for r in scored) == sorted(tuple(row) for row in ids)  # each block once
     scorers = read_records(records)
@@ -168,7 +169,7 @@ def test_trainer_that_the_cluster_cannot_host_fails_fast(cluster, tiny_llama_dir
     import ray
 
     from tailkd_ray.placement import PlacementError
-    from tailkd_ray.train import run_training
+    from tailkd_ray.train.loop import run_training
 
     cfg = make_cfg(tmp_path, tiny_llama_dir, corpus_dir=None, num_workers=3)
     rows = ray.data.from_items([{"input_ids": np.zeros(SEQ_LEN + 1, np.int32)}])
@@ -186,15 +187,15 @@ def test_placement_and_training_node_loss(cluster, tiny_llama_dir, builtin_corpu
       worker group restarts (FailureConfig) on the surviving node and the spare and resumes from the step-2
       checkpoint: only step 3 is trained twice (less than one checkpoint interval), and the run completes.
     """
-    from tailkd_ray import teacher
-    from tailkd_ray.train import distill
+    from tailkd_ray.pipelines.distill import distill
+    from tailkd_ray.teacher import pool
 
     _, corpus = builtin_corpus
     spare = cluster.cluster.add_node(num_cpus=2, resources={"tailkd_training": 1})
     cluster.cluster.wait_for_nodes()
     training = {node.node_id: node for node in [*cluster.training, spare]}
     scorers, steps = tmp_path / "scorers.jsonl", tmp_path / "steps.jsonl"
-    monkeypatch.setattr(teacher, "TeacherScorer", recording_scorer(scorers))
+    monkeypatch.setattr(pool, "TeacherScorer", recording_scorer(scorers))
     removed: list[str] = []
     stop = threading.Event()
 
@@ -228,8 +229,8 @@ def test_placement_and_training_node_loss(cluster, tiny_llama_dir, builtin_corpu
 
     # node loss
     assert removed == [first_nodes[1]], (removed, first)
-    log = read_records(out / "metrics.jsonl")
-    assert [r["resumed_from_step"] for r in log if "resumed_from_step" in r] == [CHECKPOINT_EVERY], log
+    log = runlog.read_records(out)
+    assert [r["resumed_from_step"] for r in runlog.read_records(out, "resume")] == [CHECKPOINT_EVERY], log
     assert train_steps(out) == [1, 2, 3, 3, 4, 5], log  # step 3 redone: less than one checkpoint interval
     assert json.loads((out / "eval.json").read_text())["step"] == 5
     assert (out / "student" / "config.json").is_file()

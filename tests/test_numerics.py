@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tailkd_ray.eval import metric_sums
+from tailkd_ray.core.metrics import metric_sums
 from tailkd_ray.core.losses import distill_objective, divergence_loss
 from tailkd_ray.core.summary import summarize
 

@@ -14,6 +14,7 @@ from ray import cloudpickle
 
 from tailkd_ray.config import from_dict
 from tailkd_ray.core.summary import summarize
+from tailkd_ray.train.runlog import read_records
 
 pytestmark = pytest.mark.ray
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the fault-injection hook travels to workers
@@ -61,16 +62,8 @@ def make_cfg(out: Path, teacher_dir, *, strategy="ddp", steps=4, summary=True, *
     })
 
 
-def records(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def train_losses(out: Path) -> list[float]:
-    return [r["loss"] for r in records(out) if "loss" in r]
-
-
 def run(tmp_path_factory, ray, teacher_dir, name, *, summary=True, top_m=VOCAB - 1, step_hook=None, **kwargs) -> Path:
-    from tailkd_ray.train import run_training
+    from tailkd_ray.train.loop import run_training
 
     out = tmp_path_factory.mktemp(name)
     cfg = make_cfg(out, teacher_dir, summary=summary, **kwargs)
@@ -111,7 +104,7 @@ def runs(ray_session, tiny_llama_dir, tmp_path_factory):
 
 def by_step(out: Path) -> dict[int, float]:
     """Training loss per step (a step redone after a failure keeps its last value)."""
-    return {r["step"]: r["loss"] for r in records(out) if "loss" in r}
+    return {r["step"]: r["loss"] for r in read_records(out, "step")}
 
 
 def test_loss_falls_and_strategies_agree(runs):
@@ -127,16 +120,16 @@ def test_loss_falls_and_strategies_agree(runs):
 def test_worker_failure_resumes_without_retraining(runs):
     """FSDP2 run: killed after step 3, restarted from the step-2 checkpoint; the resumed trajectory equals
     the uninterrupted DDP one (model, optimizer, schedule and data position all restored)."""
-    log = records(runs["fsdp"])
-    assert [r["resumed_from_step"] for r in log if "resumed_from_step" in r] == [2]
-    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 3, 4, 5, 6]  # step 3 redone: < one interval
-    redone = [r["loss"] for r in log if r.get("step") == 3 and "loss" in r]
+    assert [r["resumed_from_step"] for r in read_records(runs["fsdp"], "resume")] == [2]
+    steps = read_records(runs["fsdp"], "step")
+    assert [r["step"] for r in steps] == [1, 2, 3, 3, 4, 5, 6]  # step 3 redone: < one interval
+    redone = [r["loss"] for r in steps if r["step"] == 3]
     assert redone[0] == pytest.approx(redone[1], rel=1e-5)  # the same batches again after the data skip
     assert json.loads((runs["fsdp"] / "eval.json").read_text())["step"] == STEPS
 
 
 def test_relaunch_after_completion_does_nothing_new(runs, ray_session, tiny_llama_dir):
-    from tailkd_ray.train import run_training
+    from tailkd_ray.train.loop import run_training
 
     out = runs["deepspeed"]
     cfg = make_cfg(out, tiny_llama_dir, strategy="deepspeed", steps=STEPS)
@@ -154,16 +147,17 @@ def test_eval_json_and_metrics_written(runs):
         assert evaluation["kl_source"] == ("exact" if strategy == "ddp" else "summary")
         assert evaluation["kl_to_teacher"] > 0
         assert list((out / "tensorboard").glob("events.out.tfevents.*")), strategy
-        assert [r["step"] for r in records(out) if "val_loss" in r] == [STEPS]
-        steps = [r for r in records(out) if "loss" in r]
+        assert [r["step"] for r in read_records(out, "eval")] == [STEPS]
+        steps = read_records(out, "step")
         for r in steps:  # the step's time split: parts non-negative, summing to the whole
             parts = (r["data_wait_s"], r["compute_s"], r["optimizer_s"])
             assert min(parts) >= 0 and r["compute_s"] > 0, r
             assert r["data_wait_s"] <= r["step_time_s"] and r["compute_s"] + r["optimizer_s"] <= r["step_time_s"] + 1e-6
             assert 50 < r["peak_memory_mb"] < 20_000  # a worker process with torch loaded, on CPU
         assert all(b["elapsed_s"] > a["elapsed_s"] for a, b in zip(steps, steps[1:]) if b["step"] > a["step"])
-        fixed = {key: [r[key] for r in records(out) if key in r] for key in ("setup_s", "checkpoint_s", "export_s")}
-        assert len(fixed["setup_s"]) >= 1 and len(fixed["export_s"]) == 1 and len(fixed["checkpoint_s"]) >= 1, fixed
+        fixed = {kind: [r[f"{kind}_s"] for r in read_records(out, kind)] for kind in ("setup", "checkpoint", "export")}
+        assert {r["kind"] for r in read_records(out)} <= {"setup", "step", "eval", "checkpoint", "export", "resume"}
+        assert len(fixed["setup"]) >= 1 and len(fixed["export"]) == 1 and len(fixed["checkpoint"]) >= 1, fixed
         assert all(v > 0 for values in fixed.values() for v in values), fixed
         # Ray Data's per-stage report of the input pipeline (the scored blocks in summary mode).
         assert "Dataset" in (out / "data_stats.txt").read_text(), strategy
@@ -200,7 +194,7 @@ def test_nonfinite_step_stops_the_run_or_is_skipped(ray_session, tiny_llama_dir,
     """A batch whose teacher summary is NaN makes one step's divergence NaN: by default the run stops with an
     error naming the step, the rank and the term; with train.max_nonfinite_steps = 1 it is skipped and logged."""
     from tailkd_ray.errors import NonFiniteLossError, find_tailkd_error
-    from tailkd_ray.train import run_training
+    from tailkd_ray.train.loop import run_training
 
     rows = with_summaries(pattern_ids(16, seed=1), tiny_llama_dir, VOCAB - 1, tail_samples=1)
     for row in rows[:BATCH]:  # one micro-batch of one worker
@@ -223,14 +217,14 @@ def test_nonfinite_step_stops_the_run_or_is_skipped(ray_session, tiny_llama_dir,
     assert "CLM not finite" not in message and "lower train.lr" not in message
 
     out = fit("nonfinite_skip", max_nonfinite_steps=1)
-    skipped = [r for r in records(out) if r.get("kind") == "nonfinite"]
+    skipped = read_records(out, "nonfinite")
     assert len(skipped) == 1 and "divergence not finite" in skipped[0]["problem"]
-    assert all(np.isfinite(r["loss"]) for r in records(out) if "loss" in r and r["step"] != skipped[0]["step"])
+    assert all(np.isfinite(r["loss"]) for r in read_records(out, "step") if r["step"] != skipped[0]["step"])
     assert np.isfinite(json.loads((out / "eval.json").read_text())["val_loss"])
 
 
 def test_nonfinite_problem_names_rank_and_term():
-    from tailkd_ray.train import nonfinite_problem
+    from tailkd_ray.train.loop import nonfinite_problem
 
     finite = torch.tensor([[6.0, 4.0, 2.0, 2.0, 0.0], [5.0, 3.0, 2.0, 2.0, 0.0]])
     assert nonfinite_problem(3, finite, 1.5) is None
@@ -243,12 +237,12 @@ def test_nonfinite_problem_names_rank_and_term():
 
 def test_progress_line_reads_a_step_record():
     from tailkd_ray.config import TrainConfig
-    from tailkd_ray.train import _progress_due, progress_line
+    from tailkd_ray.train.loop import progress_due, progress_line
 
     record = {"step": 10, "loss": 2.5, "clm": 2.0, "div": 0.5, "tokens": 4096, "step_time_s": 0.5,
               "data_wait_s": 0.01, "elapsed_s": 5.0}
     line = progress_line(record, 100, steps_done=10)
     assert line.startswith("train step 10/100  loss 2.5000") and "8,192 tok/s" in line and "ETA 0m45s" in line
     train = TrainConfig(max_steps=100)
-    assert [s for s in range(1, 101) if _progress_due(s, train)] == list(range(5, 101, 5))
-    assert _progress_due(7, TrainConfig(max_steps=7, log_every=3)) and not _progress_due(4, TrainConfig(max_steps=7, log_every=3))
+    assert [s for s in range(1, 101) if progress_due(s, train)] == list(range(5, 101, 5))
+    assert progress_due(7, TrainConfig(max_steps=7, log_every=3)) and not progress_due(4, TrainConfig(max_steps=7, log_every=3))

@@ -53,7 +53,7 @@ class CountingScorer:
     """Wraps ``cache.score_dataset`` (the only way the cache runs the teacher) and counts its calls."""
 
     def __init__(self, monkeypatch):
-        from tailkd_ray import cache
+        from tailkd_ray.teacher import cache
 
         self.calls = []
         original = cache.score_dataset
@@ -68,7 +68,7 @@ class CountingScorer:
 @pytest.fixture(scope="module")
 def grid(ray_session, tiny_llama_dir, corpus, tmp_path_factory):
     """A finished 2 × 2 grid (ASHA off): (config, run_tune's summary, scoring calls)."""
-    from tailkd_ray.tune import run_tune
+    from tailkd_ray.pipelines.tune import run_tune
 
     monkeypatch = pytest.MonkeyPatch()
     try:
@@ -141,7 +141,7 @@ def test_grid_runs_four_trials_on_one_teacher_pass(grid):
 
 @pytest.mark.ray
 def test_best_config_reruns_with_distill(grid, monkeypatch):
-    from tailkd_ray.train import distill
+    from tailkd_ray.pipelines.distill import distill
 
     cfg, summary, _ = grid
     path = Path(summary["best"]["config"])
@@ -160,7 +160,7 @@ def test_best_config_reruns_with_distill(grid, monkeypatch):
 def test_second_run_restores_without_rerunning(grid, monkeypatch):
     """A finished search is restored, not re-run: no teacher pass, no trial trains again (every trial file
     keeps its mtime), the same results."""
-    from tailkd_ray.tune import run_tune
+    from tailkd_ray.pipelines.tune import run_tune
 
     cfg, summary, _ = grid
     out = Path(cfg.output_dir)
@@ -180,7 +180,7 @@ def test_second_run_restores_without_rerunning(grid, monkeypatch):
 
 @pytest.mark.ray
 def test_incompatible_cache_is_refused(grid, tiny_gpt2_dir):
-    from tailkd_ray.tune import run_tune
+    from tailkd_ray.pipelines.tune import run_tune
 
     cfg, _, _ = grid
     out = Path(cfg.output_dir)
@@ -195,7 +195,7 @@ def test_incompatible_cache_is_refused(grid, tiny_gpt2_dir):
     with pytest.raises(ValueError, match=r"teacher.config_sha256: cache has"):
         run_tune(other_teacher)
     too_small = search_config(out / "too_small", cfg.teacher.model, corpus, tune={"k": [2, 16], "beta": [1.0]})
-    with pytest.raises(ConfigError, match=r"summary.top_m = 8 < max\(tune.k\) = 16"):
+    with pytest.raises(ConfigError, match=r"max\(tune.k\) = 16 exceeds summary.top_m = 8"):
         run_tune(too_small)
 
 
@@ -208,7 +208,7 @@ def test_asha_stops_trials_early(grid, tiny_llama_dir, corpus, tmp_path):
     median and is stopped whatever the arrival order. Tune's stop reaches a trial asynchronously: a stopped
     trial may validate a step or two past its rung before it is killed (CI once saw K = 8, β = 0.5 stopped at
     the step-2 rung after its step-3 validation), so what a stop guarantees is no export, not fewer steps."""
-    from tailkd_ray.tune import run_tune
+    from tailkd_ray.pipelines.tune import run_tune
 
     cfg, _, _ = grid
     cache = str(Path(cfg.output_dir) / "summary_cache")
@@ -240,7 +240,7 @@ def test_trials_validating_only_at_their_last_step_report_it(grid, tiny_llama_di
     """train.eval_every >= train.max_steps: a trial's only validation is its last step's, which it reports to
     Tune after its export (Tune's metric check used to abort such a search). ASHA as by default (its grace
     period, train.eval_every, leaves nothing to stop early); the grid's cache is reused."""
-    from tailkd_ray.tune import run_tune
+    from tailkd_ray.pipelines.tune import run_tune
 
     cfg, _, _ = grid
     final_only = search_config(tmp_path, tiny_llama_dir, corpus,
@@ -275,7 +275,7 @@ def test_cli_tune_example_runs_as_written(ray_session, tiny_llama_dir, corpus, t
 
 
 def test_trials_that_fit_leaves_a_cpu_for_each_trials_data():
-    from tailkd_ray.tune import trials_that_fit
+    from tailkd_ray.pipelines.tune import trials_that_fit
 
     cfg = from_dict({"train": {"num_workers": 2}})
     assert trials_that_fit(cfg, {"CPU": 8.0}) == 2  # 2 workers + 1 data CPU (+ the driver's 0.01) per trial
@@ -288,7 +288,7 @@ def test_trials_that_fit_leaves_a_cpu_for_each_trials_data():
 def test_param_space_grid_and_random():
     from ray import tune
 
-    from tailkd_ray.tune import param_space
+    from tailkd_ray.pipelines.tune import param_space
 
     grid = param_space(from_dict({"tune": {"k": [10, 5, 10], "beta": [2, 0]}}))
     assert grid == {"k": tune.grid_search([5, 10]), "beta": tune.grid_search([0.0, 2.0])}
@@ -301,7 +301,7 @@ def test_param_space_grid_and_random():
 
 
 def test_search_config_checks(tmp_path):
-    from tailkd_ray.tune import search_config as effective
+    from tailkd_ray.pipelines.tune import search_config as effective
 
     base = {"output_dir": str(tmp_path / "out"), "teacher": {"model": "t"}, "data": {"train": "x"},
             "summary": {"top_m": 32}, "tune": {"k": [5, 10]}}
@@ -331,7 +331,7 @@ def test_search_config_checks(tmp_path):
 
 
 def test_results_csv_and_plots_for_grid_and_random(tmp_path):
-    from tailkd_ray.tune import plot_heatmap, write_results_csv
+    from tailkd_ray.pipelines.tune import plot_heatmap, write_results_csv
 
     rows = [{"trial": f"k{k}_beta{b:g}", "k": k, "beta": b, "status": status, "steps": 4, "evals": 2,
              "final": final, "best": final, "student": "", "error": "boom" if status == "error" else ""}

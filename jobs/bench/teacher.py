@@ -13,15 +13,22 @@ from __future__ import annotations
 
 import math
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import ray
+import ray.data
 import torch
+from transformers import AutoConfig
 
-from tailkd_ray.benchmarks.measure import (add_peak_tflops_argument, build_random_llama, log, mfu, model_flops_per_token,
-                                           peak_tflops, probe_ray_worker, start_bench_ray, time_interleaved)
+from tailkd_ray.config import from_dict
+from tailkd_ray.teacher.pool import TeacherScorer, score_dataset, scorer_kwargs
+
+from .measure import (add_peak_tflops_argument, build_random_llama, log, mfu, model_flops_per_token, peak_tflops,
+                      probe_ray_worker, start_bench_ray, time_interleaved)
 
 NAME = "teacher"
 HELP = "teacher tokens/s: Ray Data actor pool vs a bare in-process loop"
@@ -49,8 +56,6 @@ def add_arguments(parser) -> None:
 
 def teacher_bench_config(args, model_dir: Path):
     """The run config both variants score with: the teacher in ``model_dir`` and the sizes of ``args``."""
-    from tailkd_ray.config import from_dict
-
     return from_dict({"teacher": {"model": str(model_dir), "batch_size": args.batch_size, "min_actors": args.actors,
                                   "max_actors": args.actors,
                                   "num_gpus": 1.0 if torch.device(args.device).type == "cuda" else 0.0},
@@ -77,7 +82,6 @@ class ScoringRun:
 
 def pool_step(cfg, blocks_dataset, runs: list):
     """``score_dataset`` (start-up checks, then a fresh actor pool) consumed to the end in the driver."""
-    from tailkd_ray.teacher import score_dataset
 
     def step():
         start = time.perf_counter()
@@ -114,15 +118,6 @@ def bare_step(scorer, blocks: np.ndarray, batch_size: int, threads: int, runs: l
 
 def run(args) -> dict:
     """Build a random teacher, then time the actor pool and the bare loop interleaved; the ``teacher`` result."""
-    import tempfile
-
-    import ray
-    import ray.data
-
-    from transformers import AutoConfig
-
-    from tailkd_ray.teacher import TeacherScorer, scorer_kwargs
-
     with tempfile.TemporaryDirectory(prefix="bench_teacher_") as root:
         model_dir = build_random_llama(Path(root) / "teacher", layers=args.layers, width=args.width, vocab=args.vocab,
                                        seq_len=args.seq_len, seed=args.seed, label=NAME)

@@ -5,7 +5,7 @@ saved with ``torch.distributed.checkpoint``. Two ways to get it into the run's s
 
 - ``copy``: write it to a local temporary directory and copy that into storage, as Ray Train's default (SYNC)
   upload does (``pyarrow.fs.copy_files``, Ray's own call), then delete the temporary copy;
-- ``in_place``: write it straight into storage, which ``train.save_checkpoint`` does and Ray registers
+- ``in_place``: write it straight into storage, which ``train.checkpoint.save_checkpoint`` does and Ray registers
   without copying (``CheckpointUploadMode.NO_UPLOAD``).
 
 The state has the shapes of a Llama (``--layers`` × ``--width``, vocabulary ``--vocab``; random values, so
@@ -17,12 +17,16 @@ alternating; the ratio is the median of paired ratios.
 from __future__ import annotations
 
 import shutil
+import statistics
 import tempfile
 from pathlib import Path
 
+import pyarrow.fs
 import torch
+import torch.distributed.checkpoint as dcp
+from transformers import AutoModelForCausalLM
 
-from tailkd_ray.benchmarks.measure import log, paired_ratio, time_interleaved
+from .measure import log, paired_ratio, small_llama_config, time_interleaved
 
 NAME = "checkpoint"
 HELP = "checkpoint seconds: written in place (NO_UPLOAD) vs written locally and copied (Ray's SYNC upload)"
@@ -42,10 +46,6 @@ def add_arguments(parser) -> None:
 
 def training_state(args) -> dict:
     """Random float32 weights and two AdamW moments with the shapes of a ``small_llama_config`` Llama."""
-    from transformers import AutoModelForCausalLM
-
-    from tailkd_ray.benchmarks.measure import small_llama_config
-
     config = small_llama_config(vocab=args.vocab, layers=args.layers, width=args.width, seq_len=2048, eos=0)
     with torch.device("meta"):
         shapes = {name: tensor.shape for name, tensor in AutoModelForCausalLM.from_config(config).state_dict().items()}
@@ -55,9 +55,6 @@ def training_state(args) -> dict:
 
 
 def run(args) -> dict:
-    import pyarrow.fs
-    import torch.distributed.checkpoint as dcp
-
     state = training_state(args)
     parameters = sum(t.numel() for t in state["model"].values())
     state_bytes = sum(t.numel() * t.element_size() for part in state.values() for t in part.values())
@@ -101,8 +98,6 @@ def run(args) -> dict:
 
 
 def print_table(result: dict) -> None:
-    import statistics
-
     log(f"\ncheckpoint of {result['parameters'] / 1e9:.3f}B parameters + AdamW state ({result['state_bytes'] / 1e9:.2f} "
         f"GB), seconds (median of {result['config']['repeats']} repeats)")
     for name, seconds in result["seconds"].items():

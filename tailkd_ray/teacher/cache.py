@@ -1,4 +1,7 @@
-"""The summary cache: one teacher pass written to Parquet, read by many training runs (DESIGN §1, §3).
+"""The summary cache: one teacher pass written to Parquet, read by many training runs (DESIGN §1, §3, §10).
+
+What it does, and nothing else: the cache's identity (what it was computed from), writing it (scoring what is
+missing with the teacher pool, ``pool.score_dataset``), resuming an interrupted write, and opening a complete one.
 
 Layout of ``summary.cache_dir/<split>/`` (split = ``train`` or ``val``):
 
@@ -29,20 +32,27 @@ import os
 import time
 import uuid
 from dataclasses import asdict, dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+import ray.data
+import torch
+from huggingface_hub import snapshot_download
 
-from tailkd_ray.config import Config
-from tailkd_ray.errors import CacheError, ConfigError, DataError
+from tailkd_ray import __version__
+from tailkd_ray.config import Config, differing_fields
 from tailkd_ray.core.summary import FIELDS, TeacherSummary, bytes_per_position
-from tailkd_ray.teacher import block_hashes, input_ids_matrix, score_dataset
+from tailkd_ray.data.hashing import block_hashes
+from tailkd_ray.data.read import expand_paths
+from tailkd_ray.errors import CacheError, ConfigError, DataError
+from tailkd_ray.teacher.pool import input_ids_matrix, score_dataset
 
 log = logging.getLogger(__name__)
 
+SPLITS = ("train", "val")
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1  # bump when the shard layout changes; older caches are then refused
 SHARD_BYTES = 256 * 2**20  # target Parquet shard size
@@ -91,8 +101,6 @@ def teacher_identity(model_path: str) -> dict:
 def _local_model_dir(model_path: str) -> str:
     if os.path.isdir(model_path):
         return model_path
-    from huggingface_hub import snapshot_download
-
     return snapshot_download(model_path, local_files_only=True)
 
 
@@ -122,9 +130,7 @@ def tokenizer_hash(tokenizer_path: str) -> str:
 
 def data_fingerprint(cfg: Config) -> dict:
     """The data section of the config plus the count, total size and a hash of (path, size, mtime) of the
-    files it reads (``data.expand_paths``; a URI is listed recursively through its pyarrow filesystem)."""
-    from tailkd_ray.data import expand_paths
-
+    files it reads (``read.expand_paths``; a URI is listed recursively through its pyarrow filesystem)."""
     files = sorted(entry for pattern in (cfg.data.train, cfg.data.val) if pattern
                    for path in expand_paths(pattern) for entry in _file_stats(path))
     return {"config": asdict(cfg.data), "files": len(files), "bytes": sum(size for _, size, _ in files),
@@ -149,16 +155,8 @@ def cache_identity(cfg: Config, *, teacher_id: dict, split: str) -> dict:
             "data": data_fingerprint(cfg)}
 
 
-def _mismatches(cached: Any, wanted: Any, key: str = "") -> list[str]:
-    """Dotted keys where two nested identities differ, with both values."""
-    if isinstance(cached, dict) and isinstance(wanted, dict):
-        return [m for k in sorted(set(cached) | set(wanted))
-                for m in _mismatches(cached.get(k), wanted.get(k), f"{key}.{k}" if key else k)]
-    return [] if cached == wanted else [f"{key}: cache has {cached!r}, config gives {wanted!r}"]
-
-
 def _require_match(manifest: dict, identity: dict, root: str) -> None:
-    differing = _mismatches({k: manifest.get(k) for k in identity}, identity)
+    differing = differing_fields({k: manifest.get(k) for k in identity}, identity, recorded_as="cache")
     if differing:
         remedy = "set summary.cache_dir to another directory (or delete this one) to score a new cache"
         # τ is the setting a user most expects to vary on one cache, but the teacher's log-probs are fixed at the
@@ -264,8 +262,6 @@ def drop_cached(batch: dict[str, np.ndarray], *, cached: np.ndarray, seq_len: in
 
 def rows_per_shard(cfg: Config) -> int:
     """Rows per Parquet shard for about ``SHARD_BYTES`` per file."""
-    import torch
-
     logp_dtype = getattr(torch, cfg.summary.logp_dtype)
     row_bytes = cfg.data.seq_len * bytes_per_position(cfg.summary.top_m, cfg.summary.tail_samples, logp_dtype) \
         + 4 * (cfg.data.seq_len + 1)
@@ -284,20 +280,34 @@ def score_to_cache(cfg: Config, blocks, *, teacher_id: dict, split: str = "train
     root = split_dir(cfg, split)
     fs, base = _filesystem(root)
     identity = cache_identity(cfg, teacher_id=teacher_id, split=split)
+    complete = _begin(fs, base, root, identity)
+    if complete is not None:
+        return _info(root, complete, scored_rows=0)
+    scored_rows = _score_missing(cfg, blocks, fs, base, root, shard_rows or rows_per_shard(cfg))
+    return _info(root, _finish(cfg, fs, base, root, identity, split), scored_rows=scored_rows)
+
+
+def _begin(fs: pafs.FileSystem, base: str, root: str, identity: dict) -> Optional[dict]:
+    """The manifest of a complete cache with this identity, else None once the cache is begun (its manifest
+    written with ``complete: false``) or found begun; a foreign or mismatched directory is refused."""
     manifest = _read_manifest(fs, base)
     if manifest is not None:
         _require_match(manifest, identity, root)
         if manifest.get("complete"):
             log.info("summary cache %s is complete (%d rows in %d shards): nothing to score", root,
                      manifest["rows"], len(manifest["shards"]))
-            return _info(root, manifest, scored_rows=0)
+            return manifest
     elif _shard_paths(fs, base):
         raise CacheError(f"{root} holds Parquet shards but no {MANIFEST}: it is not a tailkd summary cache "
                          f"(or its manifest was deleted); set summary.cache_dir to another directory or empty it")
     else:
         fs.create_dir(base, recursive=True)
         _write_manifest(fs, base, {**identity, "complete": False})
+    return None
 
+
+def _score_missing(cfg: Config, blocks, fs: pafs.FileSystem, base: str, root: str, shard_rows: int) -> int:
+    """Score the blocks not yet in a finished shard into new shards; returns the rows scored."""
     removed = _remove_temporaries(fs, base)
     done = _finished_shards(fs, base)
     todo = blocks
@@ -308,27 +318,28 @@ def score_to_cache(cfg: Config, blocks, *, teacher_id: dict, split: str = "train
                                                           "seq_len": cfg.data.seq_len}, batch_format="numpy")
     started = time.monotonic()
     written = score_dataset(todo, cfg).map_batches(
-        write_shard, fn_kwargs={"root": root, "temperature": cfg.loss.temperature},
-        batch_size=shard_rows or rows_per_shard(cfg),
+        write_shard, fn_kwargs={"root": root, "temperature": cfg.loss.temperature}, batch_size=shard_rows,
         batch_format="numpy").take_all()
     scored_rows = sum(int(r["rows"]) for r in written)
     seconds = time.monotonic() - started
     log.info("scored %d blocks (%d tokens) into %d new shard(s) in %.1f s (%.0f tokens/s)", scored_rows,
              scored_rows * cfg.data.seq_len, len(written), seconds, scored_rows * cfg.data.seq_len / max(seconds, 1e-9))
+    return scored_rows
 
+
+def _finish(cfg: Config, fs: pafs.FileSystem, base: str, root: str, identity: dict, split: str) -> dict:
+    """Replace the manifest by the complete one, listing every finished shard (the atomic last step)."""
     shards = _finished_shards(fs, base)
     rows = sum(shards.values())
     if rows == 0:
         raise DataError(f"no packed blocks to score for split {split!r}: the corpus produced no blocks of "
                         f"data.seq_len + 1 = {cfg.data.seq_len + 1} tokens; check data.{split} and data.seq_len")
-    from tailkd_ray import __version__
-
     manifest = {**identity, "complete": True, "shards": shards, "rows": rows, "tokens": rows * cfg.data.seq_len,
                 "teacher_path": str(cfg.teacher.model), "tool_version": __version__,
                 "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     _write_manifest(fs, base, manifest)
     log.info("summary cache %s complete: %d rows in %d shards", root, rows, len(shards))
-    return _info(root, manifest, scored_rows=scored_rows)
+    return manifest
 
 
 def _info(root: str, manifest: dict, *, scored_rows: int) -> CacheInfo:
@@ -348,11 +359,10 @@ def open_cache(cfg: Config, *, split: str = "train", teacher_id: Optional[dict] 
     """The complete cache as a Dataset with ``input_ids`` [B, T+1] and the five summary columns.
 
     The manifest is checked against ``cfg`` first (teacher, tokenizer, summary settings, scoring τ =
-    loss.temperature, data; K ≤ top_m); ``teacher_id`` defaults to ``teacher_identity(cfg.teacher.model)``. The
-    rows (numpy batches) do not carry τ: this check is what ties them to the loss's temperature.
+    loss.temperature, data; the config itself holds loss.k ≤ summary.top_m, which the identity pins to the cache's
+    top_m); ``teacher_id`` defaults to ``teacher_identity(cfg.teacher.model)``. The rows (numpy batches) do not
+    carry τ: this check is what ties them to the loss's temperature.
     """
-    import ray.data
-
     root = split_dir(cfg, split)
     fs, base = _filesystem(root)
     manifest = _read_manifest(fs, base)
@@ -363,9 +373,6 @@ def open_cache(cfg: Config, *, split: str = "train", teacher_id: Optional[dict] 
                          f"`tailkd score --config F` again to finish it")
     identity = cache_identity(cfg, teacher_id=teacher_id or teacher_identity(cfg.teacher.model), split=split)
     _require_match(manifest, identity, root)
-    if cfg.loss.kind in ("tad", "topk") and cfg.loss.k > manifest["top_m"]:
-        raise CacheError(f"loss.k = {cfg.loss.k} exceeds the cache's top_m = {manifest['top_m']}: lower loss.k "
-                         f"or score a cache with a larger summary.top_m")
     paths = [f"{root}/{name}" for name in manifest["shards"]]
     return ray.data.read_parquet(paths, columns=["input_ids", *FIELDS]).map_batches(
         restore_shapes, fn_kwargs={"seq_len": manifest["seq_len"]}, batch_format="pyarrow")
@@ -375,53 +382,3 @@ def restore_shapes(table: pa.Table, *, seq_len: int) -> dict[str, np.ndarray]:
     """Ray Data task: flat fixed-size-list columns -> [B, T+1] ids and [B, T, ...] summary arrays."""
     ids = table.column("input_ids").combine_chunks().flatten().to_numpy().reshape(len(table), seq_len + 1)
     return {"input_ids": ids, **TeacherSummary.from_arrow(table, tokens_per_row=seq_len).to_numpy()}
-
-
-SPLITS = ("train", "val")
-
-
-@dataclass
-class TeacherPasses:
-    """What the teacher cost: passes run by this call (0 when the cache was reused) and tokens."""
-
-    passes: int
-    tokens_scored: int  # teacher tokens scored by this call (train + val)
-    cache_tokens: int  # tokens in the cache (train + val)
-    cache_dir: str
-
-
-def score_splits(cfg: Config, teacher_id: dict) -> TeacherPasses:
-    """Make sure the cache holds the train and val summaries: score what is missing (one pass), reuse a
-    matching complete cache (no pass, corpus not even read), refuse an incompatible one."""
-    blocks: dict = dict.fromkeys(SPLITS)
-    if not all(is_complete(cfg, split) for split in SPLITS):
-        from tailkd_ray.data import train_val_datasets
-
-        blocks["train"], blocks["val"], report = train_val_datasets(cfg)
-        log.info("%s", report.summary())
-    infos = {split: score_to_cache(cfg, blocks[split], teacher_id=teacher_id, split=split)
-             for split in SPLITS if blocks[split] is not None or is_complete(cfg, split)}
-    scored_rows = sum(info.scored_rows for info in infos.values())
-    return TeacherPasses(passes=int(scored_rows > 0), tokens_scored=scored_rows * cfg.data.seq_len,
-                         cache_tokens=sum(info.tokens for info in infos.values()),
-                         cache_dir=cfg.summary.cache_dir)
-
-
-def score(cfg: Config) -> dict:
-    """``tailkd score``: the teacher pass over the train and val splits into ``summary.cache_dir``."""
-    if cfg.summary.cache_dir is None or cfg.summary.top_m is None:
-        raise ConfigError("tailkd score writes the summary cache: set summary.cache_dir (and summary.top_m)")
-    passes = score_splits(cfg, teacher_identity(cfg.teacher.model))
-    log.info("teacher passes: %d, tokens scored: %d, tokens in the cache: %d", passes.passes,
-             passes.tokens_scored, passes.cache_tokens)
-    return asdict(passes)
-
-
-def summaries_for_training(cfg: Config, blocks, *, split: str = "train"):
-    """The teacher summaries training consumes: the cache when ``summary.cache_dir`` is set (scored first if
-    missing or unfinished), else the teacher pool's output streamed straight into training (no disk)."""
-    if cfg.summary.cache_dir is None:
-        return score_dataset(blocks, cfg)
-    teacher_id = teacher_identity(cfg.teacher.model)
-    score_to_cache(cfg, blocks, teacher_id=teacher_id, split=split)
-    return open_cache(cfg, split=split, teacher_id=teacher_id)

@@ -16,14 +16,13 @@ Per token position with student q, teacher p (τ = 1) and target y:
   and the sum of probabilities are kept.
 
 Everything is accumulated as float64 sums in one flat vector, so a distributed evaluation is one
-all-reduce of that vector (``reduce``). The accumulation functions are pure torch.
+all-reduce of that vector (``reduce``). Pure torch: the training workers (``train/loop.py``) and ``tailkd eval``
+(``pipelines/evaluate.py``) run the same ``evaluate``.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 from typing import Callable, Iterable, Mapping, Optional, Union
 
 import torch
@@ -164,32 +163,3 @@ def _flatten(reference: Union[Tensor, TeacherSummary, None]):
     if reference is None or isinstance(reference, TeacherSummary):
         return None if reference is None else reference.flatten_positions()
     return reference.reshape(-1, reference.shape[-1])
-
-
-def write_eval_json(metrics: dict, path: Union[str, Path]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    return path
-
-
-def evaluate_student(cfg, student_path: Union[str, Path]) -> dict:
-    """``tailkd eval``: evaluate the HF student at ``student_path`` on ``data.val`` against the co-located
-    teacher (exact KL), single process; writes ``output_dir/eval.json`` and returns the metrics."""
-    from transformers import AutoModelForCausalLM
-
-    from tailkd_ray.data import train_val_datasets
-    from tailkd_ray.models import StudentWithHead, load_teacher
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    student = AutoModelForCausalLM.from_pretrained(str(student_path), dtype=torch.float32,
-                                                   trust_remote_code=cfg.student.trust_remote_code)
-    student = StudentWithHead(student.to(device).eval())
-    teacher = load_teacher(cfg.teacher, device=device)
-    _, val_ds, _ = train_val_datasets(cfg)
-    metrics = evaluate(student, val_ds.iter_torch_batches(batch_size=cfg.train.batch_size),
-                       teacher=lambda ids: teacher(input_ids=ids).logits, k=cfg.loss.k,
-                       chunk_tokens=cfg.loss.chunk_tokens, device=device)
-    metrics.update(kl_source="exact", student=str(student_path))
-    write_eval_json(metrics, Path(cfg.output_dir) / "eval.json")
-    return metrics

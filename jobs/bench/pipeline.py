@@ -3,12 +3,12 @@
 Three ways to train the same student (random-weight Llamas built here, same init, same blocks, same batch,
 AdamW, CLM + TAD) on local Ray:
 
-- ``stream``: packed blocks -> the teacher actor pool (``teacher.score_dataset``) -> Ray Train, the summaries
+- ``stream``: packed blocks -> the teacher actor pool (``teacher.pool.score_dataset``) -> Ray Train, the summaries
   crossing the object store (``summary.cache_dir: null``);
-- ``cache``: Ray Train reading the Parquet summary cache (``cache.open_cache``), scored once beforehand (that
+- ``cache``: Ray Train reading the Parquet summary cache (``teacher.cache.open_cache``), scored once beforehand (that
   teacher pass is timed separately and reported, not charged to training);
 - ``plain``: one Python process, no Ray: the teacher in the same process computes full logits, the student
-  takes the exact TAD loss (``losses.distill_objective``, the chunked path) and steps AdamW. It gets as
+  takes the exact TAD loss (``core.losses.distill_objective``, the chunked path) and steps AdamW. It gets as
   many torch threads as one trainer worker.
 
 Training tokens/s is measured in steady state (tokens of the steps after ``--warmup-steps`` over their
@@ -24,17 +24,29 @@ forward + loss, backward and optimizer step.
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
+import ray
+import ray.data
 import torch
+from transformers import AutoConfig
 
-from tailkd_ray.benchmarks.measure import add_peak_tflops_argument, llama_heads, log, synchronize
+from tailkd_ray.config import from_dict
+from tailkd_ray.core.losses import distill_objective
+from tailkd_ray.models import StudentWithHead, build_student, inference_dtype, load_teacher, student_config
+from tailkd_ray.teacher.cache import open_cache, score_to_cache, teacher_identity
+from tailkd_ray.teacher.pool import score_dataset
+from tailkd_ray.train.loop import peak_memory_mb, run_training
+from tailkd_ray.train.runlog import read_records
+
+from .measure import (add_peak_tflops_argument, build_random_llama, llama_heads, log, mfu, model_flops_per_token,
+                      peak_tflops, probe_ray_worker, start_bench_ray, synchronize, time_interleaved)
 
 NAME = "pipeline"
 HELP = "student training tokens/s: teacher pool streaming vs Parquet cache vs a single-process loop"
@@ -70,8 +82,6 @@ def add_arguments(parser) -> None:
 # --------------------------------------------------------------------------------------------------
 def pipeline_config(args, root: Path, teacher_dir: Path, variant: str, run: int):
     """The distill config of one run; ``variant`` decides where summaries come from."""
-    from tailkd_ray.config import from_dict
-
     width = args.student_width
     gpu = args.device.startswith("cuda")
     return from_dict({
@@ -100,8 +110,6 @@ def random_blocks(args) -> np.ndarray:
 
 
 def blocks_dataset(blocks: np.ndarray, rows_per_block: int):
-    import ray.data
-
     return ray.data.from_items([{"input_ids": row} for row in blocks],
                                override_num_blocks=math.ceil(len(blocks) / rows_per_block))
 
@@ -109,9 +117,9 @@ def blocks_dataset(blocks: np.ndarray, rows_per_block: int):
 # --------------------------------------------------------------------------------------------------
 # The three variants
 # --------------------------------------------------------------------------------------------------
-def steady_window(records: list[dict], warmup_steps: int) -> dict:
-    """Tokens/s over the steps after ``warmup_steps`` and the mean per-step time split there."""
-    steps = [r for r in records if "loss" in r]
+def steady_window(steps: list[dict], warmup_steps: int) -> dict:
+    """Tokens/s over the steps (metrics.jsonl ``step`` records) after ``warmup_steps`` and the mean per-step time
+    split there."""
     if len(steps) <= warmup_steps + 1:
         raise SystemExit(f"{len(steps)} steps recorded: --steps must exceed --warmup-steps + 1")
     window = steps[warmup_steps:]
@@ -127,19 +135,16 @@ def fixed_costs(records: list[dict], seconds: float) -> dict:
     setup (model build, sharding), the first step's wait for data (teacher actor start or Parquet listing; part of
     the training loop's time), the final checkpoint, the export, and the rest outside the worker loop (worker
     group start, dataset planning, shutdown)."""
-    steps = [r for r in records if "loss" in r]
-    found = {key: [r[key] for r in records if key in r] for key in ("setup_s", "checkpoint_s", "export_s")}
-    parts = {"worker_setup_s": sum(found["setup_s"]), "first_batch_wait_s": steps[0]["data_wait_s"],
-             "final_checkpoint_s": found["checkpoint_s"][-1], "export_s": sum(found["export_s"])}
+    steps = [r for r in records if r["kind"] == "step"]
+    found = {kind: [r[f"{kind}_s"] for r in records if r["kind"] == kind] for kind in ("setup", "checkpoint", "export")}
+    parts = {"worker_setup_s": sum(found["setup"]), "first_batch_wait_s": steps[0]["data_wait_s"],
+             "final_checkpoint_s": found["checkpoint"][-1], "export_s": sum(found["export"])}
     in_workers = parts["worker_setup_s"] + steps[-1]["elapsed_s"] + parts["final_checkpoint_s"] + parts["export_s"]
     return {**parts, "training_loop_s": steps[-1]["elapsed_s"], "outside_workers_s": seconds - in_workers}
 
 
 def ray_variant(args, root: Path, teacher_dir: Path, blocks: np.ndarray, variant: str, results: list):
     """One Ray Train run whose summaries are streamed from the pool or read from the cache."""
-    from tailkd_ray.cache import open_cache
-    from tailkd_ray.teacher import score_dataset
-    from tailkd_ray.train import run_training
 
     def step():
         started = time.perf_counter()
@@ -149,12 +154,12 @@ def ray_variant(args, root: Path, teacher_dir: Path, blocks: np.ndarray, variant
         run_training(cfg, train_ds, None, "summary")
         seconds = time.perf_counter() - started
         out = Path(cfg.output_dir)
-        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        tokens = sum(r["tokens"] for r in records if "loss" in r)
-        results.append({"seconds": seconds, "end_to_end_tokens_per_second": tokens / seconds,
-                        **steady_window(records, args.warmup_steps),
+        records = read_records(out)
+        steps = [r for r in records if r["kind"] == "step"]
+        results.append({"seconds": seconds, "end_to_end_tokens_per_second": sum(r["tokens"] for r in steps) / seconds,
+                        **steady_window(steps, args.warmup_steps),
                         "fixed_seconds": fixed_costs(records, seconds),
-                        "peak_memory_mb": max(r["peak_memory_mb"] for r in records if "loss" in r),
+                        "peak_memory_mb": max(r["peak_memory_mb"] for r in steps),
                         "data_stats": (out / "data_stats.txt").read_text()})
 
     return step
@@ -162,11 +167,6 @@ def ray_variant(args, root: Path, teacher_dir: Path, blocks: np.ndarray, variant
 
 def plain_variant(args, root: Path, teacher_dir: Path, blocks: np.ndarray, threads: int, results: list):
     """The single-process loop: teacher logits and exact TAD in this process, no Ray, ``threads`` threads."""
-    from contextlib import nullcontext
-
-    from tailkd_ray.core.losses import distill_objective
-    from tailkd_ray.models import StudentWithHead, build_student, load_teacher
-    from tailkd_ray.train import peak_memory_mb
 
     def step():
         previous = torch.get_num_threads()
@@ -178,13 +178,13 @@ def plain_variant(args, root: Path, teacher_dir: Path, blocks: np.ndarray, threa
         if gpu:
             torch.cuda.reset_peak_memory_stats(device)
         # As the trainer and the teacher actors: bf16 on GPU, float32 on CPU.
-        teacher = load_teacher(cfg.teacher, device=device, dtype=torch.bfloat16 if gpu else torch.float32).eval()
+        teacher = load_teacher(cfg.teacher, device=device, dtype=inference_dtype(device))
         autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if gpu else nullcontext
         torch.manual_seed(cfg.train.seed)
         student = StudentWithHead(build_student(cfg)).to(device).train()
         optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         parts = {"teacher_forward_s": [], "student_forward_and_loss_s": [], "backward_s": [], "optimizer_s": []}
-        records, tokens = [], 0  # per-step records shaped like the trainer's metrics.jsonl
+        records, tokens = [], 0  # shaped like the trainer's metrics.jsonl step records
         loop_started = time.perf_counter()
         for index in range(args.steps):
             ids = torch.from_numpy(blocks[index * args.batch:(index + 1) * args.batch]).to(device).long()
@@ -228,13 +228,6 @@ def now(device: torch.device) -> float:
 
 
 def run(args) -> dict:
-    from transformers import AutoConfig
-
-    from tailkd_ray.benchmarks.measure import (build_random_llama, model_flops_per_token, probe_ray_worker,
-                                               start_bench_ray, time_interleaved)
-    from tailkd_ray.cache import score_to_cache, teacher_identity
-    from tailkd_ray.models import student_config
-
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown or not variants:
@@ -253,8 +246,6 @@ def run(args) -> dict:
                                                           training=False)}
         start_bench_ray(torch.device(args.device))
         try:
-            import ray
-
             worker = probe_ray_worker()
             cache_seconds = None
             if "cache" in variants:
@@ -279,8 +270,6 @@ def run(args) -> dict:
 
 
 def pipeline_result(args, results: dict, worker: dict, cache_seconds, scored_tokens: int, flops: dict) -> dict:
-    from tailkd_ray.benchmarks.measure import mfu, peak_tflops
-
     peak = peak_tflops(torch.device(args.device), args.peak_tflops)
     steady = {name: [r["tokens_per_second"] for r in runs] for name, runs in results.items()}
     end_to_end = {name: [r["end_to_end_tokens_per_second"] for r in runs] for name, runs in results.items()}

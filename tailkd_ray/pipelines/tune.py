@@ -1,9 +1,12 @@
 """``tailkd tune``: a Ray Tune search over TAD's K and β in which every trial trains from ONE teacher pass.
 
-    corpus --(once)--> summary cache, train + val splits, top M >= max K          (cache.score_to_cache)
-    Tuner: one trial per (K, β) = a ~0-CPU driver that fits a multi-worker TorchTrainer (train.run_training)
-           on the cache (cache.open_cache); ASHA judges tune.metric at every validation (train.eval_every)
-    -> OUT/tune_results.csv, OUT/tune_heatmap.png, OUT/best_config.yaml, OUT/trials/k{K}_beta{β}/student/
+    search_config   the search's config, checked (K ≤ M, validation data, ...), output and cache dirs absolute
+    score_splits    corpus --(once)--> summary cache, train + val splits, top M >= max K   (pipelines.score)
+    make_tuner      one trial per (K, β) = a ~0-CPU driver that fits a multi-worker TorchTrainer
+                    (train.loop.run_training) on the cache (teacher.cache.open_cache); ASHA judges tune.metric
+                    at every validation (train.eval_every)
+    results         OUT/tune_results.csv, OUT/tune_heatmap.png, OUT/best_config.yaml,
+                    OUT/trials/k{K}_beta{β}/student/
 
 Cost model. Naively each trial re-runs the teacher over the corpus: T trials cost T teacher passes. Here the
 teacher runs once per search (zero times when a matching cache exists): one summary with M ≥ max K serves
@@ -26,6 +29,10 @@ only at its last step (train.eval_every >= train.max_steps), and an early-stoppe
 ASHA's time axis is the optimizer step, so its rungs (``tune.grace_period`` × ``tune.reduction_factor``^i)
 are in steps.
 
+Paths. Trials keep the working directory of Ray's workers (``runtime.init_ray`` sets ``RAY_CHDIR_TO_TRIAL_DIR=0``
+for the driver and every worker), as Train workers do, so relative data and model paths mean the same in a trial
+as in ``tailkd distill``.
+
 Resume. Tune's experiment state lives in ``OUT/tune/search``; running ``tailkd tune`` again with the same
 config and output_dir restores it (``Tuner.restore``): finished and early-stopped trials are kept, not
 re-run; unfinished and errored ones run again, and their ``TorchTrainer`` (same output_dir and
@@ -38,15 +45,25 @@ import csv
 import json
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+import ray
+import yaml
+from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from tailkd_ray.cache import SPLITS, score_splits
-from tailkd_ray.config import Config, ConfigError, from_dict, to_dict
+from tailkd_ray.config import Config, ConfigError, differing_fields, from_dict, require_k_within_top_m, to_dict
+from tailkd_ray.errors import PlacementError
+from tailkd_ray.pipelines.score import score_splits
+from tailkd_ray.placement import train_worker_resources
 from tailkd_ray.runtime import init_ray, is_quiet
+from tailkd_ray.teacher.cache import SPLITS, open_cache, teacher_identity
+from tailkd_ray.train.loop import run_training
+from tailkd_ray.train.runlog import read_eval_json, read_records, run_complete
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +75,37 @@ TRIAL_DRIVER_CPUS = 0.01
 # one CPU for it per trial, or concurrent trials holding every CPU would starve their own data.
 DATA_CPUS_PER_TRIAL = 1.0
 RESULT_COLUMNS = ("trial", "k", "beta", "status", "steps", "evals", "final", "best", "student", "error")
+
+
+def run_tune(cfg: Config) -> dict:
+    """``tailkd tune``: one teacher pass into the summary cache, then a Ray Tune search over K and β.
+
+    Returns the summary printed by the CLI: trial counts by status, the best trial (K, β, metric, student
+    and config paths), output files, and the teacher cost (``teacher_passes`` run by this call, 0 when the
+    cache was reused; ``teacher_tokens_scored``; ``cache_tokens``; ``tokens_if_scored_per_trial``).
+    """
+    cfg = search_config(cfg)
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    init_ray()
+    teacher_id = teacher_identity(cfg.teacher.model)
+    teacher = score_splits(cfg, teacher_id)  # the one teacher pass (none when the cache is complete)
+    tuner, restored = make_tuner(cfg, teacher_id)
+    rows = sorted((trial_row(result, cfg) for result in tuner.fit()), key=lambda r: (r["k"], r["beta"]))
+    naive = len(rows) * teacher.cache_tokens
+    log.info("teacher passes: %d by this search (%d tokens scored; cache %s holds %d) shared by %d trials; "
+             "scoring per trial would have cost %d passes, %d tokens", teacher.passes, teacher.tokens_scored,
+             teacher.cache_dir, teacher.cache_tokens, len(rows), len(rows), naive)
+    best = write_results(cfg, rows)
+    out = Path(cfg.output_dir)
+    counts = {status: sum(r["status"] == status for r in rows) for status in ("completed", "early_stopped", "error")}
+    return {
+        "trials": len(rows), **counts, "restored": restored, "metric": cfg.tune.metric,
+        "best": {"k": best["k"], "beta": best["beta"], cfg.tune.metric: best["final"], "student": best["student"],
+                 "config": str(out / "best_config.yaml")},
+        "results_csv": str(out / "tune_results.csv"), "heatmap": str(out / "tune_heatmap.png"),
+        "teacher_passes": teacher.passes, "teacher_tokens_scored": teacher.tokens_scored,
+        "cache_tokens": teacher.cache_tokens, "tokens_if_scored_per_trial": naive, "cache_dir": teacher.cache_dir,
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -79,10 +127,7 @@ def search_config(cfg: Config) -> Config:
     if cfg.summary.top_m is None:
         raise ConfigError("tune shares one teacher pass through the summary cache: set summary.top_m "
                           "(null means a co-located teacher in every trial)")
-    if cfg.summary.top_m < max(cfg.tune.k):
-        raise ConfigError(f"summary.top_m = {cfg.summary.top_m} < max(tune.k) = {max(cfg.tune.k)}: the teacher "
-                          f"summary keeps only its top M ids, so K ≤ M; raise summary.top_m (a new cache is scored) "
-                          f"or lower tune.k")
+    require_k_within_top_m("max(tune.k)", max(cfg.tune.k), cfg.summary.top_m)
     if len(set(cfg.tune.beta)) > 1 and max(cfg.tune.k) == cfg.summary.top_m and cfg.summary.tail_samples == 0:
         raise ConfigError(f"tune.beta = {list(cfg.tune.beta)} is searched, but at K = max(tune.k) = summary.top_m = "
                           f"{cfg.summary.top_m} with summary.tail_samples = 0 the summary holds nothing beyond the "
@@ -106,50 +151,11 @@ def trial_config(cfg: Config, k: int, beta: float, output_dir: Optional[str] = N
 
 
 # --------------------------------------------------------------------------------------------------
-# One teacher pass
-# --------------------------------------------------------------------------------------------------
-# --------------------------------------------------------------------------------------------------
-# The trial
-# --------------------------------------------------------------------------------------------------
-class ValidationReport(TuneReportCallback):
-    """Forward a trial's validation results to Tune, except the last step's, which ``train_trial`` reports
-    after the export (see the module doc)."""
-
-    def __init__(self, metric: str, last_step: int):
-        super().__init__()
-        self.metric, self.last_step = metric, last_step
-
-    def after_report(self, run_context, metrics, checkpoint):
-        result = metrics[0]  # rank 0's; validation metrics are all-reduced, every rank reports the same
-        if self.metric in result and result["step"] < self.last_step:
-            # No checkpoint for Tune: a resumed trial restarts from its TorchTrainer's own checkpoints.
-            super().after_report(run_context, metrics, None)
-
-
-def train_trial(params: dict, *, base: dict, teacher_id: dict) -> None:
-    """Tune function trainable: train one (K, β) student with a TorchTrainer on the shared cache, then
-    report its final validation (eval.json) to Tune."""
-    from ray import tune
-
-    from tailkd_ray.cache import open_cache
-    from tailkd_ray.train import run_training
-
-    cfg = trial_config(from_dict(base), params["k"], params["beta"])
-    train_ds, val_ds = (open_cache(cfg, split=split, teacher_id=teacher_id) for split in SPLITS)
-    run_training(cfg, train_ds, val_ds, "summary",
-                 callbacks=[ValidationReport(cfg.tune.metric, cfg.train.max_steps)])
-    # The student is exported: a stop Tune decides on this report (ASHA's at max_t) costs nothing now.
-    tune.report(json.loads((Path(cfg.output_dir) / "eval.json").read_text()))
-
-
-# --------------------------------------------------------------------------------------------------
 # The search
 # --------------------------------------------------------------------------------------------------
 def param_space(cfg: Config) -> dict:
     """``grid``: every (K, β) of tune.k × tune.beta; ``random``: K uniform over the integers in
     [min k, max k], β log-uniform over [min β, max β]."""
-    from ray import tune
-
     ks, betas = sorted(set(cfg.tune.k)), sorted({float(b) for b in cfg.tune.beta})
     if cfg.tune.search == "grid":
         return {"k": tune.grid_search(ks), "beta": tune.grid_search(betas)}
@@ -161,8 +167,6 @@ def trials_that_fit(cfg: Config, cluster: dict) -> int:
     """How many trials ``cluster`` (total resources, as ``ray.cluster_resources()``) hosts at once: each
     needs ``train.num_workers`` workers, ``DATA_CPUS_PER_TRIAL`` and ``TRIAL_DRIVER_CPUS``. Summed over
     nodes: a trial's workers may span nodes."""
-    from tailkd_ray.placement import train_worker_resources
-
     need = {name: amount * cfg.train.num_workers for name, amount in train_worker_resources(cfg.train).items()}
     need["CPU"] = need.get("CPU", 0.0) + DATA_CPUS_PER_TRIAL + TRIAL_DRIVER_CPUS
     return min(math.floor(cluster.get(name, 0.0) / amount + 1e-6) for name, amount in need.items() if amount > 0)
@@ -170,10 +174,6 @@ def trials_that_fit(cfg: Config, cluster: dict) -> int:
 
 def concurrency(cfg: Config) -> int:
     """``tune.max_concurrent``, lowered to ``trials_that_fit`` on a fixed-size cluster."""
-    import ray
-
-    from tailkd_ray.placement import PlacementError
-
     if cfg.autoscaling:
         return cfg.tune.max_concurrent
     fit = trials_that_fit(cfg, ray.cluster_resources())
@@ -189,10 +189,6 @@ def concurrency(cfg: Config) -> int:
 
 def make_tuner(cfg: Config, teacher_id: dict):
     """A new Tuner, or the one of an interrupted or finished search on the same output_dir (restored)."""
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.basic_variant import BasicVariantGenerator
-
     out = Path(cfg.output_dir)
     trainable = tune.with_resources(tune.with_parameters(train_trial, base=to_dict(cfg), teacher_id=teacher_id),
                                     {"cpu": TRIAL_DRIVER_CPUS})
@@ -227,10 +223,8 @@ def make_tuner(cfg: Config, teacher_id: dict):
 
 
 def _require_same_search(cfg: Config, spec: Path) -> None:
-    from tailkd_ray.cache import _mismatches
-
     before = json.loads(spec.read_text()) if spec.is_file() else {}
-    differing = _mismatches(before, to_dict(cfg))
+    differing = differing_fields(before, to_dict(cfg), recorded_as="the search")
     if differing:
         raise ConfigError(f"{cfg.output_dir} holds a search with another config (restoring it would mix "
                           f"them); differing field(s):\n  " + "\n  ".join(differing) +
@@ -238,34 +232,67 @@ def _require_same_search(cfg: Config, spec: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# The trial
+# --------------------------------------------------------------------------------------------------
+class ValidationReport(TuneReportCallback):
+    """Forward a trial's validation results to Tune, except the last step's, which ``train_trial`` reports
+    after the export (see the module doc)."""
+
+    def __init__(self, metric: str, last_step: int):
+        super().__init__()
+        self.metric, self.last_step = metric, last_step
+
+    def after_report(self, run_context, metrics, checkpoint):
+        result = metrics[0]  # rank 0's; validation metrics are all-reduced, every rank reports the same
+        if self.metric in result and result["step"] < self.last_step:
+            # No checkpoint for Tune: a resumed trial restarts from its TorchTrainer's own checkpoints.
+            super().after_report(run_context, metrics, None)
+
+
+def train_trial(params: dict, *, base: dict, teacher_id: dict) -> None:
+    """Tune function trainable: train one (K, β) student with a TorchTrainer on the shared cache, then
+    report its final validation (eval.json) to Tune."""
+    cfg = trial_config(from_dict(base), params["k"], params["beta"])
+    train_ds, val_ds = (open_cache(cfg, split=split, teacher_id=teacher_id) for split in SPLITS)
+    run_training(cfg, train_ds, val_ds, "summary",
+                 callbacks=[ValidationReport(cfg.tune.metric, cfg.train.max_steps)])
+    # The student is exported: a stop Tune decides on this report (ASHA's at max_t) costs nothing now.
+    tune.report(read_eval_json(cfg.output_dir))
+
+
+# --------------------------------------------------------------------------------------------------
 # Results
 # --------------------------------------------------------------------------------------------------
+def write_results(cfg: Config, rows: list[dict]) -> dict:
+    """tune_results.csv and tune_heatmap.png, then best_config.yaml; returns the best completed trial's row."""
+    out = Path(cfg.output_dir)
+    write_results_csv(rows, out / "tune_results.csv", cfg.tune.metric)
+    plot_heatmap(rows, out / "tune_heatmap.png", cfg.tune.metric, cfg.tune.search)
+    completed = [r for r in rows if r["status"] == "completed"]
+    if not completed:
+        raise RuntimeError(f"no trial of the search completed; see {out / 'tune_results.csv'} (status, error) "
+                           f"and the trials' logs under {out / 'tune' / EXPERIMENT}")
+    best = min(completed, key=lambda r: r["final"])
+    write_best_config(cfg, best, out / "best_config.yaml")
+    return best
+
+
 def trial_row(result, cfg: Config) -> dict:
     """One results row: K, β, status (completed | early_stopped | error), optimizer steps trained, validations
     run, final metric (the student's eval.json; else the last validation) and best one. Read from the trial's
     own metrics.jsonl, which survives resumes (Tune's copy of a resumed trial starts again from its restart)."""
     k, beta = int(result.config["k"]), float(result.config["beta"])
     out = Path(cfg.output_dir) / "trials" / trial_name(k, beta)
-    steps, validations = _trial_log(out, cfg.tune.metric)
-    evaluation = json.loads((out / "eval.json").read_text()) if (out / "eval.json").is_file() else None
-    completed = evaluation is not None and (out / "student" / "config.json").is_file()
-    values = list(validations.values())
-    final = evaluation[cfg.tune.metric] if completed else (values[-1] if values else math.nan)
+    steps = max((r["step"] for r in read_records(out, "step")), default=0)
+    # {step: metric} per validation; a step redone after a resume keeps its last value
+    validations = list({r["step"]: r[cfg.tune.metric] for r in read_records(out, "eval")}.values())
+    completed = run_complete(out)
+    final = read_eval_json(out)[cfg.tune.metric] if completed else (validations[-1] if validations else math.nan)
     status = "error" if result.error is not None else "completed" if completed else "early_stopped"
-    return {"trial": out.name, "k": k, "beta": beta, "status": status, "steps": steps, "evals": len(values),
-            "final": final, "best": min((v for v in values + [final] if not math.isnan(v)), default=math.nan),
+    return {"trial": out.name, "k": k, "beta": beta, "status": status, "steps": steps, "evals": len(validations),
+            "final": final, "best": min((v for v in validations + [final] if not math.isnan(v)), default=math.nan),
             "student": str(out / "student") if completed else "",
             "error": str(result.error).splitlines()[0] if result.error is not None else ""}
-
-
-def _trial_log(out: Path, metric: str) -> tuple[int, dict]:
-    """(last optimizer step, {step: metric} of each validation) from a trial's metrics.jsonl, where train.py
-    writes one record with ``loss`` per step and one with the eval metrics per validation (a step redone
-    after a resume keeps its last value)."""
-    path = out / "metrics.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-    steps = max((r["step"] for r in records if "loss" in r), default=0)
-    return steps, {r["step"]: r[metric] for r in records if metric in r}
 
 
 def write_results_csv(rows: list[dict], path: Path, metric: str) -> None:
@@ -279,95 +306,54 @@ def write_results_csv(rows: list[dict], path: Path, metric: str) -> None:
 def plot_heatmap(rows: list[dict], path: Path, metric: str, search: str) -> None:
     """Best ``metric`` per trial over K × β: a heatmap for a grid, a scatter (log β) for a random search.
     Early-stopped trials are marked '(stopped)' / hollow."""
-    import matplotlib
+    # Deferred: matplotlib takes ~1 s to import, and Tune's trial processes import this module without plotting.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    if search == "grid":
-        ks, betas = sorted({r["k"] for r in rows}), sorted({r["beta"] for r in rows})
-        grid = np.full((len(ks), len(betas)), np.nan)
-        for r in rows:
-            grid[ks.index(r["k"]), betas.index(r["beta"])] = r["best"]
-        image = ax.imshow(grid, cmap="viridis_r", aspect="auto", origin="lower")
-        ax.set_xticks(range(len(betas)), [f"{b:g}" for b in betas])
-        ax.set_yticks(range(len(ks)), [str(k) for k in ks])
-        for r in rows:
-            note = "" if r["status"] == "completed" else f"\n({r['status'].replace('early_', '')})"
-            ax.text(betas.index(r["beta"]), ks.index(r["k"]), f"{r['best']:.4g}{note}", ha="center",
-                    va="center", fontsize=8, bbox={"facecolor": "white", "alpha": 0.7, "edgecolor": "none"})
-    else:
-        done = [r for r in rows if r["status"] == "completed"]
-        image = ax.scatter([r["beta"] for r in done], [r["k"] for r in done], c=[r["best"] for r in done],
-                           cmap="viridis_r", s=60)
-        stopped = [r for r in rows if r["status"] != "completed"]
-        ax.scatter([r["beta"] for r in stopped], [r["k"] for r in stopped], facecolors="none",
-                   edgecolors="grey", s=60, label="stopped / error")
-        ax.set_xscale("log")
-        if stopped:
-            ax.legend(loc="best", fontsize=8)
+    fig = Figure(figsize=(6, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    image = _heatmap(ax, rows) if search == "grid" else _scatter(ax, rows)
     fig.colorbar(image, ax=ax, label=f"best {metric}")
     ax.set_xlabel("β")
     ax.set_ylabel("K")
     ax.set_title(f"TAD search: best {metric} per trial (lower is better)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+
+
+def _heatmap(ax, rows: list[dict]):
+    ks, betas = sorted({r["k"] for r in rows}), sorted({r["beta"] for r in rows})
+    grid = np.full((len(ks), len(betas)), np.nan)
+    for r in rows:
+        grid[ks.index(r["k"]), betas.index(r["beta"])] = r["best"]
+    image = ax.imshow(grid, cmap="viridis_r", aspect="auto", origin="lower")
+    ax.set_xticks(range(len(betas)), [f"{b:g}" for b in betas])
+    ax.set_yticks(range(len(ks)), [str(k) for k in ks])
+    for r in rows:
+        note = "" if r["status"] == "completed" else f"\n({r['status'].replace('early_', '')})"
+        ax.text(betas.index(r["beta"]), ks.index(r["k"]), f"{r['best']:.4g}{note}", ha="center",
+                va="center", fontsize=8, bbox={"facecolor": "white", "alpha": 0.7, "edgecolor": "none"})
+    return image
+
+
+def _scatter(ax, rows: list[dict]):
+    done = [r for r in rows if r["status"] == "completed"]
+    image = ax.scatter([r["beta"] for r in done], [r["k"] for r in done], c=[r["best"] for r in done],
+                       cmap="viridis_r", s=60)
+    stopped = [r for r in rows if r["status"] != "completed"]
+    ax.scatter([r["beta"] for r in stopped], [r["k"] for r in stopped], facecolors="none",
+               edgecolors="grey", s=60, label="stopped / error")
+    ax.set_xscale("log")
+    if stopped:
+        ax.legend(loc="best", fontsize=8)
+    return image
 
 
 def write_best_config(cfg: Config, best: dict, path: Path) -> None:
     """The best trial's config, ready for ``tailkd distill`` (output_dir OUT/best; the same summary cache)."""
-    import yaml
-
     best_cfg = trial_config(cfg, best["k"], best["beta"], output_dir=str(Path(cfg.output_dir) / "best"))
     header = (f"# Best of the K/β search in {cfg.output_dir}: K = {best['k']}, β = {best['beta']:g}, "
               f"{cfg.tune.metric} = {best['final']:.6g}\n# its student: {best['student']}\n"
               f"# re-run: tailkd distill --config {path}\n")
     path.write_text(header + yaml.safe_dump(to_dict(best_cfg), sort_keys=False))
-
-
-# --------------------------------------------------------------------------------------------------
-# Entry point
-# --------------------------------------------------------------------------------------------------
-def run_tune(cfg: Config) -> dict:
-    """``tailkd tune``: one teacher pass into the summary cache, then a Ray Tune search over K and β.
-
-    Returns the summary printed by the CLI: trial counts by status, the best trial (K, β, metric, student
-    and config paths), output files, and the teacher cost (``teacher_passes`` run by this call, 0 when the
-    cache was reused; ``teacher_tokens_scored``; ``cache_tokens``; ``tokens_if_scored_per_trial``).
-    """
-    from tailkd_ray.cache import teacher_identity
-
-    cfg = search_config(cfg)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    init_ray()
-    teacher_id = teacher_identity(cfg.teacher.model)
-    teacher = score_splits(cfg, teacher_id)
-
-    tuner, restored = make_tuner(cfg, teacher_id)
-    rows = sorted((trial_row(result, cfg) for result in tuner.fit()), key=lambda r: (r["k"], r["beta"]))
-    write_results_csv(rows, out / "tune_results.csv", cfg.tune.metric)
-    plot_heatmap(rows, out / "tune_heatmap.png", cfg.tune.metric, cfg.tune.search)
-    naive = len(rows) * teacher.cache_tokens
-    log.info("teacher passes: %d by this search (%d tokens scored; cache %s holds %d) shared by %d trials; "
-             "scoring per trial would have cost %d passes, %d tokens", teacher.passes, teacher.tokens_scored,
-             teacher.cache_dir, teacher.cache_tokens, len(rows), len(rows), naive)
-
-    completed = [r for r in rows if r["status"] == "completed"]
-    if not completed:
-        raise RuntimeError(f"no trial of the search completed; see {out / 'tune_results.csv'} (status, error) "
-                           f"and the trials' logs under {out / 'tune' / EXPERIMENT}")
-    best = min(completed, key=lambda r: r["final"])
-    write_best_config(cfg, best, out / "best_config.yaml")
-    counts = {status: sum(r["status"] == status for r in rows) for status in ("completed", "early_stopped", "error")}
-    return {
-        "trials": len(rows), **counts, "restored": restored, "metric": cfg.tune.metric,
-        "best": {"k": best["k"], "beta": best["beta"], cfg.tune.metric: best["final"], "student": best["student"],
-                 "config": str(out / "best_config.yaml")},
-        "results_csv": str(out / "tune_results.csv"), "heatmap": str(out / "tune_heatmap.png"),
-        "teacher_passes": teacher.passes, "teacher_tokens_scored": teacher.tokens_scored,
-        "cache_tokens": teacher.cache_tokens, "tokens_if_scored_per_trial": naive, "cache_dir": teacher.cache_dir,
-    }

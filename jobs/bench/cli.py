@@ -1,4 +1,5 @@
-"""Command line of the benchmarks (``jobs/bench.py``): one subcommand per module of ``BENCHMARKS``.
+"""Benchmarks of the TAD loss, the teacher summary, the teacher actor pool, the whole training pipeline and its
+checkpoints (``jobs/bench.py``): one subcommand per module of ``BENCHMARKS``.
 
 A benchmark module provides ``NAME`` (the subcommand), ``HELP`` (its one-line help), ``SIZES`` (``{"default":
 {...}, "quick": {...}}``: the value of every size flag left unset), ``add_arguments(parser)``, ``run(args) ->
@@ -16,16 +17,15 @@ from typing import Optional
 
 import torch
 
-import tailkd_ray.benchmarks
-from tailkd_ray.benchmarks import checkpoint, loss, pipeline, summary, teacher
-from tailkd_ray.benchmarks.measure import log, run_metadata
+from . import checkpoint, loss, pipeline, summary, teacher
+from .measure import log, run_metadata
 
 BENCHMARKS = (loss, summary, teacher, pipeline, checkpoint)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser: a subcommand per benchmark, with its own flags and then the common ones."""
-    parser = argparse.ArgumentParser(description=tailkd_ray.benchmarks.__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     for benchmark in BENCHMARKS:

@@ -13,13 +13,15 @@ import sysconfig
 from pathlib import Path
 from typing import Iterable, Optional
 
+from pydoc_data.topics import topics
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
 EOS_TOKEN = "<|endoftext|>"
 
 
 def builtin_documents(max_bytes: Optional[int] = None) -> Iterable[tuple[str, str]]:
     """Yield (name, text) documents: every pydoc topic, then standard-library sources in sorted order."""
-    from pydoc_data.topics import topics
-
     total = 0
     for name in sorted(topics):
         yield f"pydoc_{name}", topics[name]
@@ -56,9 +58,6 @@ def train_bpe_tokenizer(files: list[str | Path], vocab_size: int, out_dir: str |
 
     Returns the ``PreTrainedTokenizerFast``; ``EOS_TOKEN`` is its eos (and pad) token.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()

@@ -11,16 +11,19 @@ cosine ≥ 0.99 on the trained teacher (worst seed).
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-from tailkd_ray.benchmarks.measure import log, small_llama_config, summary_stats
 from tailkd_ray.core.losses import tad_loss, tad_loss_from_summary
 from tailkd_ray.core.summary import bytes_per_position, summarize
+from tailkd_ray.data.corpus import train_bpe_tokenizer, write_builtin_corpus
+from tailkd_ray.train.strategies import lr_factor
+
+from .measure import log, small_llama_config, summary_stats
 
 NAME = "summary"
 HELP = "summary bytes and loss/gradient fidelity vs the exact loss"
@@ -77,8 +80,6 @@ def synthetic_distributions(args) -> tuple[torch.Tensor, torch.Tensor, dict]:
 def trained_distributions(args) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Teacher and early-snapshot student logits on held-out text, from the cached small teacher
     (trained here if ``args.teacher_dir`` has none)."""
-    from transformers import AutoModelForCausalLM
-
     root = Path(args.teacher_dir)
     if not (root / "teacher" / "model.safetensors").exists() or not (root / "student" / "model.safetensors").exists():
         train_small_teacher(args, root)
@@ -100,10 +101,6 @@ def trained_distributions(args) -> tuple[torch.Tensor, torch.Tensor, dict]:
 def train_small_teacher(args, root: Path) -> None:
     """Train a small Llama on the built-in corpus with a plain AdamW loop; save the final model as the
     teacher and the snapshot at 1/5 of training as the student (safetensors), plus the val token ids."""
-    from transformers import LlamaForCausalLM
-
-    from tailkd_ray.corpus import train_bpe_tokenizer, write_builtin_corpus
-
     started = time.perf_counter()
     train_dir, val_dir = write_builtin_corpus(root / "corpus", max_bytes=args.corpus_bytes)
     tokenizer = train_bpe_tokenizer(sorted(train_dir.glob("*.txt")), args.tokenizer_vocab, root / "tokenizer")
@@ -118,8 +115,8 @@ def train_small_teacher(args, root: Path) -> None:
     model = LlamaForCausalLM(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     warmup = max(1, args.train_steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 *
-                                                 (1 + math.cos(math.pi * min(1.0, s / args.train_steps))))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
+        step, warmup_steps=warmup, max_steps=args.train_steps))  # the trainer's warmup + cosine
     blocks = train_ids[: (train_ids.numel() // args.seq_len) * args.seq_len].reshape(-1, args.seq_len)
     generator = torch.Generator().manual_seed(args.seed)
     student_step = max(1, args.train_steps // 5)

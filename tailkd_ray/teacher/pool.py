@@ -8,45 +8,30 @@ student's next-token target x_{t+1}. Tail samples are drawn with one generator p
 however batches are formed, so re-scoring after a failure reproduces the same rows (on one device type;
 CPU and CUDA samplers differ).
 
-``check_vocab_compatible`` is the start-up check that teacher, student and data tokenizer share one
-vocabulary. ``score_dataset`` wires the pool into a Ray Data pipeline.
+``score_dataset`` wires the pool into a Ray Data pipeline, after the start-up checks (one vocabulary,
+``models.check_vocab_compatible``; blocks within the teacher's context window; a cluster that can host the pool).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 import numpy as np
+import ray.data
 import torch
+from transformers import AutoConfig
 
 from tailkd_ray.config import Config
-from tailkd_ray.errors import ConfigError, DataError, NonFiniteLogitsError, VocabularyError
-from tailkd_ray.placement import require_teacher_placement, teacher_ray_options
 from tailkd_ray.core.summary import summarize
+from tailkd_ray.data.hashing import block_hashes, format_block_hash, row_generator_seed
+from tailkd_ray.errors import ConfigError, DataError, NonFiniteLogitsError, VocabularyError
+from tailkd_ray.models import check_vocab_compatible, inference_dtype, load_model
+from tailkd_ray.placement import require_teacher_placement, teacher_ray_options
 
 log = logging.getLogger(__name__)
 
 _LOGP_DTYPES = {"float16": torch.float16, "float32": torch.float32}
-
-
-def block_hashes(input_ids: np.ndarray) -> np.ndarray:
-    """64-bit content hash of each packed block (row of int32 ids), as int64: a block's identity."""
-    rows = np.ascontiguousarray(input_ids, dtype=np.int32)
-    return np.array([int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8).digest(), "little", signed=True)
-                     for row in rows], dtype=np.int64)
-
-
-def format_block_hash(block_hash: int) -> str:
-    """A block hash as 16 hex digits (how errors and logs name a block)."""
-    return f"{int(block_hash) & 0xFFFFFFFFFFFFFFFF:016x}"
-
-
-def row_generator_seed(seed: int, block_hash: int) -> int:
-    """Seed of a block's tail-sampling generator: a hash of (train.seed, block content hash)."""
-    key = int(seed).to_bytes(8, "little", signed=True) + int(block_hash).to_bytes(8, "little", signed=True)
-    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1  # < 2**63
 
 
 def input_ids_matrix(batch: Mapping[str, Any], seq_len: int) -> np.ndarray:
@@ -69,11 +54,6 @@ def input_ids_matrix(batch: Mapping[str, Any], seq_len: int) -> np.ndarray:
     return ids.astype(np.int64, copy=False)
 
 
-def model_vocab_size(config) -> int:
-    """Rows of the model's embedding / LM head (may exceed the tokenizer's size: padded vocabularies)."""
-    return int(config.get_text_config().vocab_size)
-
-
 class TeacherScorer:
     """Ray Data callable class: ``{"input_ids": [B, T+1]}`` -> ``input_ids`` + the five summary columns.
 
@@ -83,13 +63,9 @@ class TeacherScorer:
 
     def __init__(self, *, model_path: str, seq_len: int, top_m: int, tail_samples: int, temperature: float,
                  seed: int, logp_dtype: str = "float16", use_gpu: bool = False, trust_remote_code: bool = False):
-        from transformers import AutoModelForCausalLM
-
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype,
-                                                          trust_remote_code=trust_remote_code)
-        self.model.to(self.device).eval()
+        self.model = load_model(model_path, trust_remote_code=trust_remote_code, device=self.device,
+                                dtype=inference_dtype(self.device))
         self.vocab = self.model.get_input_embeddings().num_embeddings
         self.model_path = model_path
         self.seq_len = seq_len
@@ -163,8 +139,6 @@ def teacher_map_args(cfg: Config) -> dict:
     and fail the run. Those two options are only reachable through ``map_batches``'s deprecated
     ``**ray_remote_args`` (removal announced for Ray 2.64), so they are left at the defaults.
     """
-    import ray.data
-
     return dict(fn_constructor_kwargs=scorer_kwargs(cfg),
                 compute=ray.data.ActorPoolStrategy(min_size=cfg.teacher.min_actors, max_size=cfg.teacher.max_actors),
                 batch_size=cfg.teacher.batch_size, batch_format="numpy", **teacher_ray_options(cfg.teacher))
@@ -172,8 +146,6 @@ def teacher_map_args(cfg: Config) -> dict:
 
 def check_teacher_context(cfg: Config) -> None:
     """Fail before any work when packed blocks are longer than the teacher's context window."""
-    from transformers import AutoConfig
-
     config = AutoConfig.from_pretrained(cfg.teacher.model, trust_remote_code=cfg.teacher.trust_remote_code)
     window = getattr(config.get_text_config(), "max_position_embeddings", None)
     if window is not None and cfg.data.seq_len > window:
@@ -197,73 +169,3 @@ def score_dataset(blocks, cfg: Config):
              cfg.teacher.model, cfg.teacher.min_actors, cfg.teacher.max_actors, cfg.teacher.num_gpus,
              cfg.teacher.resources, cfg.teacher.batch_size)
     return blocks.map_batches(TeacherScorer, **kwargs)
-
-
-def check_vocab_compatible(teacher_path: str, student: Optional[str | Mapping[str, Any]],
-                           tokenizer_path: Optional[str], *, trust_remote_code: bool = False) -> int:
-    """Check that teacher, student and data tokenizer share one vocabulary; return the model vocab size.
-
-    - the teacher's and the student's config ``vocab_size`` must be equal (``student`` is a model path, a
-      dict of config overrides applied to the teacher's config, or None for the teacher's own config);
-    - every id of the data tokenizer must be < that size (models may pad ``vocab_size`` beyond it);
-    - the data tokenizer's token table must equal the teacher's tokenizer's (when the teacher ships one).
-    Raises ``VocabularyError`` saying which differ and how to fix it (``DataError`` when there is no tokenizer).
-    """
-    from transformers import AutoConfig, AutoTokenizer
-
-    teacher_vocab = model_vocab_size(AutoConfig.from_pretrained(teacher_path, trust_remote_code=trust_remote_code))
-    if isinstance(student, str):
-        student_vocab = model_vocab_size(AutoConfig.from_pretrained(student, trust_remote_code=trust_remote_code))
-        student_name = f"student {student}"
-    else:
-        student_vocab = (student or {}).get("vocab_size", teacher_vocab)
-        student_name = "student (student.config)"
-    if student_vocab != teacher_vocab:
-        raise VocabularyError(f"vocabulary size differs: teacher {teacher_path} has vocab_size {teacher_vocab}, "
-                              f"{student_name} has {student_vocab}; distillation needs one vocabulary: use a "
-                              f"student of the teacher's family/tokenizer (or drop vocab_size from student.config)")
-
-    teacher_tokenizer = _teacher_tokenizer(teacher_path, trust_remote_code)
-    data_tokenizer = (AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=trust_remote_code)
-                      if tokenizer_path is not None else teacher_tokenizer)
-    if data_tokenizer is None:
-        raise DataError(f"no tokenizer found in teacher {teacher_path} and data.tokenizer is not set: "
-                        f"set data.tokenizer to the teacher's tokenizer")
-    data_name = f"data tokenizer {tokenizer_path or teacher_path}"
-    data_vocab = data_tokenizer.get_vocab()
-    largest = max(data_vocab.values()) + 1
-    if largest > teacher_vocab:
-        raise VocabularyError(f"{data_name} produces ids up to {largest - 1} but teacher {teacher_path} has "
-                              f"vocab_size {teacher_vocab}; tokenize the data with the teacher's tokenizer "
-                              f"(data.tokenizer: null)")
-    if teacher_tokenizer is None:
-        log.warning("teacher %s ships no tokenizer: only the vocabulary size of %s was checked", teacher_path,
-                    data_name)
-    elif teacher_tokenizer is not data_tokenizer:
-        _compare_token_tables(teacher_tokenizer.get_vocab(), data_vocab, f"teacher {teacher_path}", data_name)
-    return teacher_vocab
-
-
-def _teacher_tokenizer(path: str, trust_remote_code: bool):
-    """The tokenizer saved with the teacher, or None when the teacher directory holds none."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:  # the model's config loaded, so this means "no tokenizer files"
-        log.debug("no tokenizer with teacher %s: %s", path, err)
-        return None
-
-
-def _compare_token_tables(teacher: Mapping[str, int], data: Mapping[str, int], teacher_name: str,
-                          data_name: str, show: int = 5) -> None:
-    if teacher == data:
-        return
-    by_id_teacher = {i: t for t, i in teacher.items()}
-    by_id_data = {i: t for t, i in data.items()}
-    differing = sorted(i for i in set(by_id_teacher) | set(by_id_data) if by_id_teacher.get(i) != by_id_data.get(i))
-    examples = ", ".join(f"id {i}: {by_id_teacher.get(i)!r} vs {by_id_data.get(i)!r}" for i in differing[:show])
-    raise VocabularyError(f"token tables differ between the {teacher_name} tokenizer ({len(teacher)} tokens) and "
-                          f"the {data_name} ({len(data)} tokens) at {len(differing)} id(s), first: {examples}; "
-                          f"tokenize the data with the teacher's tokenizer (data.tokenizer: null or the teacher's "
-                          f"path)")

@@ -1,6 +1,6 @@
 """Shared parts of the benchmarks run by ``jobs/bench.py``: interleaved timing, peak extra memory, run
-metadata, progress lines, a local Ray with a worker probe, small random-weight Llamas, and model FLOPs for
-MFU estimates.
+metadata, progress lines, a local Ray with a worker probe, small random-weight Llamas (``models.llama_config``
+at the benchmarks' proportions), and model FLOPs for MFU estimates.
 
 The benchmark machine is shared and noisy, so speed is reported as ratios of variants timed side by
 side in one run: every repeat runs each variant once, in an order that alternates between repeats
@@ -14,6 +14,7 @@ import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -21,9 +22,15 @@ import weakref
 from pathlib import Path
 from typing import Callable, Mapping, Optional
 
+import ray
+import ray.data
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+from transformers import AutoModelForCausalLM
+
+from tailkd_ray.data.corpus import train_bpe_tokenizer, write_builtin_corpus
+from tailkd_ray.models import llama_config, save_random_model
 
 
 def run_metadata(argv: list[str], device: torch.device) -> dict:
@@ -44,8 +51,6 @@ def run_metadata(argv: list[str], device: torch.device) -> dict:
 def git_commit() -> Optional[str]:
     """The checkout's commit (``+dirty`` with uncommitted changes), so results compare across commits; None
     outside a git checkout."""
-    import subprocess
-
     root = Path(__file__).resolve().parents[2]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
@@ -170,31 +175,21 @@ def llama_heads(width: int) -> int:
 def small_llama_config(*, vocab: int, layers: int, width: int, seq_len: int, eos: int):
     """The ``LlamaConfig`` of the benchmarks' Llamas: heads of size ``width`` / max(4, ``width`` // 64) (64 for
     realistic widths), MLP 3 × ``width``, untied head, eos as bos and pad."""
-    from transformers import LlamaConfig
-
-    heads = llama_heads(width)
-    return LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=3 * width,
-                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                       max_position_embeddings=seq_len, tie_word_embeddings=False,
-                       bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
+    return llama_config(vocab=vocab, layers=layers, width=width, heads=llama_heads(width), intermediate=3 * width,
+                        max_positions=seq_len, eos_id=eos)
 
 
 def build_random_llama(model_dir: Path, *, layers: int, width: int, vocab: int, seq_len: int, seed: int,
                        label: str = "bench") -> Path:
     """A random-weight Llama (``layers`` × ``width``, vocabulary ``vocab``) saved in ``model_dir`` with a BPE
     tokenizer trained on the built-in corpus; returns ``model_dir``. ``label`` prefixes the progress line."""
-    from transformers import LlamaForCausalLM
-
-    from tailkd_ray.corpus import train_bpe_tokenizer, write_builtin_corpus
-
     # The corpus only trains the tokenizer: it does not outlive this call.
     with tempfile.TemporaryDirectory(prefix="bench_corpus_") as corpus:
         train_dir, _ = write_builtin_corpus(Path(corpus), max_bytes=300_000)
         tokenizer = train_bpe_tokenizer(sorted(train_dir.glob("*.txt")), vocab, model_dir)
-    torch.manual_seed(seed)
     # vocab_size = vocab even if BPE learnt fewer merges: a padded vocabulary, as real teachers have.
     config = small_llama_config(vocab=vocab, layers=layers, width=width, seq_len=seq_len, eos=tokenizer.eos_token_id)
-    LlamaForCausalLM(config).save_pretrained(model_dir, safe_serialization=True)
+    save_random_model(config, model_dir, seed=seed)
     log(f"[{label}] built a {layers}×{width} Llama, vocab {vocab} (tokenizer {len(tokenizer)}), in {model_dir}")
     return model_dir
 
@@ -203,9 +198,6 @@ def start_bench_ray(device: torch.device) -> None:
     """Start a local Ray for one benchmark run: max(8, CPU count) logical CPUs, on a GPU the GPUs torch sees (not
     Ray's own detection, which can miss them in VMs and then leaves GPU actors pending forever), no dashboard,
     worker output not forwarded to the driver, Ray Data progress bars off. The caller shuts it down."""
-    import ray
-    import ray.data
-
     gpus = torch.cuda.device_count() if device.type == "cuda" else 0
     if device.type == "cuda" and gpus == 0:
         raise SystemExit(f"--device {device}: torch sees no CUDA GPU here; run on a GPU machine or use --device cpu")
@@ -217,11 +209,11 @@ def start_bench_ray(device: torch.device) -> None:
 def probe_ray_worker() -> dict:
     """What a 1-CPU Ray worker, as a teacher actor, starts with: torch's thread count (Ray sets OMP_NUM_THREADS
     from num_cpus) and the seconds to import torch + transformers there; plus the round trip of that task."""
-    import ray
 
     @ray.remote(num_cpus=1)
     def probe() -> dict:
         started = time.perf_counter()
+        # Imported here on purpose: their import time in a fresh worker is what this task measures.
         import torch
         from transformers import AutoModelForCausalLM  # noqa: F401  (the scorer's import)
 
@@ -251,8 +243,6 @@ def model_flops_per_token(config, seq_len: int, *, training: bool) -> float:
     that for training, where N counts the weights used in matmuls (all but a separate input embedding, whose
     lookup costs none). Recomputation (the chunked loss re-runs the LM head in backward) is not counted: MFU,
     not hardware utilisation."""
-    from transformers import AutoModelForCausalLM
-
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     matmul_weights = sum(p.numel() for p in model.parameters())  # a tied embedding is counted once, as the head
@@ -266,7 +256,7 @@ def model_flops_per_token(config, seq_len: int, *, training: bool) -> float:
 def add_peak_tflops_argument(parser) -> None:
     """The ``--peak-tflops`` flag of the benchmarks that report MFU."""
     parser.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s for MFU (default: the table in "
-                                                          "benchmarks/measure.py for known GPUs; none on CPU)")
+                                                          "jobs/bench/measure.py for known GPUs; none on CPU)")
 
 
 def mfu(flops_per_token: float, tokens_per_second: float, peak: Optional[float]) -> Optional[float]:

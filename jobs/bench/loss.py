@@ -22,10 +22,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 
-from tailkd_ray.benchmarks.measure import log, paired_ratio, peak_extra_bytes, time_interleaved
 from tailkd_ray.core.losses import distill_objective
 from tailkd_ray.core.summary import TeacherSummary, summarize
+
+from .measure import log, paired_ratio, peak_extra_bytes, time_interleaved
 
 NAME = "loss"
 HELP = "step time ratios and peak memory of the chunked loss"
@@ -208,8 +210,6 @@ def bench_memory(args, device: torch.device) -> dict:
 
 def profile_pairs(inputs: LossInputs, args, top: int = 15) -> dict:
     """torch.profiler of one step of each timed variant: the ops with the largest self time."""
-    from torch.profiler import ProfilerActivity, profile
-
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if inputs.hidden.is_cuda else [])
     sort_key = "self_device_time_total" if inputs.hidden.is_cuda else "self_cpu_time_total"
     tables = {}

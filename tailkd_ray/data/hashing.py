@@ -1,0 +1,50 @@
+"""Content hashes of packed blocks: a block's identity, its train/val side and its tail-sampling seed.
+
+Everything that must not depend on where or in which batch a block is processed keys off its content: the
+summary cache recognises scored blocks by ``block_hashes`` (resume), the held-out split is a keyed hash of the
+ids (``held_out_mask``), and the teacher seeds a block's tail samples from its hash (``row_generator_seed``).
+One routine, ``_digests`` (BLAKE2b, 8 bytes, little-endian), serves all three.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+
+def _digests(blocks: np.ndarray, key: bytes = b"", *, signed: bool) -> list[int]:
+    """The 64-bit BLAKE2b digest of each block's int32 ids (keyed by ``key``), as Python ints."""
+    rows = np.ascontiguousarray(blocks, dtype=np.int32)
+    return [int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8, key=key).digest(), "little", signed=signed)
+            for row in rows]
+
+
+def block_hashes(input_ids: np.ndarray) -> np.ndarray:
+    """64-bit content hash of each packed block (row of int32 ids), as int64: a block's identity."""
+    return np.array(_digests(input_ids, signed=True), dtype=np.int64)
+
+
+def format_block_hash(block_hash: int) -> str:
+    """A block hash as 16 hex digits (how errors and logs name a block)."""
+    return f"{int(block_hash) & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
+def held_out_mask(blocks: np.ndarray, seed: int, fraction: float) -> np.ndarray:
+    """True for blocks held out for validation: u = blake2b_64(seed, ids) / 2^64 < fraction.
+    A block's fate depends only on its ids and the seed (duplicates land on the same side)."""
+    threshold = fraction * 2.0 ** 64  # compared with the exact integer digest, as Python compares int and float
+    digests = _digests(blocks, seed.to_bytes(8, "little", signed=True), signed=False)
+    return np.array([digest < threshold for digest in digests], dtype=bool)
+
+
+def select_split(batch: dict, *, seed: int, fraction: float, held_out: bool) -> dict:
+    """Ray Data map: the rows of ``batch`` on one side of the held-out split (``held_out_mask``)."""
+    keep = held_out_mask(batch["input_ids"], seed, fraction) == held_out
+    return {"input_ids": batch["input_ids"][keep]}
+
+
+def row_generator_seed(seed: int, block_hash: int) -> int:
+    """Seed of a block's tail-sampling generator: a hash of (train.seed, block content hash)."""
+    key = int(seed).to_bytes(8, "little", signed=True) + int(block_hash).to_bytes(8, "little", signed=True)
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1  # < 2**63

@@ -1,0 +1,257 @@
+"""Tokenizing and packing with Ray Data: documents in, blocks of ``seq_len + 1`` token ids out (DESIGN §1).
+
+    documents (read.read_documents)
+          --repartition(exactly `per_batch` documents per block)--> fixed document batches
+          --map_batches(_TokenizeAndPack, ActorPoolStrategy)--> full blocks + one tail row per batch
+          --materialize--> the tails, in order, packed into the last blocks
+
+Blocks: ``input_ids`` int32 arrays of ``seq_len + 1`` ids. Documents are tokenized without special tokens
+(no BOS) and each is followed by EOS; the stream of a batch is cut into blocks and its remainder (the tail,
+< seq_len + 1 ids) travels with the batch's counts on one extra row. The driver concatenates the tails in
+batch order and packs them too, so only the final partial block of a corpus is dropped (and counted).
+
+Determinism: batches are fixed ranges of documents in file order (sorted paths, rows/lines in file order,
+``preserve_order``), independent of read parallelism and cluster size, so a corpus always gives the same
+blocks in the same order (the train/val split, ``splits.py``, is a hash of seed and ids). Shuffling is left to
+the trainer (e.g. ``random_shuffle(seed=train.seed)`` or a seeded local shuffle buffer).
+
+Bad input: documents the reader marked (empty, null, invalid UTF-8) and pre-tokenized documents holding ids
+outside the vocabulary are skipped and counted in the ``IngestReport`` with their first locations (file, or
+file:line). A huge document is tokenized in slices of ``_SLICE_CHARS`` characters cut where a whitespace run
+starts (exact for byte-level BPE tokenizers) and packs into as many blocks as it needs.
+
+This module imports neither torch nor transformers: the tokenizer actors that unpickle ``_TokenizeAndPack``
+start light and never run repository code.
+
+Memory: the packed corpus is materialised once in the object store (Ray spills it to disk when it is
+larger than memory): that is what makes the counts exact before training starts, and every epoch and the
+teacher pass reuse it without tokenizing again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import ray.data
+from tokenizers import Tokenizer
+
+from tailkd_ray.config import DataConfig
+from tailkd_ray.data.read import SKIP_REASONS
+from tailkd_ray.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+# Documents per tokenizer batch: lines are short, whole files can be large. Batch size only sets the
+# granularity of parallel work (tails are carried over, not lost).
+_DOCS_PER_BATCH = {"line": 8192, "file": 64, "rows": 512}
+_SLICE_CHARS = 1 << 20
+_EXAMPLES_PER_REASON = 3
+_STAT_COLUMNS = ("documents", "tokens", "blocks") + tuple(f"skip_{r}" for r in SKIP_REASONS)
+
+
+@dataclass
+class IngestReport:
+    """Exact counts of one ingest, summed over all tokenizer batches (and over the train and val corpora)."""
+
+    documents: int = 0  # documents read, kept or skipped
+    skipped: dict = field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
+    skipped_examples: list = field(default_factory=list)  # "reason: file[:line]", the first few per reason
+    tokens: int = 0  # ids of the kept documents, one EOS each included
+    blocks: int = 0  # packed blocks of seq_len + 1 ids
+    dropped_tokens: int = 0  # ids of each corpus's final partial block
+    train_blocks: int = 0
+    val_blocks: int = 0
+
+    def summary(self) -> str:
+        skipped = ", ".join(f"{n} {reason}" for reason, n in self.skipped.items() if n) or "none"
+        head = (f"ingest: {self.documents} documents read (skipped: {skipped}); {self.tokens} tokens -> "
+                f"{self.blocks} blocks ({self.train_blocks} train, {self.val_blocks} val); "
+                f"{self.dropped_tokens} tokens dropped in final partial blocks")
+        return "\n".join([head] + [f"  skipped {example}" for example in self.skipped_examples])
+
+
+def tokenize_and_pack(docs: ray.data.Dataset, tokenizer, data_cfg: DataConfig, *,
+                      stats: IngestReport | None = None) -> ray.data.Dataset:
+    """Tokenize ``docs`` (from ``read.read_documents``) with a pool of tokenizer actors and pack them into blocks
+    of ``seq_len + 1`` ids: a Dataset with one column ``input_ids`` (int32). ``tokenizer`` is a Hugging Face fast
+    tokenizer with an EOS token (``check_packing_tokenizer``). The work is executed here; its exact counts are
+    added to ``stats`` when given."""
+    check_packing_tokenizer(tokenizer)
+    block_len = data_cfg.seq_len + 1
+    per_batch = _DOCS_PER_BATCH[_batch_kind(data_cfg)]
+    docs.context.execution_options.preserve_order = True  # batches = fixed ranges of documents
+    rows = docs.repartition(target_num_rows_per_block=per_batch, strict=True).map_batches(
+        _TokenizeAndPack,
+        fn_constructor_kwargs={"tokenizer_json": tokenizer.backend_tokenizer.to_str(),
+                               "eos_id": tokenizer.eos_token_id, "vocab_size": len(tokenizer),
+                               "block_len": block_len},
+        batch_size=per_batch, batch_format="pyarrow", num_cpus=1,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=data_cfg.tokenizer_actors))
+    rows = _execute(rows)
+    tails = rows.filter(expr=f"length < {block_len}").take_all()
+    report = stats if stats is not None else IngestReport()
+    _add_batch_counts(report, tails)
+    stream = np.concatenate([t["input_ids"][: t["length"]] for t in tails] or [np.zeros(0, np.int32)])
+    n_tail_blocks = len(stream) // block_len
+    report.blocks += n_tail_blocks
+    report.dropped_tokens += len(stream) - n_tail_blocks * block_len
+    blocks = rows.filter(expr=f"length == {block_len}").select_columns(["input_ids"])
+    if n_tail_blocks:
+        tail_blocks = stream[: n_tail_blocks * block_len].reshape(n_tail_blocks, block_len)
+        blocks = blocks.union(ray.data.from_numpy(tail_blocks).rename_columns({"data": "input_ids"}))
+    return blocks
+
+
+def check_packing_tokenizer(tokenizer) -> None:
+    """Packing runs the fast tokenizer's Rust core in the actors and joins documents with EOS: refuse a
+    tokenizer without either, naming it."""
+    name = tokenizer.name_or_path
+    if not tokenizer.is_fast:
+        raise DataError(f"tokenizer {name} has no fast (Rust) version; save it with a tokenizer.json "
+                        f"(transformers converts most slow tokenizers) or set data.tokenizer to another one")
+    if tokenizer.eos_token_id is None:
+        raise DataError(f"tokenizer {name} has no eos token, which separates packed documents; "
+                        f"set eos_token in its tokenizer_config.json")
+
+
+def _batch_kind(data_cfg: DataConfig) -> str:
+    if data_cfg.format == "text":
+        return data_cfg.text_document
+    return "rows"
+
+
+class _TokenizeAndPack:
+    """Ray Data actor: a batch of documents -> its full blocks, then one tail row (the remaining < block_len
+    ids, zero-padded, with ``length`` < block_len) that carries the batch's counts. Full rows count zero.
+
+    It runs the fast tokenizer's own Rust tokenizer (``backend_tokenizer``, what ``tokenizer(texts,
+    add_special_tokens=False)`` calls), rebuilt from its JSON (see the module doc)."""
+
+    def __init__(self, tokenizer_json: str, eos_id: int, vocab_size: int, block_len: int):
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one CPU per actor: no Rust thread pool
+        self._tokenizer = Tokenizer.from_str(tokenizer_json)
+        self._tokenizer.no_truncation()  # as the HF wrapper does when no max_length is asked for
+        self._tokenizer.no_padding()
+        self._eos = np.array([eos_id], np.int32)
+        self._vocab_size = vocab_size
+        self._block_len = block_len
+
+    def __call__(self, batch) -> dict:
+        sources = batch["source"].to_pylist()
+        skips = batch["skip"].to_pylist()
+        if "text" in batch.column_names:
+            ids = self._tokenize(batch["text"].to_pylist(), skips)
+        else:
+            ids, skips, sources = self._checked_ids(batch["input_ids"], skips, sources)
+        counts, examples, stream = Counter(), [], []
+        for doc_ids, skip, source in zip(ids, skips, sources):
+            skip = skip or ("empty" if len(doc_ids) == 0 else "")
+            if skip:
+                counts[skip] += 1
+                if counts[skip] <= _EXAMPLES_PER_REASON:
+                    examples.append(f"{skip}: {source}")
+                continue
+            stream += [doc_ids, self._eos]
+        stream = np.concatenate(stream) if stream else np.zeros(0, np.int32)
+        counts.update(documents=len(sources), tokens=len(stream), blocks=len(stream) // self._block_len)
+        return _blocks_and_tail(stream, self._block_len, counts, examples)
+
+    def _tokenize(self, texts: list, skips: list) -> list:
+        """Token ids per document (empty for skipped ones); long texts are encoded slice by slice."""
+        slices, owner = [], []
+        for i, (text, skip) in enumerate(zip(texts, skips)):
+            if not skip and text:
+                pieces = split_text(text, _SLICE_CHARS)
+                slices += pieces
+                owner += [i] * len(pieces)
+        encoded = self._tokenizer.encode_batch_fast(slices, add_special_tokens=False)
+        ids = [[] for _ in texts]
+        for i, piece in zip(owner, encoded):
+            ids[i].append(np.asarray(piece.ids, np.int32))
+        return [np.concatenate(parts) if parts else np.zeros(0, np.int32) for parts in ids]
+
+    def _checked_ids(self, column, skips: list, sources: list) -> tuple[list, list, list]:
+        """(ids, skips, sources) of pre-tokenized documents; one holding an id outside [0, vocab) is skipped
+        as out_of_vocab, its source naming the id."""
+        lists = column.combine_chunks()
+        values, offsets = lists.values.to_numpy(zero_copy_only=False), lists.offsets.to_numpy()
+        ids, checked, located = [], [], []
+        for i, (skip, source) in enumerate(zip(skips, sources)):
+            doc = values[offsets[i]:offsets[i + 1]]
+            bad = (doc < 0) | (doc >= self._vocab_size)
+            if not skip and bad.any():
+                skip, source = "out_of_vocab", f"{source} (id {doc[bad][0]}, vocabulary {self._vocab_size})"
+            ids.append(doc.astype(np.int32))
+            checked.append(skip)
+            located.append(source)
+        return ids, checked, located
+
+
+def split_text(text: str, max_chars: int) -> list[str]:
+    """Cut ``text`` into pieces of at most ``max_chars`` characters, each cut at the start of a whitespace run
+    (after a non-space) when the second half of the window has one: byte-level BPE pre-tokenizers split there
+    anyway, so encoding the pieces gives the ids of the whole text."""
+    pieces, start = [], 0
+    while len(text) - start > max_chars:
+        end = start + max_chars
+        cut = None
+        for cut in _WHITESPACE_RUN_START.finditer(text, start + max_chars // 2, end):
+            pass
+        end = cut.start() if cut else end
+        pieces.append(text[start:end])
+        start = end
+    pieces.append(text[start:])
+    return pieces
+
+
+_WHITESPACE_RUN_START = re.compile(r"(?<=\S)\s")
+
+
+def _blocks_and_tail(stream: np.ndarray, block_len: int, counts: Counter, examples: list) -> dict:
+    n = len(stream) // block_len
+    rows = np.zeros((n + 1, block_len), np.int32)
+    rows[:n] = stream[: n * block_len].reshape(n, block_len)
+    tail = stream[n * block_len:]
+    rows[n, : len(tail)] = tail
+    out = {"input_ids": rows, "length": np.full(n + 1, block_len, np.int64)}
+    out["length"][n] = len(tail)
+    for name in _STAT_COLUMNS:
+        out[name] = np.zeros(n + 1, np.int64)
+        out[name][n] = counts[name.removeprefix("skip_")]
+    out["skip_examples"] = np.array([""] * n + ["\n".join(examples)], dtype=object)
+    return out
+
+
+def _add_batch_counts(report: IngestReport, tails: list) -> None:
+    """Sum the counts the tail rows carry into ``report``; warn (once, here in the driver) about skips."""
+    examples = [e for row in tails for e in row["skip_examples"].split("\n") if e]
+    if examples:
+        logger.warning("skipped documents (see the ingest report), e.g.\n  %s", "\n  ".join(examples[:10]))
+    for row in tails:
+        report.documents += int(row["documents"])
+        report.tokens += int(row["tokens"])
+        report.blocks += int(row["blocks"])
+        for reason in SKIP_REASONS:
+            report.skipped[reason] += int(row[f"skip_{reason}"])
+        for example in filter(None, row["skip_examples"].split("\n")):
+            reason = example.split(":", 1)[0]
+            if sum(e.startswith(reason + ":") for e in report.skipped_examples) < _EXAMPLES_PER_REASON:
+                report.skipped_examples.append(example)
+
+
+def _execute(ds):
+    """Materialise ``ds``; a DataError raised in a Ray worker comes back as itself, not a Ray traceback."""
+    try:
+        return ds.materialize()
+    except DataError:
+        raise
+    except Exception as error:
+        found = re.search(r"DataError: (.+)", str(error))
+        if found:
+            raise DataError(found.group(1)) from error
+        raise

@@ -1,0 +1,170 @@
+"""Reading corpora with Ray Data: files in, one row per document out (DESIGN §1).
+
+    files --read_binary_files / read_parquet + a normalising map per format--> documents
+
+A document row holds ``text`` (or ``input_ids`` for the tokens format), ``source`` (file or file:line, for
+messages) and ``skip``: a reason from ``SKIP_REASONS`` found while reading, else "". The maps run fused with the
+read tasks. Bad input: an empty or null document, or invalid UTF-8 (text and jsonl: skipped, not decoded with
+replacement characters, which would teach the student garbage) is marked for skipping and counted later
+(``pack.IngestReport``); a missing or mistyped column, invalid JSON, or a corrupt Parquet file stops the run
+with a ``DataError`` naming the file (and line). Files come in sorted order, rows and lines in file order.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray.data
+
+from tailkd_ray.config import DataConfig
+from tailkd_ray.errors import DataError
+
+SKIP_REASONS = ("empty", "null", "invalid_utf8", "out_of_vocab")
+
+
+def expand_paths(pattern: str) -> list[str]:
+    """Sorted files of a local path, directory (recursive; hidden and _-prefixed entries skipped) or glob.
+    URIs such as ``s3://...`` are passed to Ray untouched."""
+    if "://" in pattern:
+        return [pattern]
+    path = Path(pattern).expanduser()
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = [f for f in path.rglob("*")
+                 if f.is_file() and not any(p.startswith((".", "_")) for p in f.relative_to(path).parts)]
+    else:
+        files = [Path(f) for f in glob.glob(str(path), recursive=True) if Path(f).is_file()]
+    if not files:
+        raise DataError(f"data path {pattern!r} matches no file: check data.train / data.val")
+    return sorted(str(f.resolve()) for f in files)
+
+
+def read_documents(pattern: str, data_cfg: DataConfig) -> ray.data.Dataset:
+    """One row per document: ``text`` (or ``input_ids`` for the tokens format), ``source`` (file or
+    file:line, for messages) and ``skip`` (a reason from SKIP_REASONS found while reading, else "")."""
+    paths = expand_paths(pattern)
+    if data_cfg.format == "text":
+        return ray.data.read_binary_files(paths, include_paths=True).map_batches(
+            _text_documents, batch_format="pyarrow", fn_kwargs={"by_line": data_cfg.text_document == "line"})
+    tokens = data_cfg.format == "tokens"
+    column = data_cfg.tokens_column if tokens else data_cfg.text_column
+    if data_cfg.format == "parquet" or (tokens and all(p.endswith(".parquet") for p in paths)):
+        remote = "://" in pattern
+        try:
+            ds = ray.data.read_parquet(paths, include_paths=True, **({} if remote else {"file_extensions": None}))
+        except Exception as error:  # Ray reads every footer here; find the file at fault
+            if not remote:
+                _raise_for_bad_parquet(paths, error)
+            raise
+        scheme = pattern.split("://")[0] + "://" if remote else ""
+        return ds.select_columns([column, "path"]).map_batches(
+            _parquet_documents, batch_format="pyarrow",
+            fn_kwargs={"column": column, "tokens": tokens, "scheme": scheme})
+    return ray.data.read_binary_files(paths, include_paths=True).map_batches(
+        _jsonl_documents, batch_format="pyarrow", fn_kwargs={"column": column, "tokens": tokens})
+
+
+def _documents_table(values, sources: list, skips: list, *, tokens: bool):
+    name, kind = ("input_ids", pa.list_(pa.int64())) if tokens else ("text", pa.string())
+    column = values.cast(kind) if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(values, kind)
+    return pa.table({name: column, "source": pa.array(sources, pa.string()), "skip": pa.array(skips, pa.string())})
+
+
+def _decode(raw: bytes, where: str) -> tuple[str, str, str]:
+    """(text, skip reason, where: with the offending byte when skipped)."""
+    try:
+        return raw.decode("utf-8"), "", where
+    except UnicodeDecodeError as error:
+        return "", "invalid_utf8", f"{where} (byte {error.start})"
+
+
+def _text_documents(batch, *, by_line: bool):
+    texts, sources, skips = [], [], []
+    for data, path in zip(batch["bytes"].to_pylist(), batch["path"].to_pylist()):
+        pieces = data.splitlines() if by_line else [data]
+        for number, raw in enumerate(pieces, start=1):
+            text, skip, where = _decode(raw, f"{path}:{number}" if by_line else path)
+            texts.append(text)
+            sources.append(where)
+            skips.append(skip)
+    return _documents_table(texts, sources, skips, tokens=False)
+
+
+def _jsonl_documents(batch, *, column: str, tokens: bool):
+    values, sources, skips = [], [], []
+    for data, path in zip(batch["bytes"].to_pylist(), batch["path"].to_pylist()):
+        for number, raw in enumerate(data.splitlines(), start=1):
+            if not raw.strip():
+                continue  # blank lines are not records
+            text, skip, where = _decode(raw, f"{path}:{number}")
+            value = None if skip else _json_field(text, column, where, tokens)
+            values.append(value)
+            sources.append(where)
+            skips.append(skip or ("null" if value is None else ""))
+    try:
+        return _documents_table(values, sources, skips, tokens=tokens)
+    except (TypeError, ValueError) as error:  # pyarrow: a value that is not a list of integers
+        raise DataError(f"{batch['path'][0]}: field '{column}' must hold lists of integer token ids ({error})")
+
+
+def _json_field(text: str, column: str, where: str, tokens: bool):
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{where}: invalid JSON ({error.msg} at column {error.colno}); fix or remove the line")
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object per line, got {type(record).__name__}")
+    if column not in record:
+        raise DataError(f"{where}: no field '{column}'; fields: {', '.join(record) or 'none'} "
+                        f"(set {_column_key(tokens)})")
+    value = record[column]
+    if value is not None and not isinstance(value, list if tokens else str):
+        raise DataError(f"{where}: field '{column}' is {type(value).__name__}, expected "
+                        f"{'a list of token ids' if tokens else 'a string'}")
+    return value
+
+
+def _parquet_documents(batch, *, column: str, tokens: bool, scheme: str):
+    paths = batch["path"]
+    if column not in batch.column_names:  # no file of this batch has it
+        _check_parquet_column(scheme + paths[0].as_py(), column, tokens)
+    values = batch[column]
+    nulls = pc.is_null(values).to_numpy(zero_copy_only=False)
+    for path in sorted(set(np.asarray(paths.to_pylist(), dtype=object)[nulls])):
+        _check_parquet_column(scheme + path, column, tokens)  # Ray fills a column a file lacks with nulls
+    kind = values.type
+    if tokens:
+        expected = (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and pa.types.is_integer(kind.value_type)
+    else:
+        expected = pa.types.is_string(kind) or pa.types.is_large_string(kind)
+    if not (expected or pa.types.is_null(kind)):
+        raise DataError(f"{paths[0].as_py()}: column '{column}' has type {kind}, expected "
+                        f"{'a list of integer token ids' if tokens else 'a string'}")
+    skips = np.where(nulls, "null", "").tolist()
+    return _documents_table(values, paths.to_pylist(), skips, tokens=tokens)
+
+
+def _check_parquet_column(path: str, column: str, tokens: bool) -> None:
+    names = pq.read_schema(path).names
+    if column not in names:
+        raise DataError(f"{path} has no column '{column}'; columns: {', '.join(names)} (set {_column_key(tokens)})")
+
+
+def _column_key(tokens: bool) -> str:
+    return "data.tokens_column" if tokens else "data.text_column"
+
+
+def _raise_for_bad_parquet(paths: list[str], error: Exception) -> None:
+    """Ray's error for an unreadable Parquet footer does not say which file: find it."""
+    for path in paths:
+        try:
+            pq.read_metadata(path)
+        except (OSError, pa.ArrowException) as bad:
+            raise DataError(f"{path} is not a readable Parquet file ({bad}); remove or rewrite it") from error

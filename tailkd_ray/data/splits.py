@@ -1,0 +1,71 @@
+"""A config's corpora as train and val blocks: read, tokenize and pack, then hold out (DESIGN §1).
+
+    data.train --read--> --pack--> blocks --hashing.held_out_mask(train.seed)--> train / val (data.val null)
+    data.val   --read--> --pack--> val blocks                                               (data.val set)
+
+The tokenizer is the run's data tokenizer (``models.data_tokenizer_path``: data.tokenizer, else the teacher's).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import ray.data
+
+from tailkd_ray.config import Config
+from tailkd_ray.data.hashing import select_split
+from tailkd_ray.data.pack import IngestReport, tokenize_and_pack
+from tailkd_ray.data.read import read_documents
+from tailkd_ray.errors import DataError
+from tailkd_ray.models import data_tokenizer_path, load_tokenizer
+
+
+def train_val_datasets(cfg: Config) -> tuple[ray.data.Dataset, Optional[ray.data.Dataset], IngestReport]:
+    """(train, val, report): packed ``input_ids`` blocks of ``data.train`` and of ``data.val``, or, when
+    ``data.val`` is null, the blocks whose hash(train.seed, ids) falls below ``data.val_fraction``
+    (val is None when that fraction is 0). Blocks come in corpus order: the trainer shuffles."""
+    if cfg.data.train is None:
+        raise DataError("no training corpus: set data.train to a path, directory or glob")
+    report = IngestReport()
+    train = _packed(cfg, cfg.data.train, report)
+    if cfg.data.val is not None:
+        report.train_blocks = report.blocks
+        val = _packed(cfg, cfg.data.val, report)
+        report.val_blocks = report.blocks - report.train_blocks
+        return train, val, report
+    if cfg.data.val_fraction == 0:
+        report.train_blocks = report.blocks
+        return train, None, report
+    train, val = _held_out(cfg, train)
+    report.val_blocks = val.count()
+    report.train_blocks = report.blocks - report.val_blocks
+    return train, val, report
+
+
+def validation_dataset(cfg: Config) -> Optional[ray.data.Dataset]:
+    """The val blocks of ``train_val_datasets``, reading the training corpus only when they are held out of it."""
+    if cfg.data.val is None:
+        return train_val_datasets(cfg)[1]
+    return _packed(cfg, cfg.data.val, IngestReport())
+
+
+def _packed(cfg: Config, pattern: str, report: IngestReport) -> ray.data.Dataset:
+    """The blocks of one corpus, its counts added to ``report``; a corpus too small for one block is an error."""
+    path = data_tokenizer_path(cfg)
+    if path is None:
+        raise DataError("no tokenizer: set data.tokenizer or teacher.model")
+    before = report.blocks
+    tokenizer = load_tokenizer(path, trust_remote_code=cfg.teacher.trust_remote_code)
+    blocks = tokenize_and_pack(read_documents(pattern, cfg.data), tokenizer, cfg.data, stats=report)
+    if report.blocks == before:
+        raise DataError(f"{pattern!r} gives no complete block of data.seq_len + 1 = {cfg.data.seq_len + 1} "
+                        f"ids ({report.summary()}); add documents or lower data.seq_len")
+    return blocks
+
+
+def _held_out(cfg: Config, blocks: ray.data.Dataset) -> tuple[ray.data.Dataset, ray.data.Dataset]:
+    """(train, val): the blocks on each side of the held-out split."""
+    split = {"seed": cfg.train.seed, "fraction": cfg.data.val_fraction}
+    val = blocks.map_batches(select_split, fn_kwargs={**split, "held_out": True}, batch_format="numpy")
+    train = blocks.map_batches(select_split, fn_kwargs={**split, "held_out": False}, batch_format="numpy")
+    return train, val

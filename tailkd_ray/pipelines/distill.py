@@ -1,0 +1,63 @@
+"""``tailkd distill``: corpus -> teacher summaries -> Ray Train -> ``eval.json`` + ``student/`` (DESIGN §1).
+
+    _setup_data          train / val blocks of the corpus (data_report.json: what was read, skipped, packed)
+    _setup_summaries     the teacher's summaries for them: streamed from the actor pool, or read from the
+                         summary cache (scored first where missing); none in co-located or teacher-less mode
+    run_training         the student, trained on Ray Train; its workers write metrics.jsonl, student/, eval.json
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+from tailkd_ray.config import Config
+from tailkd_ray.data.splits import train_val_datasets
+from tailkd_ray.runtime import init_ray
+from tailkd_ray.teacher.cache import open_cache, score_to_cache, teacher_identity
+from tailkd_ray.teacher.pool import score_dataset
+from tailkd_ray.train.loop import StepHook, run_training, teacher_mode_for
+from tailkd_ray.train.runlog import read_eval_json
+
+DATA_REPORT_FILE = "data_report.json"
+
+
+def distill(cfg: Config, *, step_hook: Optional[StepHook] = None) -> dict:
+    """The whole run; returns the eval metrics. ``step_hook``: see ``train.loop.run_training``."""
+    init_ray()
+    train_ds, val_ds = _setup_data(cfg)
+    mode = teacher_mode_for(cfg)
+    if mode == "summary":
+        train_ds, val_ds = _setup_summaries(cfg, train_ds, val_ds)
+    run_training(cfg, train_ds, val_ds, mode, step_hook=step_hook)
+    return read_eval_json(cfg.output_dir)
+
+
+def _setup_data(cfg: Config):
+    """(train, val) blocks; the ingest's counts go to ``OUT/data_report.json``."""
+    train_ds, val_ds, report = train_val_datasets(cfg)
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / DATA_REPORT_FILE).write_text(json.dumps(asdict(report), indent=2, default=str) + "\n")
+    return train_ds, val_ds
+
+
+def _setup_summaries(cfg: Config, train_ds, val_ds):
+    """The blocks with their teacher summaries (a CLM student needs them only for its evaluation)."""
+    if cfg.loss.kind != "clm":
+        train_ds = teacher_summaries(cfg, train_ds, split="train")
+    if val_ds is not None:
+        val_ds = teacher_summaries(cfg, val_ds, split="val")
+    return train_ds, val_ds
+
+
+def teacher_summaries(cfg: Config, blocks, *, split: str = "train"):
+    """The teacher summaries of ``blocks``: the pool's output streamed straight into training (no disk) when
+    ``summary.cache_dir`` is null, else the cache's ``split`` (scored first if missing or unfinished)."""
+    if cfg.summary.cache_dir is None:
+        return score_dataset(blocks, cfg)
+    teacher_id = teacher_identity(cfg.teacher.model)
+    score_to_cache(cfg, blocks, teacher_id=teacher_id, split=split)
+    return open_cache(cfg, split=split, teacher_id=teacher_id)

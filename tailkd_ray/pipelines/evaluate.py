@@ -1,0 +1,44 @@
+"""``tailkd eval``: any Hugging Face student against the co-located teacher (exact KL) on the held-out data
+(DESIGN §7), in this process.
+
+    _setup_models   the student (wrapped for the chunked metrics) and the teacher, on the GPU if there is one
+    validation_dataset   the val blocks: data.val, else the held-out share of data.train
+    evaluate        the metrics of core.metrics -> OUT/eval.json
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Union
+
+import torch
+
+from tailkd_ray.config import Config
+from tailkd_ray.core.metrics import evaluate
+from tailkd_ray.data.splits import validation_dataset
+from tailkd_ray.errors import DataError
+from tailkd_ray.models import StudentWithHead, load_model, load_teacher
+from tailkd_ray.runtime import init_ray
+from tailkd_ray.train.runlog import write_eval_json
+
+
+def evaluate_student(cfg: Config, student_path: Union[str, Path]) -> dict:
+    """Evaluate the student at ``student_path``; writes ``output_dir/eval.json`` and returns the metrics."""
+    init_ray()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    student, teacher = _setup_models(cfg, student_path, device)
+    val_ds = validation_dataset(cfg)
+    if val_ds is None:
+        raise DataError("no validation data: set data.val, or data.val_fraction > 0 to hold out part of data.train")
+    metrics = evaluate(student, val_ds.iter_torch_batches(batch_size=cfg.train.batch_size),
+                       teacher=lambda ids: teacher(input_ids=ids).logits, k=cfg.loss.k,
+                       chunk_tokens=cfg.loss.chunk_tokens, device=device)
+    metrics.update(kl_source="exact", student=str(student_path))
+    write_eval_json(metrics, cfg.output_dir)
+    return metrics
+
+
+def _setup_models(cfg: Config, student_path: Union[str, Path], device: str):
+    """(student, teacher): the student wrapped to run the metrics chunk by chunk from its hidden states."""
+    student = load_model(student_path, trust_remote_code=cfg.student.trust_remote_code, device=device)
+    return StudentWithHead(student), load_teacher(cfg.teacher, device=device)

@@ -1,0 +1,60 @@
+"""``tailkd score``: one teacher pass over the train and val splits into ``summary.cache_dir`` (DESIGN §3, §10).
+
+    is_complete?  a matching complete cache of both splits: nothing to read or score
+    _blocks       else the corpus's train / val blocks (data.splits)
+    score_to_cache per split: score what the cache lacks (resuming an interrupted pass), then mark it complete
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+
+from tailkd_ray.config import Config, ConfigError
+from tailkd_ray.data.splits import train_val_datasets
+from tailkd_ray.runtime import init_ray
+from tailkd_ray.teacher.cache import SPLITS, is_complete, score_to_cache, teacher_identity
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TeacherPasses:
+    """What the teacher cost: passes run by this call (0 when the cache was reused) and tokens."""
+
+    passes: int
+    tokens_scored: int  # teacher tokens scored by this call (train + val)
+    cache_tokens: int  # tokens in the cache (train + val)
+    cache_dir: str
+
+
+def score(cfg: Config) -> dict:
+    """The teacher pass; returns the ``TeacherPasses`` as a dict."""
+    if cfg.summary.cache_dir is None or cfg.summary.top_m is None:
+        raise ConfigError("tailkd score writes the summary cache: set summary.cache_dir (and summary.top_m)")
+    init_ray()
+    passes = score_splits(cfg, teacher_identity(cfg.teacher.model))
+    log.info("teacher passes: %d, tokens scored: %d, tokens in the cache: %d", passes.passes,
+             passes.tokens_scored, passes.cache_tokens)
+    return asdict(passes)
+
+
+def score_splits(cfg: Config, teacher_id: dict) -> TeacherPasses:
+    """Make sure the cache holds the train and val summaries: score what is missing (one pass), reuse a
+    matching complete cache (no pass, corpus not even read), refuse an incompatible one."""
+    blocks = _blocks(cfg)
+    infos = {split: score_to_cache(cfg, blocks[split], teacher_id=teacher_id, split=split)
+             for split in SPLITS if blocks[split] is not None or is_complete(cfg, split)}
+    scored_rows = sum(info.scored_rows for info in infos.values())
+    return TeacherPasses(passes=int(scored_rows > 0), tokens_scored=scored_rows * cfg.data.seq_len,
+                         cache_tokens=sum(info.tokens for info in infos.values()),
+                         cache_dir=cfg.summary.cache_dir)
+
+
+def _blocks(cfg: Config) -> dict:
+    """Split -> its packed blocks, or None for every split when both are complete in the cache already."""
+    blocks: dict = dict.fromkeys(SPLITS)
+    if not all(is_complete(cfg, split) for split in SPLITS):
+        blocks["train"], blocks["val"], report = train_val_datasets(cfg)
+        log.info("%s", report.summary())
+    return blocks

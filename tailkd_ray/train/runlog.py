@@ -1,0 +1,86 @@
+"""A run's records: ``metrics.jsonl``, TensorBoard scalars and ``eval.json`` (DESIGN §11).
+
+Every ``metrics.jsonl`` line is one JSON record that names its ``kind`` (``KINDS``) and carries ``step``:
+
+- ``step``: one per optimizer step (loss, clm, div, lr, grad_norm, tokens, epoch, and its time split:
+  step_time_s, data_wait_s, compute_s, optimizer_s, elapsed_s, peak_memory_mb);
+- ``eval``: one per validation (the eval metrics and kl_source);
+- ``setup`` (setup_s), ``checkpoint`` (checkpoint_s), ``export`` (export_s): the fixed costs;
+- ``resume``: a restarted or relaunched attempt (resumed_from_step, epoch, batches_in_epoch);
+- ``nonfinite``: a step skipped for a NaN/inf loss or gradient (problem, skipped).
+
+Rank 0 writes; ``read_records`` is the one reader (Tune's results, the demo's curves, the benchmarks, tests).
+``run_complete`` is the one rule for a run that has nothing left to do: its eval.json and exported student exist.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Union
+
+from torch.utils.tensorboard import SummaryWriter
+
+METRICS_FILE = "metrics.jsonl"
+EVAL_FILE = "eval.json"
+STUDENT_DIR = "student"
+KINDS = ("step", "eval", "setup", "checkpoint", "export", "resume", "nonfinite")
+_TENSORBOARD_SECTION = {"step": "train", "eval": "val"}  # every other kind goes to "run"
+
+PathLike = Union[str, Path]
+
+
+class RunLog:
+    """Rank 0's metrics.jsonl + TensorBoard writer (other ranks get a no-op log). Nothing is written, not even the
+    TensorBoard event file, before the first record: a relaunch of a finished run leaves the outputs as they were."""
+
+    def __init__(self, out_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self.out_dir = out_dir
+        self.writer: Optional[SummaryWriter] = None
+
+    def write(self, kind: str, record: dict) -> None:
+        """Append ``record`` (which holds ``step``) as a record of ``kind``; its numbers go to TensorBoard too."""
+        if kind not in KINDS:
+            raise ValueError(f"unknown metrics.jsonl record kind {kind!r}; expected one of {', '.join(KINDS)}")
+        if not self.enabled:
+            return
+        if self.writer is None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self.writer = SummaryWriter(str(self.out_dir / "tensorboard"))
+        with (self.out_dir / METRICS_FILE).open("a") as f:
+            f.write(json.dumps({"kind": kind, **record}) + "\n")
+        section = _TENSORBOARD_SECTION.get(kind, "run")
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(f"{section}/{key}", value, record["step"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_records(out_dir: PathLike, kind: Optional[str] = None) -> list[dict]:
+    """The records of a run's metrics.jsonl in order (only those of ``kind`` when given); [] before its first."""
+    path = Path(out_dir) / METRICS_FILE
+    records = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    return [r for r in records if kind is None or r["kind"] == kind]
+
+
+def write_eval_json(metrics: dict, out_dir: PathLike) -> Path:
+    path = Path(out_dir) / EVAL_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def read_eval_json(out_dir: PathLike) -> Optional[dict]:
+    """A run's final metrics, None before it wrote them."""
+    path = Path(out_dir) / EVAL_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def run_complete(out_dir: PathLike) -> bool:
+    """Whether a run finished: its eval.json is written and its student exported."""
+    return (Path(out_dir) / EVAL_FILE).is_file() and (Path(out_dir) / STUDENT_DIR / "config.json").is_file()

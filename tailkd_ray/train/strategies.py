@@ -1,0 +1,199 @@
+"""Strategies: one interface over FSDP2, DDP and DeepSpeed ZeRO-3 for the training loop (DESIGN §5).
+
+A strategy wraps the student (``models.StudentWithHead``) for its parallelism and owns the optimizer (AdamW)
+and the learning-rate schedule (linear warmup + cosine decay to 0, ``lr_factor``): the loop calls
+``strategy(input_ids, head_fn)``, ``sync_context``, ``backward``, ``grad_norm``, ``step``, and for checkpoints
+``save`` / ``load`` / ``full_state_dict``. FSDP2 and DDP checkpoint with ``torch.distributed.checkpoint``,
+DeepSpeed with its own ZeRO-partitioned checkpoints. bf16 on GPU only.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from typing import Optional
+
+import ray.train.torch
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from tailkd_ray.config import Config
+from tailkd_ray.models import StudentWithHead, decoder_blocks
+
+
+def lr_factor(step: int, *, warmup_steps: int, max_steps: int) -> float:
+    """Linear warmup from lr/warmup to lr over ``warmup_steps``, then cosine decay to 0 at ``max_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(max_steps - warmup_steps, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+class TorchStrategy:
+    """FSDP2 or DDP with a torch AdamW, LambdaLR schedule and ``torch.distributed.checkpoint``."""
+
+    def __init__(self, student: nn.Module, cfg: Config, device: torch.device):
+        self.cfg = cfg
+        wrapper = StudentWithHead(student)
+        if cfg.train.strategy == "fsdp":
+            self.module = _fully_shard(wrapper, device, bf16=cfg.train.use_gpu)
+        else:
+            self.module = ray.train.torch.prepare_model(wrapper, move_to_device=device, parallel_strategy="ddp")
+        self.optimizer = _adamw(self.module, cfg)
+        self.scheduler = _schedule(self.optimizer, cfg)
+
+    def __call__(self, input_ids, head_fn):
+        return self.module(input_ids, head_fn)
+
+    def sync_context(self, last_micro_step: bool):
+        """Skip the gradient all-reduce / reduce-scatter on all but the last micro-step of an accumulation."""
+        if self.cfg.train.strategy == "ddp":
+            return nullcontext() if last_micro_step else self.module.no_sync()
+        self.module.set_requires_gradient_sync(last_micro_step)
+        return nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.cfg.train.grad_accum).backward()
+
+    def grad_norm(self) -> float:
+        """The global gradient norm, after clipping the gradients to ``train.grad_clip``."""
+        max_norm = self.cfg.train.grad_clip or float("inf")  # inf: measure the norm, clip nothing
+        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    def step(self, update: bool = True) -> None:
+        """Apply the accumulated gradients (or, ``update=False``, drop them); the schedule advances either way."""
+        if update:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def train(self, mode: bool = True) -> None:
+        self.module.train(mode)
+
+    def save(self, directory: str) -> dict:
+        model_state, optim_state = get_state_dict(self.module, self.optimizer)
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=directory)
+        return {"scheduler": self.scheduler.state_dict()}
+
+    def load(self, directory: str, extra: dict) -> None:
+        model_state, optim_state = get_state_dict(self.module, self.optimizer)
+        state = {"model": model_state, "optim": optim_state}
+        dcp.load(state, checkpoint_id=directory)
+        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        self.scheduler.load_state_dict(extra["scheduler"])
+
+    def full_state_dict(self) -> Optional[dict]:
+        """The full (unsharded) student state dict on CPU, on rank 0 only (None elsewhere)."""
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(self.module, options=options)
+        return _strip_wrapper(state) if dist.get_rank() == 0 else None
+
+
+class DeepSpeedStrategy:
+    """DeepSpeed ZeRO-3 with the same AdamW and schedule; DeepSpeed's own (ZeRO-partitioned) checkpoints."""
+
+    def __init__(self, student: nn.Module, cfg: Config, device: torch.device):
+        import deepspeed  # deferred: slow to import, and only this strategy needs it
+
+        self.cfg = cfg
+        wrapper = StudentWithHead(student)
+        wrapper.register_for_zero3()
+        optimizer = _adamw(wrapper, cfg)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=wrapper, optimizer=optimizer, lr_scheduler=_schedule(optimizer, cfg),
+            config=deepspeed_config(cfg, dist.get_world_size()))
+
+    def __call__(self, input_ids, head_fn):
+        return self.engine(input_ids, head_fn)
+
+    def sync_context(self, last_micro_step: bool):
+        return nullcontext()  # DeepSpeed accumulates and syncs at its own boundary
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)  # scales by 1 / gradient_accumulation_steps itself
+        self.engine.step()  # a real optimizer step only at the accumulation boundary
+
+    def grad_norm(self) -> Optional[float]:
+        norm = self.engine.get_global_grad_norm()  # None when DeepSpeed did not compute it
+        return float(norm) if norm is not None else None
+
+    def step(self, update: bool = True) -> None:
+        # The engine stepped inside backward; config validation keeps max_nonfinite_steps (update=False) off it.
+        assert update, "DeepSpeed cannot skip a step it has already applied"
+
+    @property
+    def lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+    def train(self, mode: bool = True) -> None:
+        self.engine.train(mode)
+
+    def save(self, directory: str) -> dict:
+        self.engine.save_checkpoint(directory, tag="state")
+        return {}
+
+    def load(self, directory: str, extra: dict) -> None:
+        path, _ = self.engine.load_checkpoint(directory, tag="state")
+        if path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint under {directory}/state")
+
+    def full_state_dict(self) -> Optional[dict]:
+        import deepspeed  # deferred: slow to import, and only this strategy needs it
+
+        module = self.engine.module
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            if dist.get_rank() != 0:
+                return None
+            return _strip_wrapper({k: v.detach().cpu().clone() for k, v in module.state_dict().items()})
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict:
+    """DeepSpeed ZeRO-3 config from ours: batch sizes, accumulation, clipping, bf16 on GPU only."""
+    train = cfg.train
+    return {
+        "train_micro_batch_size_per_gpu": train.batch_size,
+        "gradient_accumulation_steps": train.grad_accum,
+        "train_batch_size": train.batch_size * train.grad_accum * world_size,
+        "gradient_clipping": train.grad_clip,
+        "zero_optimization": {"stage": 3},
+        "bf16": {"enabled": train.use_gpu},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _adamw(module: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(module.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+
+
+def _schedule(optimizer: torch.optim.Optimizer, cfg: Config):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
+        step, warmup_steps=cfg.train.warmup_steps, max_steps=cfg.train.max_steps))
+
+
+def _fully_shard(wrapper: nn.Module, device: torch.device, *, bf16: bool) -> nn.Module:
+    """FSDP2: each decoder block is a unit, then the root (embeddings, final norm, LM head)."""
+    wrapper.to(device)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    for block in decoder_blocks(wrapper.model):
+        fully_shard(block, mp_policy=policy)
+    fully_shard(wrapper, mp_policy=policy)
+    return wrapper
+
+
+def _strip_wrapper(state: dict) -> dict:
+    """``StudentWithHead`` state -> the HF model's own key names."""
+    return {key.removeprefix("module.").removeprefix("model."): value for key, value in state.items()}
+
+
+STRATEGIES = {"fsdp": TorchStrategy, "ddp": TorchStrategy, "deepspeed": DeepSpeedStrategy}
