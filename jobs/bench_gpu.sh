@@ -52,9 +52,10 @@ for name in $BENCHMARKS; do
     # Loss step: TAD vs KD on full logits, TAD vs top-K from a summary; two sequences of 4,096 tokens, d = 1024.
     loss) run loss --device cuda --tokens $((2 * SEQ)) --batch 2 --vocab $VOCAB --dim 1024 --chunk-tokens 1024 \
             --memory-tokens $SEQ,$((2 * SEQ)),$((4 * SEQ)) --repeats 7 --warmup 2 ;;
-    # Summary fidelity at the real vocabulary (a CPU computation: the numbers do not depend on the device).
-    summary) run summary --teacher synthetic --synthetic-vocab $VOCAB --synthetic-batch 1 --synthetic-seq 1024 \
-               --seeds 3 ;;
+    # Summary fidelity at the real vocabulary (a CPU computation: the numbers do not depend on the device), and
+    # the lean teacher's memory on the GPU in bf16 (summary from hidden states vs from full logits).
+    summary) run summary --device cuda --teacher synthetic --synthetic-vocab $VOCAB --synthetic-batch 1 \
+               --synthetic-seq 1024 --seeds 3 ;;
     # Teacher scoring: the actor pool (one GPU actor) vs the same scorer in process.
     teacher) run teacher --device cuda --vocab $VOCAB --seq-len $SEQ --layers 28 --width 1536 --blocks 64 \
                --batch-size 4 --repeats "$REPEATS" $PEAK ;;

@@ -89,6 +89,11 @@ def test_summary_quick(tmp_path):
     default = [r for r in rows if (r["teacher"], r["k"], r["beta"], r["top_m"], r["tail_samples"]) == ("trained", 10, 1.0, 64, 16)]
     assert result["default_meets_goal"] == default[0]["meets_goal"]
     assert "meeting the goal" in stdout
+    lean = result["lean_teacher"]
+    assert (lean["chunk_tokens"], lean["batch"] * lean["seq_len"], lean["same_ids"]) == (16, 128, True)
+    peaks = lean["peak_extra_bytes"]
+    assert peaks["hidden_states"] < lean["logits_bytes"] < peaks["full_logits"]
+    assert "lean teacher (2 × 64 tokens" in stdout
 
     # A second run reuses the cached teacher instead of training again.
     again, stdout = run_bench("summary", "--quick", "--teacher", "trained", "--teacher-dir", str(tmp_path / "teacher"),

@@ -1,5 +1,6 @@
-"""Teacher actor pool: summaries equal a direct ``summarize()``, alignment, exactly-once scoring under an
-actor death, vocabulary checks, and bad teacher input (non-finite logits, out-of-vocabulary ids)."""
+"""Teacher actor pool: summaries equal a direct ``summarize()`` (from hidden states, or from full logits for models
+that post-process theirs), alignment, exactly-once scoring under an actor death, vocabulary checks, bad teacher
+input (non-finite logits, out-of-vocabulary ids), the batch size in tokens."""
 
 from __future__ import annotations
 
@@ -112,6 +113,44 @@ def test_pool_summaries_equal_direct_summarize(model_fixture, request, ray_sessi
         expected = summarize(last, top_m=TOP_M)
         np.testing.assert_array_equal(scored["top_ids"][t], expected.top_ids[0].numpy())
         np.testing.assert_allclose(scored["rest_logmass"][t], expected.rest_logmass[0].numpy(), atol=1e-4)
+
+
+def tiny_model_dir(out_dir, kind: str):
+    """A tiny random teacher whose logits are post-processed after its LM head: Gemma 2's final-logit softcap (at
+    0.5, well inside tanh's curve for these logits) or Granite's division by logits_scaling."""
+    from transformers import AutoModelForCausalLM, Gemma2Config, GraniteConfig
+
+    common = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    config = (Gemma2Config(**common, head_dim=16, final_logit_softcapping=0.5) if kind == "gemma2"
+              else GraniteConfig(**common, logits_scaling=8.0))
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.mark.parametrize("teacher, lean", [("tiny_llama_dir", True), ("tiny_gpt2_dir", True), ("gemma2", True),
+                                           ("granite", False)])
+def test_scorer_summaries_equal_summarize_on_the_models_full_logits(teacher, lean, request, tmp_path, caplog):
+    """The actor summarises from the decoder's last hidden states through the LM head (Gemma 2: and its softcap),
+    or, when the model post-processes its logits otherwise (Granite), from its full logits after a warning: either
+    way the summaries of ``summarize`` on the model's own logits."""
+    model_dir = (request.getfixturevalue(teacher) if teacher.endswith("_dir")
+                 else tiny_model_dir(tmp_path / teacher, teacher))
+    blocks = np.random.default_rng(0).integers(0, 320, (3, SEQ_LEN + 1), dtype=np.int32)
+    with caplog.at_level("WARNING", logger="tailkd_ray.teacher.pool"):
+        scorer = TeacherScorer(**scorer_kwargs(make_config(model_dir)))
+    assert (scorer.lean is not None) == lean
+    if not lean:
+        assert "from the full [batch, T, V] logits" in caplog.text and "its logits are not its LM head's" in caplog.text
+    out = scorer({"input_ids": blocks})
+    rows = [{name: values[i] for name, values in out.items()} for i in range(len(blocks))]
+    assert_rows_match_reference(rows, blocks, reference_summaries(model_dir, blocks, seed=7))
+
+
+def test_teacher_batch_in_tokens(tiny_llama_dir):
+    assert teacher_map_args(make_config(tiny_llama_dir))["batch_size"] == 3
+    assert teacher_map_args(make_config(tiny_llama_dir, **{"teacher.tokens_per_batch": 100}))["batch_size"] == 4
 
 
 class DiesOnFirstCall(TeacherScorer):

@@ -6,6 +6,11 @@ grid of (M, S) and several sampling seeds, on a small teacher trained here on th
 under ``runs/bench_teacher/``) and on a synthetic heavy-tailed 32k-vocabulary teacher. Goal at the default
 (M, S) = (64, 16): ≥ 100× fewer bytes than bf16 logits at V = 32k, relative error ≤ 1% and gradient
 cosine ≥ 0.99 on the trained teacher (worst seed).
+
+Also the lean teacher's memory: peak extra memory of summarising a teacher batch (default 2 × 1024 tokens, width
+896, V = 151,936, the default (M, S)) from its final hidden states chunk by chunk (``summarize_hidden``) vs from
+its full logits (LM head, then ``summarize``: today's path for models that post-process their logits), in the
+teacher's dtype on ``--device``; both must give the same summary ids.
 """
 
 from __future__ import annotations
@@ -19,11 +24,13 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from tailkd_ray.core.losses import tad_loss, tad_loss_from_summary
-from tailkd_ray.core.summary import bytes_per_position, summarize
+from tailkd_ray.core.summary import bytes_per_position, default_chunk_tokens, summarize, summarize_hidden
 from tailkd_ray.data.corpus import train_bpe_tokenizer, write_builtin_corpus
 from tailkd_ray.train.strategies import lr_factor
 
-from .measure import log, small_llama_config, summary_stats
+from tailkd_ray.models import inference_dtype
+
+from .measure import log, peak_extra_bytes, small_llama_config, summary_stats
 
 NAME = "summary"
 HELP = "summary bytes and loss/gradient fidelity vs the exact loss"
@@ -39,10 +46,12 @@ LOSS_SETTINGS = ((10, 1.0), (5, 2.0))  # (K, β); normalize=True (the paper's fi
 SIZES = {
     "default": dict(seeds=5, synthetic_vocab=32768, synthetic_batch=8, synthetic_seq=128, corpus_bytes=3_000_000,
                     tokenizer_vocab=512, layers=4, width=128, seq_len=128, train_batch=16, train_steps=800,
-                    train_seconds=180.0, eval_sequences=16),
+                    train_seconds=180.0, eval_sequences=16, lean_vocab=151_936, lean_width=896, lean_batch=2,
+                    lean_seq=1024, lean_chunk_tokens=None),
     "quick": dict(seeds=2, synthetic_vocab=2048, synthetic_batch=2, synthetic_seq=32, corpus_bytes=150_000,
                   tokenizer_vocab=300, layers=1, width=32, seq_len=32, train_batch=4, train_steps=10,
-                  train_seconds=60.0, eval_sequences=2),
+                  train_seconds=60.0, eval_sequences=2, lean_vocab=4096, lean_width=32, lean_batch=2, lean_seq=64,
+                  lean_chunk_tokens=16),
 }
 
 
@@ -59,6 +68,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--eval-sequences", type=int, help="held-out sequences scored (default 16)")
     for name in ("corpus_bytes", "tokenizer_vocab", "layers", "width", "seq_len", "train_batch"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, help=f"teacher training (default {SIZES['default'][name]})")
+    for name, what in (("lean_vocab", "vocabulary"), ("lean_width", "hidden width"), ("lean_batch", "sequences"),
+                       ("lean_seq", "sequence length")):
+        parser.add_argument("--" + name.replace("_", "-"), type=int,
+                            help=f"lean-teacher memory: {what} (default {SIZES['default'][name]})")
+    parser.add_argument("--lean-chunk-tokens", type=int, help="lean-teacher memory: positions per summary chunk "
+                                                              "(default: the library's, 441 at V = 151,936)")
 
 
 def synthetic_distributions(args) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -219,7 +234,37 @@ def run(args) -> dict:
         "teachers": teachers,
         "rows": rows,
         "default_meets_goal": default[0]["meets_goal"] if default else None,
+        "lean_teacher": lean_teacher_memory(args),
     }
+
+
+def lean_teacher_memory(args) -> dict:
+    """Peak extra bytes of one teacher batch's summary from its final hidden states (``summarize_hidden``) vs from
+    its full logits (the LM head's output, then ``summarize``), random hidden states and LM head in the teacher's
+    dtype on ``args.device``, the same uniforms; and whether the two summaries' ids agree."""
+    device = torch.device(args.device)
+    dtype = inference_dtype(device)
+    generator = torch.Generator().manual_seed(args.seed)
+    batch, seq, width, vocab = args.lean_batch, args.lean_seq, args.lean_width, args.lean_vocab
+    top_m, tail_samples = DEFAULT_SUMMARY
+    chunk_tokens = args.lean_chunk_tokens or default_chunk_tokens(vocab)
+    hidden = torch.randn(batch, seq, width, generator=generator).to(device, dtype)
+    weight = (torch.randn(vocab, width, generator=generator) * (3 / width**0.5)).to(device, dtype)
+    summary_args = dict(top_m=top_m, tail_samples=tail_samples,
+                        uniforms=torch.rand(batch, seq, tail_samples, generator=generator))
+    summaries = {}
+    steps = {"full_logits": lambda: summarize(F.linear(hidden, weight), **summary_args),
+             "hidden_states": lambda: summarize_hidden(hidden, weight, chunk_tokens=chunk_tokens, **summary_args)}
+    peaks = {}
+    for name, step in steps.items():
+        peaks[name] = peak_extra_bytes(lambda: summaries.update({name: step()}), device)
+        log(f"[summary] lean teacher: summary from {name.replace('_', ' ')}: peak extra {peaks[name] / 2**20:.1f} MiB")
+    same = all(torch.equal(getattr(summaries["full_logits"], name), getattr(summaries["hidden_states"], name))
+               for name in ("top_ids", "tail_ids"))
+    return {"vocab": vocab, "width": width, "batch": batch, "seq_len": seq, "chunk_tokens": chunk_tokens, "top_m": top_m,
+            "tail_samples": tail_samples, "dtype": str(dtype).removeprefix("torch."),
+            "logits_bytes": batch * seq * vocab * dtype.itemsize, "peak_extra_bytes": peaks,
+            "full_over_hidden": peaks["full_logits"] / peaks["hidden_states"], "same_ids": same}
 
 
 def tail_mass(logits: torch.Tensor, k: int) -> float:
@@ -246,3 +291,9 @@ def print_table(result: dict) -> None:
     if result["default_meets_goal"] is not None:
         log(f"  default (M, S) = {DEFAULT_SUMMARY} meets the goal on the trained teacher: "
             f"{'yes' if result['default_meets_goal'] else 'NO'}")
+    lean = result["lean_teacher"]
+    peaks = {name: f"{peak / 2**20:.1f} MiB" for name, peak in lean["peak_extra_bytes"].items()}
+    log(f"\nlean teacher ({lean['batch']} × {lean['seq_len']} tokens, width {lean['width']}, V = {lean['vocab']}, "
+        f"{lean['dtype']}, chunks of {lean['chunk_tokens']} positions): peak extra memory of the summary from hidden states {peaks['hidden_states']} vs from full "
+        f"logits {peaks['full_logits']} ({lean['full_over_hidden']:.2f}x; the logits alone "
+        f"{lean['logits_bytes'] / 2**20:.1f} MiB); same ids: {'yes' if lean['same_ids'] else 'NO'}")

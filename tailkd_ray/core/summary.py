@@ -160,7 +160,7 @@ def summarize(
     vocab = teacher_logits.shape[-1]
     logits = teacher_logits.reshape(-1, vocab)
     return _summarize_chunks(lambda rows: logits[rows], tuple(teacher_logits.shape[:-1]), vocab,
-                             teacher_logits.device, _default_chunk_rows(vocab), top_m=top_m,
+                             teacher_logits.device, default_chunk_tokens(vocab), top_m=top_m,
                              tail_samples=tail_samples, temperature=temperature, generator=generator,
                              logp_dtype=logp_dtype, uniforms=uniforms)
 
@@ -212,11 +212,13 @@ def summarize_hidden(
         return logits if softcap is None else torch.tanh(logits / softcap) * softcap
 
     return _summarize_chunks(chunk_logits, tuple(hidden.shape[:-1]), vocab, hidden.device,
-                             chunk_tokens or _default_chunk_rows(vocab), top_m=top_m, tail_samples=tail_samples,
+                             chunk_tokens or default_chunk_tokens(vocab), top_m=top_m, tail_samples=tail_samples,
                              temperature=temperature, generator=generator, logp_dtype=logp_dtype, uniforms=uniforms)
 
 
-def _default_chunk_rows(vocab: int) -> int:
+def default_chunk_tokens(vocab: int) -> int:
+    """Positions per chunk of ``summarize`` and, by default, of ``summarize_hidden``: one SUMMARY_CHUNK_BYTES float32
+    [positions, V] buffer."""
     return max(1, SUMMARY_CHUNK_BYTES // (4 * vocab))
 
 

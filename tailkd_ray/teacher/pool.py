@@ -3,10 +3,12 @@
 ``TeacherScorer`` is a callable class for ``Dataset.map_batches`` with an ``ActorPoolStrategy``: each actor
 loads the teacher once and scores batches of packed blocks ``input_ids [B, T+1]``. It runs the teacher on
 ``input_ids[:, :-1]``, so summary position t is the teacher's distribution p(· | x_0..x_t) over the
-student's next-token target x_{t+1}. Tail samples are drawn with one generator per block, seeded from
-(``train.seed``, the block's content hash): a block gets the same samples whichever actor scores it and
-however batches are formed, so re-scoring after a failure reproduces the same rows (on one device type;
-CPU and CUDA samplers differ).
+student's next-token target x_{t+1}. It runs only the teacher's decoder and summarises its final hidden
+states through the LM head chunk by chunk (``summarize_hidden``), never holding [B·T, V] logits, unless a
+start-up probe finds the model's logits are not its LM head's (then from full logits, with a warning).
+Tail samples are drawn with one generator per block, seeded from (``train.seed``, the block's content
+hash): a block gets the same samples whichever actor scores it and however batches are formed, so
+re-scoring after a failure reproduces the same rows (on one device type; CPU and CUDA samplers differ).
 
 ``score_dataset`` wires the pool into a Ray Data pipeline, after the start-up checks (one vocabulary,
 ``models.check_vocab_compatible``; blocks within the teacher's context window; a cluster that can host the pool).
@@ -15,7 +17,7 @@ CPU and CUDA samplers differ).
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import numpy as np
 import ray.data
@@ -23,7 +25,7 @@ import torch
 from transformers import AutoConfig
 
 from tailkd_ray.config import Config
-from tailkd_ray.core.summary import summarize
+from tailkd_ray.core.summary import TeacherSummary, summarize, summarize_hidden
 from tailkd_ray.data.hashing import block_hashes, format_block_hash, row_generator_seed
 from tailkd_ray.errors import ConfigError, DataError, NonFiniteLogitsError, VocabularyError
 from tailkd_ray.models import check_vocab_compatible, inference_dtype, load_model
@@ -32,6 +34,7 @@ from tailkd_ray.placement import require_teacher_placement, teacher_ray_options
 log = logging.getLogger(__name__)
 
 _LOGP_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+LeanHead = tuple[torch.nn.Module, torch.nn.Linear, Optional[float]]  # (decoder, LM head, final-logit softcap)
 
 
 def input_ids_matrix(batch: Mapping[str, Any], seq_len: int) -> np.ndarray:
@@ -64,6 +67,8 @@ class TeacherScorer:
     def __init__(self, *, model_path: str, seq_len: int, top_m: int, tail_samples: int, temperature: float,
                  seed: int, logp_dtype: str = "float16", use_gpu: bool = False, trust_remote_code: bool = False):
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        # bf16 on a GPU, float32 on CPU; transformers' default attention, which is SDPA wherever the architecture
+        # supports it (asking for "sdpa" outright would refuse teachers without it, e.g. Gemma 2: eager).
         self.model = load_model(model_path, trust_remote_code=trust_remote_code, device=self.device,
                                 dtype=inference_dtype(self.device))
         self.vocab = self.model.get_input_embeddings().num_embeddings
@@ -72,6 +77,7 @@ class TeacherScorer:
         self.summary_args = dict(top_m=top_m, tail_samples=tail_samples, temperature=temperature,
                                  logp_dtype=_LOGP_DTYPES[logp_dtype])
         self.seed = seed
+        self.lean = self._lean_head()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = input_ids_matrix(batch, self.seq_len)
@@ -79,15 +85,56 @@ class TeacherScorer:
         self._check_ids_in_vocab(ids, batch, hashes)
         tokens = torch.from_numpy(ids).to(self.device)
         with torch.inference_mode():
-            logits = self.model(input_ids=tokens[:, :-1], use_cache=False).logits
             try:
-                summary = summarize(logits, uniforms=self._row_uniforms(hashes, logits.shape[1]),
-                                    **self.summary_args)
+                uniforms = self._row_uniforms(hashes, self.seq_len)
+                summary = self._summarize(tokens[:, :-1], self.lean, uniforms=uniforms, **self.summary_args)
             except NonFiniteLogitsError as err:
                 row = err.position[0]
                 raise NonFiniteLogitsError(err.position, err.token, context=f"teacher {self.model_path}: "
                                            f"{describe_row(batch, row, hashes[row])}") from err
         return {"input_ids": ids.astype(np.int32), **summary.to_numpy()}
+
+    def _summarize(self, tokens: torch.Tensor, lean: Optional[LeanHead], **args) -> TeacherSummary:
+        """The summary (``summarize`` arguments ``args``) of the teacher on ``tokens`` [B, T]: from the decoder's
+        last hidden states chunk by chunk when ``lean`` is given, else from the model's full logits."""
+        if lean is None:
+            return summarize(self.model(input_ids=tokens, use_cache=False).logits, **args)
+        decoder, head, softcap = lean
+        hidden = decoder(input_ids=tokens, use_cache=False).last_hidden_state
+        return summarize_hidden(hidden, head.weight, head.bias, softcap=softcap, **args)
+
+    def _lean_head(self) -> Optional[LeanHead]:
+        """The model's decoder, LM head and final-logit softcap, when summaries through them equal those of its own
+        logits on a probe block; else None, with a warning why (e.g. logits post-processed otherwise: Cohere's
+        logit_scale, Granite's logits_scaling): full logits are then summarised, the same summaries but held whole."""
+        decoder, head = self.model.get_decoder(), self.model.get_output_embeddings()
+        lean = (decoder, head, getattr(self.model.config.get_text_config(), "final_logit_softcapping", None))
+        if decoder is self.model or not isinstance(head, torch.nn.Linear):
+            reason = f"{type(self.model).__name__} has no separate decoder and linear LM head"
+        else:
+            reason = self._probe_mismatch(lean)
+        if reason is None:
+            log.info("teacher %s: summaries from the final hidden states, chunk by chunk", self.model_path)
+            return lean
+        log.warning("teacher %s: summaries from the full [batch, T, V] logits, not chunk by chunk from the final "
+                    "hidden states (the same summaries, more memory): %s", self.model_path, reason)
+        return None
+
+    def _probe_mismatch(self, lean: LeanHead) -> Optional[str]:
+        """Why summaries through ``lean`` differ from those of the model's logits on a probe block; None if equal."""
+        probe = torch.arange(min(self.seq_len, 16), device=self.device)[None] % self.vocab
+        args = {**self.summary_args, "tail_samples": 0, "logp_dtype": torch.float32}
+        try:
+            with torch.inference_mode():
+                full, hidden = (self._summarize(probe, path, **args) for path in (None, lean))
+        except ValueError as err:  # e.g. hidden states and LM head in different dtypes, or non-finite logits
+            return str(err)
+        if (torch.equal(hidden.top_ids, full.top_ids) and torch.allclose(hidden.top_logp, full.top_logp)
+                and torch.allclose(hidden.rest_logmass, full.rest_logmass)):
+            return None
+        capped = "" if lean[2] is None else f" softcapped at {lean[2]}"
+        return (f"its logits are not its LM head's{capped} on the decoder's last hidden states (on a probe block "
+                f"the top log-probs differ by up to {(hidden.top_logp - full.top_logp).abs().max().item():.3g})")
 
     def _row_uniforms(self, hashes: np.ndarray, positions: int) -> torch.Tensor:
         """Tail-sampling uniforms [B, T, S], one CPU generator per block seeded by (seed, block hash): a block
@@ -141,7 +188,8 @@ def teacher_map_args(cfg: Config) -> dict:
     """
     return dict(fn_constructor_kwargs=scorer_kwargs(cfg),
                 compute=ray.data.ActorPoolStrategy(min_size=cfg.teacher.min_actors, max_size=cfg.teacher.max_actors),
-                batch_size=cfg.teacher.batch_size, batch_format="numpy", **teacher_ray_options(cfg.teacher))
+                batch_size=cfg.teacher.sequences_per_batch(cfg.data.seq_len), batch_format="numpy",
+                **teacher_ray_options(cfg.teacher))
 
 
 def check_teacher_context(cfg: Config) -> None:
@@ -165,7 +213,7 @@ def score_dataset(blocks, cfg: Config):
                            trust_remote_code=cfg.teacher.trust_remote_code)
     check_teacher_context(cfg)
     require_teacher_placement(cfg.teacher, allow_autoscale=cfg.autoscaling)
-    log.info("teacher pool: %s, %d-%d actors, %s GPU(s) and resources %s per actor, batch %d",
+    log.info("teacher pool: %s, %d-%d actors, %s GPU(s) and resources %s per actor, batch %d sequences",
              cfg.teacher.model, cfg.teacher.min_actors, cfg.teacher.max_actors, cfg.teacher.num_gpus,
-             cfg.teacher.resources, cfg.teacher.batch_size)
+             cfg.teacher.resources, kwargs["batch_size"])
     return blocks.map_batches(TeacherScorer, **kwargs)
