@@ -11,6 +11,7 @@ printed as one line ``tailkd <command>: <message>`` with exit status 2; ``tailkd
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -85,15 +86,20 @@ def error_line(command: str, error: TailKDError) -> str:
 
 def run(args: argparse.Namespace) -> Optional[dict]:
     """Run the parsed command; returns what to print as JSON (None: nothing)."""
-    if args.command == "config":
-        if args.reference:
-            print(reference_markdown(), end="")
-        else:
-            print(yaml.safe_dump(to_dict(load_config(args.config, args.overrides)), sort_keys=False), end="")
+    if args.command == "config" and args.reference:
+        print(reference_markdown(), end="")
+        return None
+    if args.command == "config" and not _names_a_model(config := load_config(args.config, args.overrides)):
+        print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
         return None
     # Imported only now, after configure_logging: Ray and huggingface_hub read their settings from the environment
-    # when imported (and `tailkd --help` / `tailkd config` need neither).
-    from tailkd_ray.pipelines import demo, distill, evaluate, score, tune
+    # when imported (and `tailkd --help` / `tailkd config` of a config without models need neither).
+    from tailkd_ray.pipelines import demo, distill, evaluate, preflight, score, tune
+
+    if args.command == "config":  # the checks every pipeline runs before work, placement aside (it needs Ray)
+        preflight.check_inputs(resolve_local_paths(copy.deepcopy(config)))
+        print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
+        return None
 
     if args.command == "demo":
         return demo.run_demo(args.out, args.overrides)
@@ -105,6 +111,10 @@ def run(args: argparse.Namespace) -> Optional[dict]:
     if args.command == "tune":
         return tune.run_tune(config)
     return evaluate.evaluate_student(config, str(Path(args.student).absolute()))
+
+
+def _names_a_model(config) -> bool:
+    return config.teacher.model is not None or config.student.model is not None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -110,6 +110,8 @@ def student_config(cfg: Config):
         # The teacher's head_dim was hidden_size / heads; keep that relation rather than a stale value.
         _set_field(cfg, config, "head_dim", _default_head_dim(config))
     layers = getattr(config, "num_hidden_layers", None)
+    if isinstance(layers, int) and layers < 1:  # transformers builds a model of no decoder blocks without a word
+        raise ConfigError(f"student.config.num_hidden_layers must be >= 1, got {layers}")
     if layers != teacher_layers:
         for key, values in per_layer.items():
             if key not in overrides:

@@ -13,6 +13,12 @@ cluster that is a silent hang, so ``require_placement`` checks the alive nodes f
 public API that lists the node types the autoscaler could add, so the check only logs what it is waiting
 for (``allow_autoscale=True``, set by the top-level config key ``autoscaling``).
 
+Stages that run at the same time share the nodes: a run's trainer workers, its teacher actors and Ray Data's
+tasks each fit alone and may still not fit together (8 trainer workers on a local Ray of 8 logical CPUs leave
+none for the teacher actor, which waits forever). ``require_together`` checks a phase's ``Demand`` s each on its
+own (per node) and their sum per resource against the alive nodes' totals: both are necessary conditions, so it
+never refuses what could be placed, and catches the over-subscription that would hang.
+
 Every Ray call that places teacher actors or trainer workers takes its resources from
 ``teacher_ray_options`` / ``train_worker_resources`` here, so the check and the request cannot disagree.
 """
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import ray
@@ -38,10 +45,54 @@ TEACHER_ACTOR_CPUS = 1.0
 # because a resources_per_worker dict replaces Ray Train's CPU default instead of adding to it.
 CPU_TRAIN_WORKER = {"CPU": 1.0}
 GPU_TRAIN_WORKER = {"GPU": 1.0}
+# Ray Data's tasks (reads, filters, the split) take 1 CPU each; they finish and release it, so one CPU beside the
+# actors and workers keeps a pipeline moving. The tokenizer pool starts at 1 actor of 1 CPU (data/pack.py).
+DATA_TASK_CPUS = 1.0
+TOKENIZER_ACTOR_CPUS = 1.0
 
 # Per-node resources Ray adds by itself; they say nothing about what a node is for.
 _IMPLICIT_RESOURCES = ("memory", "object_store_memory")
 _EPS = 1e-6  # Ray accounts resources in units of 1e-4; this only absorbs float rounding in the division
+
+
+@dataclass(frozen=True)
+class Demand:
+    """``count`` units of ``unit`` (Ray resources) that one stage holds while it runs. ``hint`` says what to change
+    when the stage alone does not fit; ``lever`` names the config key that sets ``count`` (None: fixed)."""
+
+    what: str
+    unit: dict
+    count: int
+    hint: str = ""
+    lever: Optional[str] = None
+
+
+def teacher_demand(teacher: TeacherConfig) -> Demand:
+    """The teacher actor pool at its smallest: ``teacher.min_actors`` actors must fit at once."""
+    unit = _unit(TEACHER_ACTOR_CPUS, teacher.num_gpus, teacher.resources)
+    return Demand("teacher actors", unit, teacher.min_actors, lever=f"teacher.min_actors (now {teacher.min_actors})",
+                  hint=(f"add an inference node (cluster/README.md), or change teacher.resources (now "
+                        f"{_format(teacher.resources)}) / teacher.num_gpus (now {teacher.num_gpus:g}), or lower "
+                        f"teacher.min_actors (now {teacher.min_actors})"))
+
+
+def trainer_demand(train: TrainConfig) -> Demand:
+    """The trainer: ``train.num_workers`` workers must fit at once."""
+    return Demand("trainer workers", train_worker_resources(train), train.num_workers,
+                  lever=f"train.num_workers (now {train.num_workers})",
+                  hint=(f"add a training node (cluster/README.md), or change train.resources_per_worker (now "
+                        f"{_format(train.resources_per_worker)}) / train.use_gpu (now {str(train.use_gpu).lower()}), "
+                        f"or lower train.num_workers (now {train.num_workers})"))
+
+
+def data_task_demand() -> Demand:
+    """Ray Data's tasks of a running pipeline (see ``DATA_TASK_CPUS``)."""
+    return Demand("Ray Data task", {"CPU": DATA_TASK_CPUS}, 1)
+
+
+def tokenizer_demand() -> Demand:
+    """The tokenizer actor pool at its smallest (one actor; it grows to data.tokenizer_actors when CPUs are free)."""
+    return Demand("tokenizer actor", {"CPU": TOKENIZER_ACTOR_CPUS}, 1)
 
 
 def teacher_ray_options(teacher: TeacherConfig) -> dict:
@@ -69,52 +120,66 @@ def train_worker_resources(train: TrainConfig) -> dict:
 
 def require_teacher_placement(teacher: TeacherConfig, *, allow_autoscale: bool,
                               nodes: Optional[list[dict]] = None) -> None:
-    """``require_placement`` for the teacher actor pool: ``teacher.min_actors`` actors must fit at once."""
-    require_placement(
-        resources=teacher.resources, num_gpus=teacher.num_gpus, num_cpus=TEACHER_ACTOR_CPUS,
-        count=teacher.min_actors, what="teacher actors", allow_autoscale=allow_autoscale, nodes=nodes,
-        hint=(f"add an inference node (cluster/README.md), or change teacher.resources (now "
-              f"{_format(teacher.resources)}) / teacher.num_gpus (now {teacher.num_gpus:g}), or lower "
-              f"teacher.min_actors (now {teacher.min_actors})"))
+    """``require_together`` for the teacher actor pool alone."""
+    require_together([teacher_demand(teacher)], allow_autoscale=allow_autoscale, nodes=nodes)
 
 
 def require_train_placement(train: TrainConfig, *, allow_autoscale: bool,
                             nodes: Optional[list[dict]] = None) -> None:
-    """``require_placement`` for the trainer: ``train.num_workers`` workers must fit at once."""
-    require_placement(
-        resources=train_worker_resources(train), num_gpus=0.0, num_cpus=0.0, count=train.num_workers,
-        what="trainer workers", allow_autoscale=allow_autoscale, nodes=nodes,
-        hint=(f"add a training node (cluster/README.md), or change train.resources_per_worker (now "
-              f"{_format(train.resources_per_worker)}) / train.use_gpu (now {str(train.use_gpu).lower()}), "
-              f"or lower train.num_workers (now {train.num_workers})"))
+    """``require_together`` for the trainer alone."""
+    require_together([trainer_demand(train)], allow_autoscale=allow_autoscale, nodes=nodes)
 
 
 def require_placement(*, resources: dict, num_gpus: float, num_cpus: float, count: int, what: str,
                       allow_autoscale: bool = False, hint: str = "",
                       nodes: Optional[list[dict]] = None) -> None:
-    """Raise ``PlacementError`` unless the alive nodes can host ``count`` units of one request.
+    """``require_together`` for ``count`` units of ``{CPU: num_cpus, GPU: num_gpus, **resources}`` (zero amounts
+    dropped; ``resources`` may itself carry CPU or GPU, which then win)."""
+    require_together([Demand(what, _unit(num_cpus, num_gpus, resources), count, hint)],
+                     allow_autoscale=allow_autoscale, nodes=nodes)
 
-    One unit is ``{CPU: num_cpus, GPU: num_gpus, **resources}`` (zero amounts dropped; ``resources`` may
-    itself carry CPU or GPU, which then win). A node of total resources R hosts
-    ``min_k floor(R_k / unit_k)`` units; the cluster hosts the sum over nodes. Totals, not what is free
-    now: work that holds resources today releases them later, a node that lacks them never gets them.
+
+def require_together(demands: list[Demand], *, allow_autoscale: bool, nodes: Optional[list[dict]] = None,
+                     phase: str = "") -> None:
+    """Raise ``PlacementError`` unless the alive nodes can host every demand of a phase at once.
+
+    Each demand alone: a node of total resources R hosts ``min_k floor(R_k / unit_k)`` units, the cluster the sum
+    over nodes (a stage may span nodes). Together: per resource, the demands' sum must not exceed the nodes' total.
+    Totals, not what is free now: work that holds resources today releases them later, a node that lacks them
+    never gets them. ``phase`` (e.g. "training") starts the message.
 
     ``nodes`` defaults to ``ray.nodes()`` of the connected cluster (dead nodes are skipped). With
     ``allow_autoscale`` nothing is raised: a shortfall is logged as what the autoscaler must add.
     """
-    unit = {k: float(v) for k, v in {"CPU": num_cpus, "GPU": num_gpus, **resources}.items() if v}
     if nodes is None:
         nodes = ray.nodes()
     alive = [node for node in nodes if node.get("Alive")]
-    problem = _placement_problem(unit, count, what, alive)
+    problem, hint = None, ""
+    for demand in demands:
+        problem = _placement_problem(demand.unit, demand.count, demand.what, alive)
+        if problem is not None:
+            hint = demand.hint
+            break
+    if problem is None:
+        problem, hint = _together_problem(demands, alive)
     if problem is None:
         return
-    message = f"{problem}; nodes: {_format_nodes(alive)}" + (f". To fix: {hint}" if hint else "")
+    message = (f"{phase}: " if phase else "") + f"{problem}; nodes: {_format_nodes(alive)}" + (
+        f". To fix: {hint}" if hint else "")
     if allow_autoscale:
         log.warning("%s. Waiting for the autoscaler to add nodes: this waits forever if no node type of the "
                     "cluster config offers it.", message)
         return
     raise PlacementError(message)
+
+
+def total_need(demands: list[Demand]) -> dict:
+    """Per resource, what ``demands`` hold together."""
+    need: dict = {}
+    for demand in demands:
+        for name, amount in demand.unit.items():
+            need[name] = need.get(name, 0.0) + amount * demand.count
+    return need
 
 
 def units_per_node(unit: dict, node_resources: dict) -> float:
@@ -136,6 +201,27 @@ def _placement_problem(unit: dict, count: int, what: str, alive: list[dict]) -> 
     if capacity < count:
         return f"{count} {need}, but the alive nodes can host only {capacity}"
     return None
+
+
+def _together_problem(demands: list[Demand], alive: list[dict]) -> tuple[Optional[str], str]:
+    """(why the demands cannot run at once on the ``alive`` nodes, what to change), or (None, "") when they can."""
+    need = total_need(demands)
+    have = {name: sum(node["Resources"].get(name, 0.0) for node in alive) for name in need}
+    short = [name for name in need if need[name] > have[name] + _EPS]
+    if not short:
+        return None, ""
+    involved = [d for d in demands if any(name in d.unit for name in short)]
+    each = " + ".join(f"{d.count} {d.what}{'s' * (d.count > 1 and not d.what.endswith('s'))} "
+                      f"({_format(d.unit)} each)" for d in involved)
+    levers = [d.lever for d in involved if d.lever]
+    problem = (f"{each} run at once and need {_format({n: need[n] for n in short})} together, but the alive nodes "
+               f"have {_format({n: have[n] for n in short})} in all")
+    hint = (f"lower {' or '.join(levers)}, or " if levers else "") + f"add nodes offering {', '.join(short)}"
+    return problem, hint
+
+
+def _unit(num_cpus: float, num_gpus: float, resources: dict) -> dict:
+    return {k: float(v) for k, v in {"CPU": num_cpus, "GPU": num_gpus, **resources}.items() if v}
 
 
 def _format(resources: dict) -> str:

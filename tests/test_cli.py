@@ -55,10 +55,10 @@ def test_readme_config_reference_is_current():
     assert readme[readme.index(start) + len(start):readme.index(end)] == reference_markdown()
 
 
-def test_bad_corpus_is_a_clear_error_not_a_traceback(ray_session, tiny_tokenizer_dir, tmp_path, capsys):
+def test_bad_corpus_is_a_clear_error_not_a_traceback(ray_session, tiny_tokenizer_dir, tiny_llama_dir, tmp_path, capsys):
     config = tmp_path / "c.yaml"
     config.write_text("loss: {kind: clm}\n")
-    code = main(["distill", "--config", str(config), "student.model=/nonexistent", f"data.train={tmp_path}/none-*.txt", f"data.tokenizer={tiny_tokenizer_dir}",
+    code = main(["distill", "--config", str(config), f"student.model={tiny_llama_dir}", f"data.train={tmp_path}/none-*.txt", f"data.tokenizer={tiny_tokenizer_dir}",
                  f"output_dir={tmp_path}/out"])
     assert code == 2
     err = capsys.readouterr().err
@@ -74,7 +74,7 @@ def cache_at_another_temperature(tiny_llama_dir, tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("some text\n")
     overrides = [f"teacher.model={tiny_llama_dir}", f"data.train={corpus}", f"summary.cache_dir={tmp_path}/cache",
-                 f"output_dir={tmp_path}/out"]
+                 f"output_dir={tmp_path}/out", "data.seq_len=64"]
     cfg = load_config(None, overrides)
     for split in ("train", "val"):
         (tmp_path / "cache" / split).mkdir(parents=True)

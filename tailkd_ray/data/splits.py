@@ -51,16 +51,28 @@ def validation_dataset(cfg: Config) -> Optional[ray.data.Dataset]:
 
 def _packed(cfg: Config, pattern: str, report: IngestReport) -> ray.data.Dataset:
     """The blocks of one corpus, its counts added to ``report``; a corpus too small for one block is an error."""
-    path = data_tokenizer_path(cfg)
-    if path is None:
-        raise DataError("no tokenizer: set data.tokenizer or teacher.model")
     before = report.blocks
-    tokenizer = load_tokenizer(path, trust_remote_code=cfg.teacher.trust_remote_code)
+    tokenizer = data_tokenizer(cfg)
     blocks = tokenize_and_pack(read_documents(pattern, cfg.data), tokenizer, cfg.data, stats=report)
     if report.blocks == before:
         raise DataError(f"{pattern!r} gives no complete block of data.seq_len + 1 = {cfg.data.seq_len + 1} "
                         f"ids ({report.summary()}); add documents or lower data.seq_len")
     return blocks
+
+
+def data_tokenizer(cfg: Config):
+    """The tokenizer the corpus is tokenized with (``models.data_tokenizer_path``), or a ``DataError`` saying what to
+    set (a teacher directory without tokenizer files, a wrong data.tokenizer)."""
+    path = data_tokenizer_path(cfg)
+    if path is None:
+        raise DataError("no tokenizer: set data.tokenizer or teacher.model")
+    try:
+        return load_tokenizer(path, trust_remote_code=cfg.teacher.trust_remote_code)
+    except (OSError, ValueError) as error:
+        key = "data.tokenizer" if cfg.data.tokenizer else "teacher.model"
+        reason = " ".join(str(error).split())[:200]
+        raise DataError(f"no tokenizer can be loaded from {key} {path} ({reason}); set data.tokenizer to the "
+                        f"teacher's tokenizer directory") from None
 
 
 def _held_out(cfg: Config, blocks: ray.data.Dataset) -> tuple[ray.data.Dataset, ray.data.Dataset]:

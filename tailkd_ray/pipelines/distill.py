@@ -1,5 +1,7 @@
 """``tailkd distill``: corpus -> teacher summaries -> Ray Train -> ``eval.json`` + ``student/`` (DESIGN §1).
 
+    preflight            the config's models, paths and placement, before any work (pipelines.preflight)
+
     _setup_data          train / val blocks of the corpus (data_report.json: what was read, skipped, packed)
     _setup_summaries     the teacher's summaries for them: streamed from the actor pool, or read from the
                          summary cache (scored first where missing); none in co-located or teacher-less mode
@@ -15,6 +17,7 @@ from typing import Optional
 
 from tailkd_ray.config import Config
 from tailkd_ray.data.splits import train_val_datasets
+from tailkd_ray.pipelines.preflight import check_inputs, require_resources
 from tailkd_ray.runtime import init_ray
 from tailkd_ray.teacher.cache import open_cache, score_to_cache, teacher_identity
 from tailkd_ray.teacher.pool import score_dataset
@@ -26,7 +29,9 @@ DATA_REPORT_FILE = "data_report.json"
 
 def distill(cfg: Config, *, step_hook: Optional[StepHook] = None) -> dict:
     """The whole run; returns the eval metrics. ``step_hook``: see ``train.loop.run_training``."""
+    check_inputs(cfg)
     init_ray()
+    require_resources(cfg, "distill")
     train_ds, val_ds = _setup_data(cfg)
     mode = teacher_mode_for(cfg)
     if mode == "summary":

@@ -1,5 +1,6 @@
 """``tailkd score``: one teacher pass over the train and val splits into ``summary.cache_dir`` (DESIGN §3, §10).
 
+    preflight     the config's models, paths and placement, before any work (pipelines.preflight)
     is_complete?  a matching complete cache of both splits: nothing to read or score
     _blocks       else the corpus's train / val blocks (data.splits)
     score_to_cache per split: score what the cache lacks (resuming an interrupted pass), then mark it complete
@@ -12,6 +13,7 @@ from dataclasses import asdict, dataclass
 
 from tailkd_ray.config import Config, ConfigError
 from tailkd_ray.data.splits import train_val_datasets
+from tailkd_ray.pipelines.preflight import check_inputs, require_resources
 from tailkd_ray.runtime import init_ray
 from tailkd_ray.teacher.cache import SPLITS, is_complete, score_to_cache, teacher_identity
 
@@ -32,7 +34,9 @@ def score(cfg: Config) -> dict:
     """The teacher pass; returns the ``TeacherPasses`` as a dict."""
     if cfg.summary.cache_dir is None or cfg.summary.top_m is None:
         raise ConfigError("tailkd score writes the summary cache: set summary.cache_dir (and summary.top_m)")
+    check_inputs(cfg)
     init_ray()
+    require_resources(cfg, "score")
     passes = score_splits(cfg, teacher_identity(cfg.teacher.model))
     log.info("teacher passes: %d, tokens scored: %d, tokens in the cache: %d", passes.passes,
              passes.tokens_scored, passes.cache_tokens)

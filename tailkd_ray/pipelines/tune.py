@@ -1,6 +1,7 @@
 """``tailkd tune``: a Ray Tune search over TAD's K and β in which every trial trains from ONE teacher pass.
 
     search_config   the search's config, checked (K ≤ M, validation data, ...), output and cache dirs absolute
+    preflight       its models, paths and placement (one trial must fit), before any work (pipelines.preflight)
     score_splits    corpus --(once)--> summary cache, train + val splits, top M >= max K   (pipelines.score)
     make_tuner      one trial per (K, β) = a ~0-CPU driver that fits a multi-worker TorchTrainer
                     (train.loop.run_training) on the cache (teacher.cache.open_cache); ASHA judges tune.metric
@@ -15,7 +16,7 @@ passes it ran and the teacher tokens it scored next to what per-trial scoring wo
 
 Trials. A trial is the Train V2 pattern: a Tune function trainable that builds and fits a ``TorchTrainer``
 with a ``TuneReportCallback`` subclass in its ``RunConfig`` callbacks. The trainable itself asks for
-``TRIAL_DRIVER_CPUS`` (Tune refuses an all-zero request); its workers hold the real resources
+``preflight.TRIAL_DRIVER`` (Tune refuses an all-zero request); its workers hold the real resources
 (``train.num_workers`` × ``placement.train_worker_resources``). Concurrency is ``tune.max_concurrent``,
 lowered to the trials the cluster can host at once (``trials_that_fit``; not lowered with ``autoscaling``).
 Each trial writes to ``OUT/trials/k{K}_beta{β}/`` (metrics.jsonl, eval.json, student/).
@@ -57,9 +58,9 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from tailkd_ray.config import Config, ConfigError, differing_fields, from_dict, require_k_within_top_m, to_dict
-from tailkd_ray.errors import PlacementError
+from tailkd_ray.pipelines.preflight import TRIAL_DRIVER, check_inputs, require_resources, trial_demands
 from tailkd_ray.pipelines.score import score_splits
-from tailkd_ray.placement import train_worker_resources
+from tailkd_ray.placement import total_need
 from tailkd_ray.runtime import init_ray, is_quiet
 from tailkd_ray.teacher.cache import SPLITS, open_cache, teacher_identity
 from tailkd_ray.train.loop import run_training
@@ -68,12 +69,6 @@ from tailkd_ray.train.runlog import read_eval_json, read_records, run_complete
 log = logging.getLogger(__name__)
 
 EXPERIMENT = "search"  # Tune experiment name under OUT/tune/
-# Tune needs some resource per trial; the trial's driver only waits on its TorchTrainer, which runs its
-# controller at 0 CPU and its workers in their own placement group.
-TRIAL_DRIVER_CPUS = 0.01
-# A trial's Ray Data pipeline (Parquet reads, reshaping) runs tasks outside the workers' reservation: count
-# one CPU for it per trial, or concurrent trials holding every CPU would starve their own data.
-DATA_CPUS_PER_TRIAL = 1.0
 RESULT_COLUMNS = ("trial", "k", "beta", "status", "steps", "evals", "final", "best", "student", "error")
 
 
@@ -85,8 +80,10 @@ def run_tune(cfg: Config) -> dict:
     cache was reused; ``teacher_tokens_scored``; ``cache_tokens``; ``tokens_if_scored_per_trial``).
     """
     cfg = search_config(cfg)
+    check_inputs(cfg)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     init_ray()
+    require_resources(cfg, "tune")
     teacher_id = teacher_identity(cfg.teacher.model)
     teacher = score_splits(cfg, teacher_id)  # the one teacher pass (none when the cache is complete)
     tuner, restored = make_tuner(cfg, teacher_id)
@@ -164,11 +161,10 @@ def param_space(cfg: Config) -> dict:
 
 
 def trials_that_fit(cfg: Config, cluster: dict) -> int:
-    """How many trials ``cluster`` (total resources, as ``ray.cluster_resources()``) hosts at once: each
-    needs ``train.num_workers`` workers, ``DATA_CPUS_PER_TRIAL`` and ``TRIAL_DRIVER_CPUS``. Summed over
-    nodes: a trial's workers may span nodes."""
-    need = {name: amount * cfg.train.num_workers for name, amount in train_worker_resources(cfg.train).items()}
-    need["CPU"] = need.get("CPU", 0.0) + DATA_CPUS_PER_TRIAL + TRIAL_DRIVER_CPUS
+    """How many trials ``cluster`` (total resources, as ``ray.cluster_resources()``) hosts at once, each holding
+    ``preflight.trial_demands`` (its workers, one CPU for its data's tasks, its driver). Summed over nodes: a
+    trial's workers may span nodes. ``preflight.require_resources`` has made sure at least one fits."""
+    need = total_need(trial_demands(cfg))
     return min(math.floor(cluster.get(name, 0.0) / amount + 1e-6) for name, amount in need.items() if amount > 0)
 
 
@@ -177,10 +173,6 @@ def concurrency(cfg: Config) -> int:
     if cfg.autoscaling:
         return cfg.tune.max_concurrent
     fit = trials_that_fit(cfg, ray.cluster_resources())
-    if fit == 0:
-        raise PlacementError(f"one trial needs train.num_workers = {cfg.train.num_workers} workers plus "
-                             f"{DATA_CPUS_PER_TRIAL:g} CPU for its data, more than the cluster has "
-                             f"({ray.cluster_resources()}); lower train.num_workers or add nodes")
     if fit < cfg.tune.max_concurrent:
         log.warning("tune.max_concurrent = %d but the cluster hosts %d trial(s) at once: running %d",
                     cfg.tune.max_concurrent, fit, fit)
@@ -191,7 +183,7 @@ def make_tuner(cfg: Config, teacher_id: dict):
     """A new Tuner, or the one of an interrupted or finished search on the same output_dir (restored)."""
     out = Path(cfg.output_dir)
     trainable = tune.with_resources(tune.with_parameters(train_trial, base=to_dict(cfg), teacher_id=teacher_id),
-                                    {"cpu": TRIAL_DRIVER_CPUS})
+                                    {"cpu": TRIAL_DRIVER.unit["CPU"]})
     storage, spec = out / "tune", out / "tune" / "search_config.json"
     path = storage / EXPERIMENT
     if tune.Tuner.can_restore(str(path)):
