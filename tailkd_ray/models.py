@@ -1,8 +1,8 @@
 """Models and tokenizers: the one home of every Hugging Face load, build and check.
 
 - ``load_tokenizer`` (the one tokenizer loader), ``data_tokenizer_path`` / ``export_tokenizer`` (which one a run
-  uses); ``check_vocab_compatible`` (teacher, student and data tokenizer share one vocabulary; a built student is
-  held to the same rule);
+  uses); ``check_vocab_compatible`` (teacher, student and data tokenizer share one token table, whose length is
+  the shared vocabulary; embeddings may be padded beyond it); ``shared_vocab_size``;
 - ``load_teacher``; ``student_config`` and ``build_student`` (the one student builder: an HF path, or overrides
   of the teacher's config initialised randomly (seeded) or by truncating the teacher); ``StudentWithHead``, the
   wrapper the chunked objective runs in; ``llama_config`` / ``save_random_model``, the small random-weight models
@@ -181,8 +181,9 @@ def _default_head_dim(config) -> Optional[int]:
 
 
 def build_student(cfg: Config, *, teacher_state: Optional[dict] = None) -> nn.Module:
-    """The student model on CPU in float32, initialised per ``student.init`` (seeded by ``train.seed``), with the
-    teacher's vocabulary (``VocabularyError`` otherwise).
+    """The student model on CPU in float32, initialised per ``student.init`` (seeded by ``train.seed``), with an
+    embedding row for every token of the data tokenizer (``VocabularyError`` otherwise; padding rows beyond it are
+    fine).
 
     ``teacher_state`` (a state dict) avoids re-reading the teacher for ``truncate`` when it is already loaded.
     """
@@ -201,8 +202,8 @@ def build_student(cfg: Config, *, teacher_state: Optional[dict] = None) -> nn.Mo
             check_truncatable(teacher_config, config)
             truncate_into(model, teacher_state, teacher_config)
     if cfg.teacher.model is not None:
-        require_one_vocabulary(f"teacher {cfg.teacher.model}", model_vocab_size(_teacher_config(cfg.teacher)),
-                               "the built student", model.get_output_embeddings().weight.shape[0])
+        require_rows_for_tokens("the built student", model.get_output_embeddings().weight.shape[0],
+                                shared_vocab_size(cfg), data_tokenizer_path(cfg))
     return model
 
 
@@ -294,23 +295,36 @@ def model_vocab_size(config) -> int:
     return int(config.get_text_config().vocab_size)
 
 
-def require_one_vocabulary(teacher_name: str, teacher_vocab: int, student_name: str, student_vocab: int) -> None:
-    """Distillation compares distributions over the same tokens: teacher and student vocabulary sizes must agree."""
-    if student_vocab != teacher_vocab:
-        raise VocabularyError(f"vocabulary size differs: {teacher_name} has vocab_size {teacher_vocab}, "
-                              f"{student_name} has {student_vocab}; distillation needs one vocabulary: use a "
-                              f"student of the teacher's family/tokenizer (or drop vocab_size from student.config)")
+def shared_vocab_size(cfg: Config) -> int:
+    """The shared vocabulary: the data tokenizer's length (``len(tokenizer)``, added tokens included). Teacher and
+    student embeddings may have more rows (padded to a multiple, e.g. Qwen2.5: 151,665 tokens, 151,936 or 152,064
+    rows); ids beyond it are padding rows, which the summaries and losses never name (DESIGN §3)."""
+    path = data_tokenizer_path(cfg)
+    if path is None:
+        raise ConfigError("no tokenizer: set teacher.model (its tokenizer) or data.tokenizer")
+    return len(load_tokenizer(path, trust_remote_code=cfg.teacher.trust_remote_code and path == cfg.teacher.model))
+
+
+def require_rows_for_tokens(model_name: str, rows: int, shared: int, tokenizer_name: str) -> None:
+    """A model needs an embedding row for every token id of the tokenizer (it may have more: padding rows)."""
+    if rows < shared:
+        raise VocabularyError(f"{model_name} has vocab_size {rows} but the tokenizer {tokenizer_name} has {shared} "
+                              f"tokens: every token id needs an embedding row; use a model of the teacher's "
+                              f"family/tokenizer (or drop vocab_size from student.config)")
 
 
 def check_vocab_compatible(teacher_path: str, student: Optional[str | Mapping[str, Any]],
                            tokenizer_path: Optional[str], *, trust_remote_code: bool = False) -> int:
-    """Check that teacher, student and data tokenizer share one vocabulary; return the model vocab size.
+    """Check that teacher, student and data tokenizer share one token table; return its length (the shared
+    vocabulary, ``len(tokenizer)``).
 
-    - the teacher's and the student's config ``vocab_size`` must be equal (``student`` is a model path, a
-      dict of config overrides applied to the teacher's config, or None for the teacher's own config);
-    - every id of the data tokenizer must be < that size (models may pad ``vocab_size`` beyond it);
-    - the data tokenizer's token table must equal the teacher's tokenizer's (when the teacher ships one).
-    Raises ``VocabularyError`` saying which differ and how to fix it (``DataError`` when there is no tokenizer).
+    - the data tokenizer's token table must equal the teacher's tokenizer's (when the teacher ships one), and so
+      must the student's (when ``student`` is a model path that ships one): ``VocabularyError`` naming both and the
+      first differing tokens;
+    - teacher and student (``student`` is a model path, a dict of config overrides applied to the teacher's config,
+      or None for the teacher's own config) need an embedding row for every token: their ``vocab_size`` may differ
+      and exceed the tokenizer's length (padded vocabularies: the rows beyond it are padding, DESIGN §3).
+    Raises ``DataError`` when there is no tokenizer.
     """
     teacher_vocab = model_vocab_size(AutoConfig.from_pretrained(teacher_path, trust_remote_code=trust_remote_code))
     if isinstance(student, str):
@@ -319,45 +333,55 @@ def check_vocab_compatible(teacher_path: str, student: Optional[str | Mapping[st
     else:
         student_vocab = (student or {}).get("vocab_size", teacher_vocab)
         student_name = "student (student.config)"
-    require_one_vocabulary(f"teacher {teacher_path}", teacher_vocab, student_name, student_vocab)
-    _check_data_tokenizer(teacher_path, teacher_vocab, tokenizer_path, trust_remote_code)
-    return teacher_vocab
+    teacher_tokenizer, data_tokenizer, data_name = _data_tokenizer(teacher_path, tokenizer_path, trust_remote_code)
+    shared = len(data_tokenizer)
+    for name, rows in ((f"teacher {teacher_path}", teacher_vocab), (student_name, student_vocab)):
+        require_rows_for_tokens(name, rows, shared, data_name)
+    if teacher_tokenizer is None:
+        log.warning("teacher %s ships no tokenizer: only the vocabulary size of %s was checked", teacher_path,
+                    data_name)
+    elif teacher_tokenizer is not data_tokenizer:
+        _compare_token_tables(teacher_tokenizer.get_vocab(), data_tokenizer.get_vocab(), f"teacher {teacher_path}",
+                              data_name, remedy="tokenize the data with the teacher's tokenizer (data.tokenizer: "
+                                                "null or the teacher's path)")
+    student_tokenizer = _shipped_tokenizer(student, trust_remote_code) if isinstance(student, str) else None
+    if student_tokenizer is not None and teacher_tokenizer is not None:
+        _compare_token_tables(teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab(), f"teacher {teacher_path}",
+                              f"{student_name} tokenizer", remedy="distil into a student of the teacher's tokenizer")
+    if max(teacher_vocab, student_vocab) > shared:
+        log.info("padded vocabularies: %d tokens (%s), teacher %d rows, student %d rows; the rows beyond the tokens "
+                 "are padding: never in a summary, the teacher's mass there counted into the rest mass", shared,
+                 data_name, teacher_vocab, student_vocab)
+    return shared
 
 
-def _check_data_tokenizer(teacher_path: str, teacher_vocab: int, tokenizer_path: Optional[str],
-                          trust_remote_code: bool) -> None:
-    """The data tokenizer's ids fit the teacher's vocabulary and its token table is the teacher tokenizer's."""
-    teacher_tokenizer = _teacher_tokenizer(teacher_path, trust_remote_code)
+def _data_tokenizer(teacher_path: str, tokenizer_path: Optional[str], trust_remote_code: bool):
+    """(the teacher's tokenizer or None, the data tokenizer, its name for messages)."""
+    teacher_tokenizer = _shipped_tokenizer(teacher_path, trust_remote_code)
     data_tokenizer = (load_tokenizer(tokenizer_path, trust_remote_code=trust_remote_code)
                       if tokenizer_path is not None else teacher_tokenizer)
     if data_tokenizer is None:
         raise DataError(f"no tokenizer found in teacher {teacher_path} and data.tokenizer is not set: "
                         f"set data.tokenizer to the teacher's tokenizer")
-    data_name = f"data tokenizer {tokenizer_path or teacher_path}"
-    data_vocab = data_tokenizer.get_vocab()
-    largest = max(data_vocab.values()) + 1
-    if largest > teacher_vocab:
-        raise VocabularyError(f"{data_name} produces ids up to {largest - 1} but teacher {teacher_path} has "
-                              f"vocab_size {teacher_vocab}; tokenize the data with the teacher's tokenizer "
-                              f"(data.tokenizer: null)")
-    if teacher_tokenizer is None:
-        log.warning("teacher %s ships no tokenizer: only the vocabulary size of %s was checked", teacher_path,
-                    data_name)
-    elif teacher_tokenizer is not data_tokenizer:
-        _compare_token_tables(teacher_tokenizer.get_vocab(), data_vocab, f"teacher {teacher_path}", data_name)
+    return teacher_tokenizer, data_tokenizer, f"data tokenizer {tokenizer_path or teacher_path}"
 
 
-def _teacher_tokenizer(path: str, trust_remote_code: bool):
-    """The tokenizer saved with the teacher, or None when the teacher directory holds none."""
+_TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
+
+
+def _shipped_tokenizer(path: str, trust_remote_code: bool):
+    """The tokenizer saved with a model, or None when the model directory holds none."""
+    if Path(path).is_dir() and not any((Path(path) / name).is_file() for name in _TOKENIZER_MARKERS):
+        return None  # AutoTokenizer would build an empty tokenizer of the config's type rather than fail
     try:
         return load_tokenizer(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:  # the model's config loaded, so this means "no tokenizer files"
-        log.debug("no tokenizer with teacher %s: %s", path, err)
+        log.debug("no tokenizer with %s: %s", path, err)
         return None
 
 
 def _compare_token_tables(teacher: Mapping[str, int], data: Mapping[str, int], teacher_name: str,
-                          data_name: str, show: int = 5) -> None:
+                          data_name: str, *, remedy: str, show: int = 5) -> None:
     if teacher == data:
         return
     by_id_teacher = {i: t for t, i in teacher.items()}
@@ -366,8 +390,7 @@ def _compare_token_tables(teacher: Mapping[str, int], data: Mapping[str, int], t
     examples = ", ".join(f"id {i}: {by_id_teacher.get(i)!r} vs {by_id_data.get(i)!r}" for i in differing[:show])
     raise VocabularyError(f"token tables differ between the {teacher_name} tokenizer ({len(teacher)} tokens) and "
                           f"the {data_name} ({len(data)} tokens) at {len(differing)} id(s), first: {examples}; "
-                          f"tokenize the data with the teacher's tokenizer (data.tokenizer: null or the teacher's "
-                          f"path)")
+                          f"{remedy}")
 
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:

@@ -88,13 +88,13 @@ def test_every_vocabulary_mismatch_raises_vocabulary_error(tiny_llama_dir):
     from tailkd_ray.models import build_student, check_vocab_compatible
     from tailkd_ray.teacher.pool import TeacherScorer, scorer_kwargs
 
-    with pytest.raises(VocabularyError, match="vocab_size 320, student .* has 384"):
-        check_vocab_compatible(str(tiny_llama_dir), {"vocab_size": 384}, None)
+    with pytest.raises(VocabularyError, match="student .* has vocab_size 256 but the tokenizer .* has 320 tokens"):
+        check_vocab_compatible(str(tiny_llama_dir), {"vocab_size": 256}, None)
 
     cfg = load_config(None, [f"teacher.model={tiny_llama_dir}", "data.seq_len=8"])
-    wider = load_config(None, [f"teacher.model={tiny_llama_dir}", "student.config={vocab_size: 384}"])
-    with pytest.raises(VocabularyError, match="vocab_size 320, the built student has 384"):
-        build_student(wider)
+    narrower = load_config(None, [f"teacher.model={tiny_llama_dir}", "student.config={vocab_size: 256}"])
+    with pytest.raises(VocabularyError, match="the built student has vocab_size 256 but the tokenizer .* has 320"):
+        build_student(narrower)
 
     scorer = TeacherScorer(**scorer_kwargs(cfg))
     with pytest.raises(VocabularyError, match=r"token id 320 at position 2 is outside the teacher's vocabulary"):

@@ -63,6 +63,17 @@ def log_mass_outside(logq: Tensor, ids: Tensor) -> Tensor:
     return logq.scatter(-1, ids, float("-inf")).logsumexp(-1)
 
 
+def teacher_logits_over(teacher_logits: Tensor, shared_vocab: int, student_rows: int) -> Tensor:
+    """Full teacher logits [..., V_T] as logits over the student's rows [..., V_S] (padded vocabularies, DESIGN §3):
+    the shared ids' logits (ids < ``shared_vocab``, the tokenizer's length) and −inf on every other row, so the
+    teacher's padding rows leave its softmax (their mass spread over the shared ids in proportion) and the
+    student's padding rows get probability 0, which the losses drive the student's mass on them towards. The
+    logits themselves when every row is shared."""
+    if teacher_logits.shape[-1] == shared_vocab == student_rows:
+        return teacher_logits
+    return F.pad(teacher_logits[..., :shared_vocab], (0, student_rows - shared_vocab), value=float("-inf"))
+
+
 def _weighted(p: Tensor, value: Tensor) -> Tensor:
     """p · value with 0 · (anything) = 0, so zero-probability teacher entries (log p = −inf) add nothing."""
     return torch.where(p > 0, p * value, torch.zeros((), dtype=value.dtype, device=value.device))

@@ -145,9 +145,17 @@ def summarize(
     generator: Optional[torch.Generator] = None,
     logp_dtype: torch.dtype = torch.float16,
     uniforms: Optional[torch.Tensor] = None,
+    shared_vocab: Optional[int] = None,
 ) -> TeacherSummary:
     """Summarise teacher logits ``[..., V]`` into a ``TeacherSummary`` (log-probs at temperature τ, recorded as
     its ``temperature``).
+
+    ``shared_vocab`` (V_s ≤ V, the tokenizer's length; None = V) marks rows V_s..V−1 as padding rows of a padded
+    embedding: no summary id is a padding row, and their mass is counted into ``rest_logmass`` (logsumexp over the
+    far tail's members, padding rows included). The far tail's samples are drawn from its shared ids and their
+    ``tail_logp`` carry the rest mass, log p_i + log α_M − log Σ_{far shared} p: the summary is that of the
+    teacher with its padding mass spread over the far tail in proportion to p (DESIGN §3). With −inf padding
+    logits it equals the summary of the unpadded logits.
 
     Tail samples are drawn i.i.d. (with replacement) from p restricted to ranks > M, i.e. with
     probabilities p_i / α_M, by inverse-CDF sampling from uniforms: ``uniforms [..., S]`` in [0, 1) when
@@ -162,7 +170,7 @@ def summarize(
     return _summarize_chunks(lambda rows: logits[rows], tuple(teacher_logits.shape[:-1]), vocab,
                              teacher_logits.device, default_chunk_tokens(vocab), top_m=top_m,
                              tail_samples=tail_samples, temperature=temperature, generator=generator,
-                             logp_dtype=logp_dtype, uniforms=uniforms)
+                             logp_dtype=logp_dtype, uniforms=uniforms, shared_vocab=shared_vocab)
 
 
 @torch.inference_mode()
@@ -179,6 +187,7 @@ def summarize_hidden(
     logp_dtype: torch.dtype = torch.float16,
     uniforms: Optional[torch.Tensor] = None,
     chunk_tokens: Optional[int] = None,
+    shared_vocab: Optional[int] = None,
 ) -> TeacherSummary:
     """``summarize`` of the logits ``hidden @ lm_head_weight.T + lm_head_bias`` (then ``softcap · tanh(z /
     softcap)`` when ``softcap`` is set, as Gemma 2's ``final_logit_softcapping``), computed from the teacher's
@@ -187,7 +196,7 @@ def summarize_hidden(
     when it is not float32). The LM head runs in the weight's dtype (e.g. bf16 on GPU), the log-softmax in
     float32.
 
-    Same arguments, summary and ``NonFiniteLogitsError`` as ``summarize``: with the same ``uniforms`` it gives
+    Same arguments (``shared_vocab`` included), summary and ``NonFiniteLogitsError`` as ``summarize``: with the same ``uniforms`` it gives
     the same summary as ``summarize`` on the full logits. ``chunk_tokens`` defaults to the positions of one
     ``SUMMARY_CHUNK_BYTES`` float32 buffer.
     """
@@ -213,7 +222,8 @@ def summarize_hidden(
 
     return _summarize_chunks(chunk_logits, tuple(hidden.shape[:-1]), vocab, hidden.device,
                              chunk_tokens or default_chunk_tokens(vocab), top_m=top_m, tail_samples=tail_samples,
-                             temperature=temperature, generator=generator, logp_dtype=logp_dtype, uniforms=uniforms)
+                             temperature=temperature, generator=generator, logp_dtype=logp_dtype, uniforms=uniforms,
+                             shared_vocab=shared_vocab)
 
 
 def default_chunk_tokens(vocab: int) -> int:
@@ -225,13 +235,19 @@ def default_chunk_tokens(vocab: int) -> int:
 def _summarize_chunks(chunk_logits: Callable[[slice], torch.Tensor], leading: tuple, vocab: int,
                       device: torch.device, chunk_rows: int, *, top_m: int, tail_samples: int, temperature: float,
                       generator: Optional[torch.Generator], logp_dtype: torch.dtype,
-                      uniforms: Optional[torch.Tensor]) -> TeacherSummary:
+                      uniforms: Optional[torch.Tensor], shared_vocab: Optional[int]) -> TeacherSummary:
     """The summary of positions [*leading] whose logits rows ``chunk_logits(rows)`` [rows, V] gives, ``chunk_rows``
     positions at a time: float32 working memory stays ~2 × SUMMARY_CHUNK_BYTES whatever the batch (a 4 × 4096
     batch at V = 151,936 would otherwise need 2 × 10 GB); rows are independent, so chunking changes nothing.
     (441 positions per chunk at V = 151,936: on CPU, chunks of 128-512 positions ran no slower than 1,766.)"""
-    if not 1 <= top_m <= vocab:
-        raise ValueError(f"top_m must be in [1, vocab={vocab}], got {top_m}")
+    shared = vocab if shared_vocab is None else shared_vocab
+    if not 1 <= shared <= vocab:
+        raise ValueError(f"shared_vocab must be in [1, vocab={vocab}] (or None: every row), got {shared_vocab}")
+    if not 1 <= top_m <= shared:
+        raise ValueError(f"top_m must be in [1, {shared}] (the vocabulary's ids), got {top_m}")
+    if top_m == shared < vocab:
+        raise ValueError(f"top_m = shared_vocab = {shared} leaves no shared id beyond the top M to carry the mass of "
+                         f"the {vocab - shared} padding rows: lower top_m")
     if tail_samples < 0:
         raise ValueError(f"tail_samples must be >= 0, got {tail_samples}")
     if temperature <= 0:
@@ -247,7 +263,7 @@ def _summarize_chunks(chunk_logits: Callable[[slice], torch.Tensor], leading: tu
     chunks = []
     for start in range(0, rows, chunk_rows):
         logits = chunk_logits(slice(start, start + chunk_rows))
-        chunk = _summarize_rows(logits, uniforms[start:start + chunk_rows], top_m, temperature)
+        chunk = _summarize_rows(logits, uniforms[start:start + chunk_rows], top_m, temperature, shared)
         if isinstance(chunk, int):
             raise _non_finite_error(logits[chunk], start + chunk, leading)
         chunks.append(chunk)
@@ -266,26 +282,31 @@ def _summarize_chunks(chunk_logits: Callable[[slice], torch.Tensor], leading: tu
     )
 
 
-def _summarize_rows(logits: torch.Tensor, uniforms: torch.Tensor, top_m: int, temperature: float):
-    """(top log-probs, top ids, log α_M, tail ids, tail log-probs) of logit rows [N, V]; or, if a row is not
-    finite, that row's index."""
-    vocab = logits.shape[-1]
+def _summarize_rows(logits: torch.Tensor, uniforms: torch.Tensor, top_m: int, temperature: float, shared: int):
+    """(top log-probs, top ids, log α_M, tail ids, tail log-probs) of logit rows [N, V] whose ids below ``shared``
+    are tokens and the rest padding rows; or, if a row is not finite, that row's index."""
     logits = logits.float()
     logp = torch.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
     # One topk serves both the top M and, at rank M + 1, the largest far-tail log-prob (the shift below).
-    ranked_logp, ranked_ids = logp.topk(min(top_m + 1, vocab), dim=-1, sorted=True)
+    ranked_logp, ranked_ids = logp[:, :shared].topk(min(top_m + 1, shared), dim=-1, sorted=True)
     not_finite = torch.isnan(ranked_logp[:, 0])  # NaN or +inf logits make their whole row NaN; topk puts NaN first
     if not_finite.any():
         return int(not_finite.nonzero()[0])
     top_logp, top_ids = ranked_logp[:, :top_m], ranked_ids[:, :top_m]
     rest = logp.scatter_(-1, top_ids, float("-inf"))  # in place: log p of the far tail only
-    far_max = ranked_logp[:, top_m] if top_m < vocab else torch.full_like(top_logp[:, 0], float("-inf"))
-    rest_logmass, tail_ids, has_tail = _far_tail(rest, far_max, uniforms)
+    padding_logmass = rest[:, shared:].logsumexp(-1)  # −inf when there are no padding rows
+    far_max = ranked_logp[:, top_m] if top_m < shared else torch.full_like(top_logp[:, 0], float("-inf"))
+    shared_logmass, tail_ids, has_tail = _far_tail(rest[:, :shared], far_max, uniforms)
+    # α_M from its members: the far tail's shared ids and the padding rows (DESIGN §2, §3).
+    rest_logmass = torch.logaddexp(shared_logmass, padding_logmass)
     # Log-probs of the drawn ids from the logits (``rest`` now holds the CDF): log p_i = z_i/τ − log Z, with
-    # log Z read off the top-1 id.
+    # log Z read off the top-1 id; plus log α_M − log Σ_{far shared} p (0 without padding mass), the share of the
+    # padding mass the sample's id carries.
     scale = 1.0 / temperature
     log_normalizer = logits.gather(-1, top_ids[:, :1]) * scale - top_logp[:, :1]
-    tail_logp = torch.where(has_tail[:, None], logits.gather(-1, tail_ids) * scale - log_normalizer, float("-inf"))
+    carried = torch.where(has_tail, rest_logmass - shared_logmass, 0.0)[:, None]
+    tail_logp = torch.where(has_tail[:, None], logits.gather(-1, tail_ids) * scale - log_normalizer + carried,
+                            float("-inf"))
     return top_logp, top_ids, rest_logmass, tail_ids, tail_logp
 
 
@@ -313,7 +334,8 @@ def _far_tail(rest: torch.Tensor, far_max: torch.Tensor, uniforms: torch.Tensor)
     cdf = rest.sub_(shift[:, None]).exp_().cumsum_(-1)
     rest_logmass = shift + cdf[:, -1].log()  # −inf where the far tail is empty
     targets = (1.0 - uniforms) * cdf[:, -1:]
-    drawn = torch.searchsorted(cdf, targets.contiguous()).clamp_max(vocab - 1)
+    # ``rest`` is a column slice (not contiguous) when padding rows follow the shared ids.
+    drawn = torch.searchsorted(cdf.contiguous(), targets.contiguous()).clamp_max(vocab - 1)
     return rest_logmass, torch.where(has_tail[:, None], drawn, 0), has_tail
 
 

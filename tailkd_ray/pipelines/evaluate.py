@@ -14,10 +14,11 @@ from typing import Union
 import torch
 
 from tailkd_ray.config import Config
+from tailkd_ray.core.losses import teacher_logits_over
 from tailkd_ray.core.metrics import evaluate
 from tailkd_ray.data.splits import validation_dataset
 from tailkd_ray.errors import DataError
-from tailkd_ray.models import StudentWithHead, load_model, load_teacher
+from tailkd_ray.models import StudentWithHead, load_model, load_teacher, shared_vocab_size
 from tailkd_ray.runtime import init_ray
 from tailkd_ray.train.runlog import write_eval_json
 
@@ -30,8 +31,10 @@ def evaluate_student(cfg: Config, student_path: Union[str, Path]) -> dict:
     val_ds = validation_dataset(cfg)
     if val_ds is None:
         raise DataError("no validation data: set data.val, or data.val_fraction > 0 to hold out part of data.train")
+    shared_vocab, student_rows = shared_vocab_size(cfg), student.head.weight.shape[0]
     metrics = evaluate(student, val_ds.iter_torch_batches(batch_size=cfg.train.batch_size),
-                       teacher=lambda ids: teacher(input_ids=ids).logits, k=cfg.loss.k,
+                       teacher=lambda ids: teacher_logits_over(teacher(input_ids=ids).logits, shared_vocab,
+                                                               student_rows), k=cfg.loss.k,
                        chunk_tokens=cfg.loss.chunk_tokens, device=device)
     metrics.update(kl_source="exact", student=str(student_path))
     write_eval_json(metrics, cfg.output_dir)

@@ -65,19 +65,23 @@ class TeacherScorer:
     """
 
     def __init__(self, *, model_path: str, seq_len: int, top_m: int, tail_samples: int, temperature: float,
-                 seed: int, logp_dtype: str = "float16", use_gpu: bool = False, trust_remote_code: bool = False):
+                 seed: int, logp_dtype: str = "float16", use_gpu: bool = False, trust_remote_code: bool = False,
+                 shared_vocab: Optional[int] = None):
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         # bf16 on a GPU, float32 on CPU; transformers' default attention, which is SDPA wherever the architecture
         # supports it (asking for "sdpa" outright would refuse teachers without it, e.g. Gemma 2: eager).
         self.model = load_model(model_path, trust_remote_code=trust_remote_code, device=self.device,
                                 dtype=inference_dtype(self.device))
-        self.vocab = self.model.get_input_embeddings().num_embeddings
+        rows = self.model.get_input_embeddings().num_embeddings
+        self.vocab = rows if shared_vocab is None else shared_vocab  # token ids; rows beyond are padding
         self.model_path = model_path
         self.seq_len = seq_len
         self.summary_args = dict(top_m=top_m, tail_samples=tail_samples, temperature=temperature,
-                                 logp_dtype=_LOGP_DTYPES[logp_dtype])
+                                 logp_dtype=_LOGP_DTYPES[logp_dtype], shared_vocab=self.vocab)
         self.seed = seed
         self.lean = self._lean_head()
+        if rows > self.vocab:
+            self._report_padding(rows)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = input_ids_matrix(batch, self.seq_len)
@@ -136,6 +140,18 @@ class TeacherScorer:
         return (f"its logits are not its LM head's{capped} on the decoder's last hidden states (on a probe block "
                 f"the top log-probs differ by up to {(hidden.top_logp - full.top_logp).abs().max().item():.3g})")
 
+    def _report_padding(self, rows: int) -> None:
+        """Log the teacher's padding rows and the mean mass it puts on them on the probe block (counted into
+        the summaries' rest mass)."""
+        probe = torch.arange(min(self.seq_len, 16), device=self.device)[None] % self.vocab
+        with torch.inference_mode():
+            logits = self.model(input_ids=probe, use_cache=False).logits.float() / self.summary_args["temperature"]
+            logp = torch.log_softmax(logits, dim=-1)
+            padding_mass = logp[..., self.vocab:].logsumexp(-1).exp().mean().item()
+        log.warning("teacher %s has %d embedding rows for %d tokens: the %d padding rows are never summary ids; on "
+                    "a probe block they hold %.3g of its probability mass (mean per position), counted into the "
+                    "rest mass", self.model_path, rows, self.vocab, rows - self.vocab, padding_mass)
+
     def _row_uniforms(self, hashes: np.ndarray, positions: int) -> torch.Tensor:
         """Tail-sampling uniforms [B, T, S], one CPU generator per block seeded by (seed, block hash): a block
         gets the same samples whichever actor, batch or device scores it."""
@@ -161,8 +177,9 @@ def describe_row(batch: Mapping[str, Any], row: int, block_hash: int) -> str:
             f"{ids[:8].tolist()})")
 
 
-def scorer_kwargs(cfg: Config) -> dict:
-    """``TeacherScorer`` constructor arguments from a config."""
+def scorer_kwargs(cfg: Config, shared_vocab: Optional[int] = None) -> dict:
+    """``TeacherScorer`` constructor arguments from a config; ``shared_vocab``: the tokenizer's length
+    (``models.check_vocab_compatible``), None = every row of the teacher's embedding."""
     if cfg.teacher.model is None:
         raise ConfigError("teacher.model is not set: give the teacher's Hugging Face model path")
     if cfg.summary.top_m is None:
@@ -171,10 +188,10 @@ def scorer_kwargs(cfg: Config) -> dict:
     return dict(model_path=str(cfg.teacher.model), seq_len=cfg.data.seq_len, top_m=cfg.summary.top_m,
                 tail_samples=cfg.summary.tail_samples, temperature=cfg.loss.temperature, seed=cfg.train.seed,
                 logp_dtype=cfg.summary.logp_dtype, use_gpu=cfg.teacher.num_gpus > 0,
-                trust_remote_code=cfg.teacher.trust_remote_code)
+                trust_remote_code=cfg.teacher.trust_remote_code, shared_vocab=shared_vocab)
 
 
-def teacher_map_args(cfg: Config) -> dict:
+def teacher_map_args(cfg: Config, shared_vocab: Optional[int] = None) -> dict:
     """``map_batches`` keyword arguments that run ``TeacherScorer`` as the configured actor pool.
 
     Actors are placed by ``teacher.num_gpus`` and ``teacher.resources`` (custom resources that only inference
@@ -186,7 +203,7 @@ def teacher_map_args(cfg: Config) -> dict:
     and fail the run. Those two options are only reachable through ``map_batches``'s deprecated
     ``**ray_remote_args`` (removal announced for Ray 2.64), so they are left at the defaults.
     """
-    return dict(fn_constructor_kwargs=scorer_kwargs(cfg),
+    return dict(fn_constructor_kwargs=scorer_kwargs(cfg, shared_vocab),
                 compute=ray.data.ActorPoolStrategy(min_size=cfg.teacher.min_actors, max_size=cfg.teacher.max_actors),
                 batch_size=cfg.teacher.sequences_per_batch(cfg.data.seq_len), batch_format="numpy",
                 **teacher_ray_options(cfg.teacher))
@@ -204,13 +221,15 @@ def check_teacher_context(cfg: Config) -> None:
 def score_dataset(blocks, cfg: Config):
     """Lazily score a Dataset of packed ``input_ids`` blocks with the teacher actor pool (streaming).
 
-    Checks first, before any work, that the teacher, student and data tokenizer share one vocabulary, that
+    Checks first, before any work, that the teacher, student and data tokenizer share one token table (whose
+    length, the shared vocabulary, bounds the summaries' ids), that
     blocks fit the teacher's context window and that the cluster can host the pool (or, with
     ``autoscaling``, logs what it waits for).
     """
-    kwargs = teacher_map_args(cfg)
-    check_vocab_compatible(cfg.teacher.model, cfg.student.model or cfg.student.config, cfg.data.tokenizer,
-                           trust_remote_code=cfg.teacher.trust_remote_code)
+    scorer_kwargs(cfg)  # a config without a teacher pool fails first, by name
+    shared_vocab = check_vocab_compatible(cfg.teacher.model, cfg.student.model or cfg.student.config,
+                                          cfg.data.tokenizer, trust_remote_code=cfg.teacher.trust_remote_code)
+    kwargs = teacher_map_args(cfg, shared_vocab)
     check_teacher_context(cfg)
     require_teacher_placement(cfg.teacher, allow_autoscale=cfg.autoscaling)
     log.info("teacher pool: %s, %d-%d actors, %s GPU(s) and resources %s per actor, batch %d sequences",

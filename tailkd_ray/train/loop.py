@@ -48,11 +48,12 @@ from ray.train.torch import TorchTrainer
 from torch import nn
 
 from tailkd_ray.config import Config, ConfigError, from_dict, to_dict
-from tailkd_ray.core.losses import distill_objective
+from tailkd_ray.core.losses import distill_objective, teacher_logits_over
 from tailkd_ray.core.metrics import evaluate
 from tailkd_ray.core.summary import FIELDS, TeacherSummary
-from tailkd_ray.errors import NonFiniteLossError
-from tailkd_ray.models import build_student, inference_dtype, load_teacher, student_config
+from tailkd_ray.errors import NonFiniteLossError, VocabularyError
+from tailkd_ray.models import (build_student, inference_dtype, load_teacher, model_vocab_size, shared_vocab_size,
+                               student_config)
 from tailkd_ray.placement import require_train_placement, train_worker_resources
 from tailkd_ray.runtime import train_logging_config
 from tailkd_ray.train.checkpoint import Progress, export_student, load_checkpoint, save_checkpoint
@@ -94,13 +95,17 @@ def run_training(cfg: Config, train_ds, val_ds=None, teacher_mode: Optional[str]
     if mode == "none" and cfg.loss.kind != "clm":
         raise ConfigError(f"loss.kind = {cfg.loss.kind} needs a teacher; teacher_mode none trains CLM only")
     require_train_placement(cfg.train, allow_autoscale=cfg.autoscaling)
-    if cfg.student.model is None:
-        student_config(cfg)  # a bad student.config fails here, by name, not inside a worker
+    student_rows = model_vocab_size(student_config(cfg))  # a bad student.config fails here, not inside a worker
+    shared_vocab = shared_vocab_size(cfg) if mode == "colocated" else None
+    if mode == "colocated" and cfg.loss.kind == "rkl" and student_rows > shared_vocab:
+        raise VocabularyError(f"loss.kind = rkl: the student has {student_rows - shared_vocab} padding rows beyond "
+                              f"the tokenizer's {shared_vocab} tokens, where the teacher's probability is 0 and "
+                              f"reverse KL is infinite; use a student without padding rows or another loss.kind")
     datasets = {"train": train_ds} if val_ds is None else {"train": train_ds, "val": val_ds}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "teacher_mode": mode, "step_hook": step_hook,
-                           "datasets": sorted(datasets)},
+                           "datasets": sorted(datasets), "shared_vocab": shared_vocab},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker=train_worker_resources(cfg.train)),
         run_config=RunConfig(name=cfg.train.run_name, storage_path=str(Path(cfg.output_dir).resolve() / "ray_train"),
@@ -126,6 +131,8 @@ class _Worker:
     device: torch.device
     out_dir: Path
     teacher: Optional[nn.Module]  # co-located mode only
+    shared_vocab: Optional[int]  # co-located mode only: the tokenizer's length (padded vocabularies)
+    student_rows: int  # the student's vocab_size (LM-head rows)
     strategy: object  # a strategies.STRATEGIES instance
     log: RunLog
     has_val: bool
@@ -184,12 +191,14 @@ def _setup_worker(config: dict) -> _Worker:
     if config["teacher_mode"] == "colocated":
         teacher = load_teacher(cfg.teacher, device=device, dtype=inference_dtype(device))
     student = build_student(cfg, teacher_state=teacher.state_dict() if teacher is not None else None)
+    student_rows = student.get_output_embeddings().weight.shape[0]
     strategy = STRATEGIES[cfg.train.strategy](student, cfg, device)
     strategy.train(True)
     torch.manual_seed(cfg.train.seed + 1000 * (rank + 1))  # per-rank stream (dropout); model init is shared
     out_dir = Path(cfg.output_dir).resolve()
     return _Worker(cfg=cfg, mode=config["teacher_mode"], rank=rank, world_size=context.get_world_size(),
-                   device=device, out_dir=out_dir, teacher=teacher, strategy=strategy,
+                   device=device, out_dir=out_dir, teacher=teacher, shared_vocab=config.get("shared_vocab"),
+                   student_rows=student_rows, strategy=strategy,
                    log=RunLog(out_dir, enabled=rank == 0), has_val="val" in config.get("datasets", ()),
                    step_hook=config.get("step_hook"))
 
@@ -299,7 +308,7 @@ def _teacher_for_batch(worker: _Worker, inputs: torch.Tensor, batch: dict):
     """The loss's ``teacher`` argument for one batch: full logits, a summary, or None."""
     if worker.mode == "colocated":
         with torch.no_grad():
-            return worker.teacher(input_ids=inputs).logits
+            return _colocated_logits(worker, inputs)
     if worker.mode == "summary":
         missing = [f for f in FIELDS if f not in batch]
         if missing:
@@ -307,6 +316,11 @@ def _teacher_for_batch(worker: _Worker, inputs: torch.Tensor, batch: dict):
                            f"{missing} (has {sorted(batch)}): score the dataset first (tailkd_ray.teacher)")
         return TeacherSummary.from_batch(batch).to(worker.device)
     return None
+
+
+def _colocated_logits(worker: _Worker, inputs: torch.Tensor) -> torch.Tensor:
+    """The co-located teacher's logits over the student's rows (``core.losses.teacher_logits_over``)."""
+    return teacher_logits_over(worker.teacher(input_ids=inputs).logits, worker.shared_vocab, worker.student_rows)
 
 
 def progress_due(step: int, train) -> bool:
@@ -352,7 +366,7 @@ def peak_memory_mb(device: torch.device) -> float:
 def _validate(worker: _Worker) -> dict:
     """Validation metrics over every worker's val shard, summed across workers (``core.metrics``)."""
     shard = ray.train.get_dataset_shard("val")
-    teacher_fn = (lambda ids: worker.teacher(input_ids=ids).logits) if worker.mode == "colocated" else None
+    teacher_fn = (lambda ids: _colocated_logits(worker, ids)) if worker.mode == "colocated" else None
     worker.strategy.train(False)
     with worker.autocast():
         metrics = evaluate(worker.strategy, shard.iter_torch_batches(batch_size=worker.cfg.train.batch_size),
