@@ -313,6 +313,17 @@ def require_rows_for_tokens(model_name: str, rows: int, shared: int, tokenizer_n
                               f"family/tokenizer (or drop vocab_size from student.config)")
 
 
+def require_reverse_kl_support(cfg: Config, shared_vocab: int) -> None:
+    """Reverse KL (``loss.kind: rkl``) is infinite where the teacher's probability is 0: on a padded student's
+    padding rows (DESIGN §3)."""
+    rows = model_vocab_size(student_config(cfg))
+    if cfg.loss.kind == "rkl" and rows > shared_vocab:
+        raise VocabularyError(f"loss.kind = rkl: the student has {rows - shared_vocab} padding rows beyond the "
+                              f"tokenizer's {shared_vocab} tokens, where the teacher's probability is 0 and reverse "
+                              f"KL is infinite; use a student without padding rows (student.config.vocab_size: "
+                              f"{shared_vocab}) or another loss.kind")
+
+
 def check_vocab_compatible(teacher_path: str, student: Optional[str | Mapping[str, Any]],
                            tokenizer_path: Optional[str], *, trust_remote_code: bool = False) -> int:
     """Check that teacher, student and data tokenizer share one token table; return its length (the shared

@@ -132,6 +132,22 @@ def test_padded_teacher_and_student_are_accepted(tiny_tokenizer_dir, tmp_path):
         check_vocab_compatible(teacher, {"vocab_size": 300}, None)
 
 
+def test_reverse_kl_with_a_padded_student_is_refused_before_work(tiny_tokenizer_dir, tmp_path):
+    from tailkd_ray.config import load_config
+    from tailkd_ray.pipelines.preflight import check_inputs
+
+    teacher = config_dir(tmp_path / "teacher", 384, tokenizer_from=tiny_tokenizer_dir)
+
+    def config(student_rows: int):
+        return load_config(None, [f"teacher.model={teacher}", f"output_dir={tmp_path / 'out'}", "summary.top_m=null",
+                                  "loss.kind=rkl", f"student.config={{vocab_size: {student_rows}}}"])
+
+    with pytest.raises(VocabularyError, match="loss.kind = rkl: the student has 32 padding rows beyond the "
+                                              "tokenizer's 320 tokens"):
+        check_inputs(config(352))
+    check_inputs(config(320))
+
+
 def test_a_student_with_another_token_table_is_refused_naming_both_and_the_token(tiny_tokenizer_dir, tmp_path):
     teacher = config_dir(tmp_path / "teacher", 384, tokenizer_from=tiny_tokenizer_dir)
     student = config_dir(tmp_path / "student", 384, tokenizer_from=tiny_tokenizer_dir)

@@ -20,7 +20,7 @@ from transformers import AutoConfig
 
 from tailkd_ray.config import Config, ConfigError
 from tailkd_ray.data.splits import data_tokenizer
-from tailkd_ray.models import check_vocab_compatible, student_config
+from tailkd_ray.models import check_vocab_compatible, require_reverse_kl_support, student_config
 from tailkd_ray.placement import (Demand, data_task_demand, require_together, teacher_demand, tokenizer_demand,
                                   trainer_demand)
 from tailkd_ray.teacher.pool import check_teacher_context
@@ -44,8 +44,9 @@ def check_inputs(cfg: Config) -> None:
     if mode == "none":
         data_tokenizer(cfg)  # loads, or a DataError saying what to set
         return
-    check_vocab_compatible(cfg.teacher.model, cfg.student.model or cfg.student.config, cfg.data.tokenizer,
-                           trust_remote_code=cfg.teacher.trust_remote_code)
+    shared_vocab = check_vocab_compatible(cfg.teacher.model, cfg.student.model or cfg.student.config,
+                                          cfg.data.tokenizer, trust_remote_code=cfg.teacher.trust_remote_code)
+    require_reverse_kl_support(cfg, shared_vocab)
     check_teacher_context(cfg)
 
 

@@ -51,9 +51,8 @@ from tailkd_ray.config import Config, ConfigError, from_dict, to_dict
 from tailkd_ray.core.losses import distill_objective, teacher_logits_over
 from tailkd_ray.core.metrics import evaluate
 from tailkd_ray.core.summary import FIELDS, TeacherSummary
-from tailkd_ray.errors import NonFiniteLossError, VocabularyError
-from tailkd_ray.models import (build_student, inference_dtype, load_teacher, model_vocab_size, shared_vocab_size,
-                               student_config)
+from tailkd_ray.errors import NonFiniteLossError
+from tailkd_ray.models import build_student, inference_dtype, load_teacher, shared_vocab_size, student_config
 from tailkd_ray.placement import require_train_placement, train_worker_resources
 from tailkd_ray.runtime import train_logging_config
 from tailkd_ray.train.checkpoint import Progress, export_student, load_checkpoint, save_checkpoint
@@ -95,12 +94,9 @@ def run_training(cfg: Config, train_ds, val_ds=None, teacher_mode: Optional[str]
     if mode == "none" and cfg.loss.kind != "clm":
         raise ConfigError(f"loss.kind = {cfg.loss.kind} needs a teacher; teacher_mode none trains CLM only")
     require_train_placement(cfg.train, allow_autoscale=cfg.autoscaling)
-    student_rows = model_vocab_size(student_config(cfg))  # a bad student.config fails here, not inside a worker
+    if cfg.student.model is None:
+        student_config(cfg)  # a bad student.config fails here, by name, not inside a worker
     shared_vocab = shared_vocab_size(cfg) if mode == "colocated" else None
-    if mode == "colocated" and cfg.loss.kind == "rkl" and student_rows > shared_vocab:
-        raise VocabularyError(f"loss.kind = rkl: the student has {student_rows - shared_vocab} padding rows beyond "
-                              f"the tokenizer's {shared_vocab} tokens, where the teacher's probability is 0 and "
-                              f"reverse KL is infinite; use a student without padding rows or another loss.kind")
     datasets = {"train": train_ds} if val_ds is None else {"train": train_ds, "val": val_ds}
     trainer = TorchTrainer(
         train_loop_per_worker,
