@@ -158,7 +158,16 @@ class TrainConfig:
     grad_accum: int = doc(1, "Micro-steps accumulated per optimizer step.")
     lr: float = doc(1e-4, "Peak AdamW learning rate (paper default 1e-4).")
     weight_decay: float = doc(0.1, "AdamW weight decay (paper default 0.1).")
-    warmup_steps: int = doc(10, "Linear warmup steps before the cosine decay.")
+    warmup_steps: int = doc(10, "Linear warmup steps at the start of the learning-rate schedule.")
+    lr_schedule: Literal["cosine", "linear", "constant", "wsd"] = doc(
+        "cosine", "Learning rate after the warmup (transformers' schedules): `cosine` decay to min_lr_ratio · lr at "
+                  "max_steps, `linear` decay to it, `constant`, or `wsd` (warmup-stable-decay: constant, then a "
+                  "cosine decay to min_lr_ratio · lr over the last wsd_decay_fraction of max_steps). The schedule "
+                  "can change which loss wins (README).")
+    min_lr_ratio: float = doc(0.0, "Final learning rate as a fraction of train.lr, in [0, 1] (cosine, linear, wsd; "
+                                   "0 with constant).")
+    wsd_decay_fraction: float = doc(0.1, "wsd: fraction of train.max_steps spent in the final decay, in (0, 1]; "
+                                         "warmup_steps plus the decay must fit in max_steps.")
     grad_clip: float = doc(1.0, "Gradient-norm clip (0 = off).")
     checkpoint_every: int = doc(50, "Steps between distributed checkpoints (at most this much work is lost).")
     eval_every: int = doc(50, "Steps between validation runs.")
@@ -182,10 +191,25 @@ class TrainConfig:
         for name in ("lr", "weight_decay", "warmup_steps", "grad_clip", "max_failures", "prefetch_batches",
                      "max_nonfinite_steps", "log_every"):
             _positive("train", name, getattr(self, name), allow_zero=name != "lr")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"train.min_lr_ratio must be in [0, 1] (a fraction of train.lr), got {self.min_lr_ratio!r}")
+        if self.lr_schedule == "constant" and self.min_lr_ratio:
+            raise ConfigError(f"train.min_lr_ratio = {self.min_lr_ratio} has no effect with train.lr_schedule = constant "
+                              f"(the learning rate stays train.lr): set it to 0 or pick cosine, linear or wsd")
+        if not 0.0 < self.wsd_decay_fraction <= 1.0:
+            raise ConfigError(f"train.wsd_decay_fraction must be in (0, 1], got {self.wsd_decay_fraction!r}")
+        if self.lr_schedule == "wsd" and self.warmup_steps + self.wsd_decay_steps() > self.max_steps:
+            raise ConfigError(f"train.lr_schedule = wsd: train.warmup_steps ({self.warmup_steps}) plus the decay "
+                              f"({self.wsd_decay_steps()} steps: wsd_decay_fraction {self.wsd_decay_fraction} of "
+                              f"max_steps {self.max_steps}) exceed train.max_steps; lower one of them")
         if self.max_nonfinite_steps and self.strategy == "deepspeed":
             raise ConfigError("train.max_nonfinite_steps needs train.strategy fsdp or ddp: DeepSpeed applies its "
                               "optimizer step inside backward, before the step could be skipped")
         _check_resources("train.resources_per_worker", self.resources_per_worker)
+
+    def wsd_decay_steps(self) -> int:
+        """Steps of the wsd schedule's final decay (at least 1)."""
+        return max(1, round(self.wsd_decay_fraction * self.max_steps))
 
 
 # Validation metrics a K/β search can minimise: comparable across K (tail masses are not) and lower = better.

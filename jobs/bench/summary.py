@@ -23,10 +23,11 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
+from tailkd_ray.config import TrainConfig
 from tailkd_ray.core.losses import tad_loss, tad_loss_from_summary
 from tailkd_ray.core.summary import bytes_per_position, default_chunk_tokens, summarize, summarize_hidden
 from tailkd_ray.data.corpus import train_bpe_tokenizer, write_builtin_corpus
-from tailkd_ray.train.strategies import lr_factor
+from tailkd_ray.train.strategies import lr_scheduler
 
 from tailkd_ray.models import inference_dtype
 
@@ -130,8 +131,8 @@ def train_small_teacher(args, root: Path) -> None:
     model = LlamaForCausalLM(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     warmup = max(1, args.train_steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
-        step, warmup_steps=warmup, max_steps=args.train_steps))  # the trainer's warmup + cosine
+    # the trainer's default schedule: warmup + cosine decay to 0
+    schedule = lr_scheduler(optimizer, TrainConfig(warmup_steps=warmup, max_steps=args.train_steps))
     blocks = train_ids[: (train_ids.numel() // args.seq_len) * args.seq_len].reshape(-1, args.seq_len)
     generator = torch.Generator().manual_seed(args.seed)
     student_step = max(1, args.train_steps // 5)

@@ -1,7 +1,7 @@
 """Strategies: one interface over FSDP2, DDP and DeepSpeed ZeRO-3 for the training loop (DESIGN §5).
 
 A strategy wraps the student (``models.StudentWithHead``) for its parallelism and owns the optimizer (AdamW)
-and the learning-rate schedule (linear warmup + cosine decay to 0, ``lr_factor``): the loop calls
+and the learning-rate schedule (``lr_scheduler``: ``train.lr_schedule``, built by transformers): the loop calls
 ``strategy(input_ids, head_fn)``, ``sync_context``, ``backward``, ``grad_norm``, ``step``, and for checkpoints
 ``save`` / ``load`` / ``full_state_dict``. FSDP2 and DDP checkpoint with ``torch.distributed.checkpoint``,
 DeepSpeed with its own ZeRO-partitioned checkpoints. bf16 on GPU only.
@@ -9,7 +9,6 @@ DeepSpeed with its own ZeRO-partitioned checkpoints. bf16 on GPU only.
 
 from __future__ import annotations
 
-import math
 from contextlib import nullcontext
 from typing import Optional
 
@@ -21,17 +20,27 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from transformers import (get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup,
+                          get_wsd_schedule)
 
-from tailkd_ray.config import Config
+from tailkd_ray.config import Config, TrainConfig
 from tailkd_ray.models import StudentWithHead, decoder_blocks
 
 
-def lr_factor(step: int, *, warmup_steps: int, max_steps: int) -> float:
-    """Linear warmup from lr/warmup to lr over ``warmup_steps``, then cosine decay to 0 at ``max_steps``."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(max_steps - warmup_steps, 1)
-    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+def lr_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """``train.lr_schedule`` as transformers builds it: linear warmup over ``warmup_steps`` (from 0; wsd and linear
+    from min_lr_ratio · lr), then cosine or linear decay to ``min_lr_ratio`` · lr at ``max_steps``, constant, or
+    warmup-stable-decay (a cosine decay over the last ``wsd_decay_steps``). Its state is checkpointed, so a resumed
+    run continues the schedule where it stopped."""
+    warmup, steps, ratio = train.warmup_steps, train.max_steps, train.min_lr_ratio
+    if train.lr_schedule == "cosine":
+        return get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup, steps, min_lr_rate=ratio)
+    if train.lr_schedule == "constant":
+        return get_constant_schedule_with_warmup(optimizer, warmup)
+    # linear: warmup-stable-decay without the stable phase (transformers' linear schedule has no floor).
+    decay = train.wsd_decay_steps() if train.lr_schedule == "wsd" else max(steps - warmup, 1)
+    return get_wsd_schedule(optimizer, warmup, decay, num_stable_steps=max(steps - warmup - decay, 0),
+                            decay_type="cosine" if train.lr_schedule == "wsd" else "linear", min_lr_ratio=ratio)
 
 
 class TorchStrategy:
@@ -45,7 +54,7 @@ class TorchStrategy:
         else:
             self.module = ray.train.torch.prepare_model(wrapper, move_to_device=device, parallel_strategy="ddp")
         self.optimizer = _adamw(self.module, cfg)
-        self.scheduler = _schedule(self.optimizer, cfg)
+        self.scheduler = lr_scheduler(self.optimizer, cfg.train)
 
     def __call__(self, input_ids, head_fn):
         return self.module(input_ids, head_fn)
@@ -110,7 +119,7 @@ class DeepSpeedStrategy:
         wrapper.register_for_zero3()
         optimizer = _adamw(wrapper, cfg)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=wrapper, optimizer=optimizer, lr_scheduler=_schedule(optimizer, cfg),
+            model=wrapper, optimizer=optimizer, lr_scheduler=lr_scheduler(optimizer, cfg.train),
             config=deepspeed_config(cfg, dist.get_world_size()))
 
     def __call__(self, input_ids, head_fn):
@@ -174,11 +183,6 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
 
 def _adamw(module: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     return torch.optim.AdamW(module.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-
-
-def _schedule(optimizer: torch.optim.Optimizer, cfg: Config):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
-        step, warmup_steps=cfg.train.warmup_steps, max_steps=cfg.train.max_steps))
 
 
 def _fully_shard(wrapper: nn.Module, device: torch.device, *, bf16: bool) -> nn.Module:
