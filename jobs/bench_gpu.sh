@@ -9,7 +9,7 @@
 # Each benchmark prints its table (absolute tokens/s, MFU against the GPU's bf16 peak, peak memory) and writes
 # OUT_DIR/<name>.json. A benchmark that fails or times out is reported and the next one still runs; the script
 # exits 1 if any failed. Environment (all optional):
-#   BENCHMARKS="loss summary teacher pipeline checkpoint"   the subset to run, in this order
+#   BENCHMARKS="loss summary teacher student pipeline checkpoint"   the subset to run, in this order
 #   REPEATS=2        interleaved repeats of the teacher, pipeline and checkpoint benchmarks (loss: 7)
 #   STEPS=40         optimizer steps per pipeline run (the first 8 are warm-up, left out of steady state)
 #   BENCH_TIMEOUT=0  seconds allowed to each benchmark (0: no limit), for leased machines
@@ -21,7 +21,7 @@ cd "$(dirname "$0")/.."
 
 OUT=${1:-runs/bench_gpu}
 PYTHON=${PYTHON:-python3}
-BENCHMARKS=${BENCHMARKS:-loss summary teacher pipeline checkpoint}
+BENCHMARKS=${BENCHMARKS:-loss summary teacher student pipeline checkpoint}
 REPEATS=${REPEATS:-2}
 STEPS=${STEPS:-40}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-0}
@@ -59,13 +59,17 @@ for name in $BENCHMARKS; do
     # Teacher scoring: the actor pool (one GPU actor) vs the same scorer in process.
     teacher) run teacher --device cuda --vocab $VOCAB --seq-len $SEQ --layers 28 --width 1536 --blocks 64 \
                --batch-size 4 --repeats "$REPEATS" $PEAK ;;
+    # The student's step (24 × 1024, bf16, one sequence of 4,096 tokens): activation checkpointing and compiled
+    # blocks (train.activation_checkpointing, train.compile) against plain, peak memory and seconds.
+    student) run student --device cuda --vocab $VOCAB --seq-len $SEQ --layers 24 --width 1024 --batch 1 --compile \
+               --repeats 5 --warmup 2 $PEAK ;;
     # Student training: teacher pool streaming vs Parquet cache vs a single-process loop.
     pipeline) run pipeline --device cuda --vocab $VOCAB --seq-len $SEQ --teacher-layers 28 --teacher-width 1536 \
                 --student-layers 24 --student-width 1024 --batch 2 --teacher-batch 2 --steps "$STEPS" \
                 --warmup-steps 8 --repeats "$REPEATS" $PEAK ;;
     # One checkpoint of the student (weights + AdamW state, from GPU memory): in place vs written locally and copied.
     checkpoint) run checkpoint --device cuda --vocab $VOCAB --layers 24 --width 1024 --repeats "$REPEATS" ;;
-    *) echo "BENCHMARKS: unknown benchmark '$name'; choose from: loss summary teacher pipeline checkpoint" >&2
+    *) echo "BENCHMARKS: unknown benchmark '$name'; choose from: loss summary teacher student pipeline checkpoint" >&2
        exit 2 ;;
   esac
 done

@@ -152,7 +152,11 @@ class LossConfig:
 class TrainConfig:
     num_workers: int = doc(2, "Ray Train workers (one per GPU on a GPU cluster).")
     use_gpu: bool = doc(False, "Train on GPUs.")
-    strategy: Literal["fsdp", "ddp", "deepspeed"] = doc("fsdp", "FSDP2, DDP or DeepSpeed ZeRO-3.")
+    strategy: Literal["fsdp", "ddp", "deepspeed"] = doc(
+        "fsdp", "FSDP2, DDP or DeepSpeed ZeRO-3. With use_gpu, FSDP2 computes in bf16 parameters and reduce-scatters "
+                "gradients in float32 (MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)) while "
+                "AdamW updates the float32 shards; DeepSpeed runs its bf16 mode; DDP and CPU runs stay float32. "
+                "AdamW is fused where torch has the kernel for the device (CUDA, CPU), else foreach.")
     max_steps: int = doc(100, "Optimizer steps.")
     batch_size: int = doc(8, "Sequences per worker per micro-step.")
     grad_accum: int = doc(1, "Micro-steps accumulated per optimizer step.")
@@ -175,6 +179,13 @@ class TrainConfig:
     max_nonfinite_steps: int = doc(0, "Optimizer steps whose loss or gradient norm is NaN/inf that may be skipped "
                                       "(no update; each logged in metrics.jsonl as kind nonfinite) before the run "
                                       "stops. 0: the first one stops the run. fsdp and ddp only.")
+    activation_checkpointing: bool = doc(False, "Recompute each decoder block's activations in backward instead of "
+                                                "keeping them (non-reentrant checkpoint per block, applied before "
+                                                "FSDP2 shards it; every strategy): less activation memory for about "
+                                                "one more forward of the blocks per step.")
+    compile: bool = doc(False, "torch.compile each decoder block on its own (regional compilation, after "
+                               "activation checkpointing, before FSDP2 sharding); fsdp and ddp only. Off until "
+                               "measured faster on GPU; the first steps pay the compilation.")
     seed: int = doc(0, "Seed of model init, data order and tail sampling.")
     run_name: str = doc("distill", "Ray Train run name; relaunching with the same name resumes.")
     resources_per_worker: dict = doc({}, "Custom Ray resources per trainer worker, e.g. {tailkd_training: 1}.")
@@ -205,6 +216,9 @@ class TrainConfig:
         if self.max_nonfinite_steps and self.strategy == "deepspeed":
             raise ConfigError("train.max_nonfinite_steps needs train.strategy fsdp or ddp: DeepSpeed applies its "
                               "optimizer step inside backward, before the step could be skipped")
+        if self.compile and self.strategy == "deepspeed":
+            raise ConfigError("train.compile needs train.strategy fsdp or ddp: ZeRO-3 gathers each layer's "
+                              "parameters in hooks inside the blocks, which a compiled block would trace")
         _check_resources("train.resources_per_worker", self.resources_per_worker)
 
     def wsd_decay_steps(self) -> int:

@@ -5,7 +5,8 @@
   the shared vocabulary; embeddings may be padded beyond it); ``shared_vocab_size``;
 - ``load_teacher``; ``student_config`` and ``build_student`` (the one student builder: an HF path, or overrides
   of the teacher's config initialised randomly (seeded) or by truncating the teacher); ``StudentWithHead``, the
-  wrapper the chunked objective runs in; ``llama_config`` / ``save_random_model``, the small random-weight models
+  wrapper the chunked objective runs in; ``prepare_decoder_blocks`` (activation checkpointing and regional
+  compilation of the student's blocks); ``llama_config`` / ``save_random_model``, the small random-weight models
   of the demo, the benchmarks and the tests.
 
 Truncation (``student.init: truncate``, as in the paper): every student tensor is copied from the teacher
@@ -404,14 +405,44 @@ def _compare_token_tables(teacher: Mapping[str, int], data: Mapping[str, int], t
                           f"{remedy}")
 
 
-def decoder_blocks(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks (HF's ``_no_split_modules`` classes): FSDP2 shards each one as a unit."""
+def decoder_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The transformer blocks (HF's ``_no_split_modules`` classes) with their qualified names."""
     names = set(getattr(model, "_no_split_modules", None) or ())
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    blocks = [(name, m) for name, m in model.named_modules() if type(m).__name__ in names]
     if not blocks:
-        raise ValueError(f"cannot find the decoder blocks of {type(model).__name__} (no _no_split_modules); "
-                         f"use train.strategy = ddp for this architecture")
+        raise ValueError(f"cannot find the decoder blocks of {type(model).__name__} (no _no_split_modules), which "
+                         f"FSDP2, train.activation_checkpointing and train.compile work on; use train.strategy = "
+                         f"ddp with both off for this architecture")
     return blocks
+
+
+def prepare_decoder_blocks(model: nn.Module, *, activation_checkpointing: bool, compile: bool) -> list[nn.Module]:
+    """Each decoder block as training runs it, put back in place of the block; returns them (FSDP2's units).
+
+    The order is torchtitan's: activation checkpointing wraps the block (PyTorch's ``checkpoint_wrapper``,
+    non-reentrant: the block's activations are recomputed in backward, inside the unit FSDP2 gathers for it and
+    with ZeRO-3's per-module gather hooks firing again), then the wrapped block is compiled on its own (regional
+    compilation: one small graph reused by every block), then the caller shards it. Both keep the parameter
+    names: the wrapper's prefix is removed by its state-dict hooks and by ``torch.distributed.checkpoint``, and
+    ``nn.Module.compile`` compiles in place.
+    """
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+
+    if activation_checkpointing and compile:
+        # Transformers' attention sets and resets a context variable (the `kernels` hub's kernel choice) in forward;
+        # dynamo refuses such a side effect inside a checkpoint, graph-breaks, and the block then runs uncompiled.
+        # Not replaying that set/reset pair in the recompute is harmless.
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    prepared = []
+    for name, block in decoder_blocks(model):
+        if activation_checkpointing:
+            block = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+            parent, _, child = name.rpartition(".")
+            model.get_submodule(parent).register_module(child, block)
+        if compile:
+            block.compile()
+        prepared.append(block)
+    return prepared
 
 
 HeadFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], object]
@@ -436,7 +467,8 @@ class StudentWithHead(nn.Module):
         return self.model.get_output_embeddings()
 
     def forward(self, input_ids: torch.Tensor, head_fn: HeadFn):
-        hidden = self.model.base_model(input_ids=input_ids).last_hidden_state
+        # No KV cache: training never reuses it, and a recomputed (checkpointed) block would append to it again.
+        hidden = self.model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
         return head_fn(hidden, self.head.weight, getattr(self.head, "bias", None))
 
     def register_for_zero3(self) -> None:

@@ -202,9 +202,23 @@ def test_checkpoint_quick(tmp_path):
     assert "in_place / copy" in stdout
 
 
+def test_student_quick(tmp_path):
+    """Activation checkpointing lowers the step's peak memory; each variant's ratio is its paired time over plain's."""
+    result, stdout = run_bench("student", "--quick", "--json", str(tmp_path / "student.json"))
+    check_meta(result, "student")
+    peak = result["peak_extra_bytes"]
+    assert set(peak) == {"plain", "ac"} and 0 < peak["ac"] < peak["plain"]
+    assert result["ac_saves_bytes"] == peak["plain"] - peak["ac"]
+    assert result["first_loss"]["ac"] == pytest.approx(result["first_loss"]["plain"], rel=1e-6)
+    assert result["ratios"]["ac"]["paired_ratios"] == pytest.approx(
+        [a / b for a, b in zip(result["seconds"]["ac"], result["seconds"]["plain"])])
+    assert set(result["mfu"].values()) == {None} and result["tokens_per_second"]["ac"] > 0  # CPU: no peak known
+    assert "activation checkpointing saves" in stdout
+
+
 def test_gpu_script_commands_parse():
     """jobs/bench_gpu.sh (run only where a GPU is): each command it would run is a valid bench.py invocation on cuda
-    at the realistic sizes (V = 151,936, T = 4,096), and it covers all four benchmarks."""
+    at the realistic sizes (V = 151,936, T = 4,096), and it covers every benchmark."""
     import os
     import shlex
 
@@ -217,14 +231,14 @@ def test_gpu_script_commands_parse():
     commands = [shlex.split(line[2:]) for line in out.stdout.splitlines() if line.startswith("+ ")]
     parsed = [build_parser().parse_args(argv[argv.index(str(BENCH.relative_to(BENCH.parents[1]))) + 1:])
               for argv in commands]
-    assert [args.command for args in parsed] == ["loss", "summary", "teacher", "pipeline", "checkpoint"]
+    assert [args.command for args in parsed] == ["loss", "summary", "teacher", "student", "pipeline", "checkpoint"]
     for args in parsed:
         assert args.json.startswith("/tmp/out/") and not args.quick
         vocab = args.synthetic_vocab if args.command == "summary" else args.vocab
         assert vocab == 151936, args.command
         if args.command != "summary":
             assert args.device == "cuda"
-        if args.command in ("teacher", "pipeline"):
+        if args.command in ("teacher", "student", "pipeline"):
             assert args.seq_len == 4096 and args.peak_tflops == 989.0
     (pipeline,) = [args for args in parsed if args.command == "pipeline"]
     assert (pipeline.student_layers, pipeline.student_width) == (24, 1024)  # a ~0.5B student

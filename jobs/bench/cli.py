@@ -1,5 +1,5 @@
-"""Benchmarks of the TAD loss, the teacher summary, the teacher actor pool, the whole training pipeline and its
-checkpoints (``jobs/bench.py``): one subcommand per module of ``BENCHMARKS``.
+"""Benchmarks of the TAD loss, the teacher summary, the teacher actor pool, the student step, the whole training
+pipeline and its checkpoints (``jobs/bench.py``): one subcommand per module of ``BENCHMARKS``.
 
 A benchmark module provides ``NAME`` (the subcommand), ``HELP`` (its one-line help), ``SIZES`` (``{"default":
 {...}, "quick": {...}}``: the value of every size flag left unset), ``add_arguments(parser)``, ``run(args) ->
@@ -17,10 +17,10 @@ from typing import Optional
 
 import torch
 
-from . import checkpoint, loss, pipeline, summary, teacher
+from . import checkpoint, loss, pipeline, student, summary, teacher
 from .measure import log, run_metadata
 
-BENCHMARKS = (loss, summary, teacher, pipeline, checkpoint)
+BENCHMARKS = (loss, summary, teacher, student, pipeline, checkpoint)
 
 
 def build_parser() -> argparse.ArgumentParser:

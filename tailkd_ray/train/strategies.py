@@ -4,7 +4,11 @@ A strategy wraps the student (``models.StudentWithHead``) for its parallelism an
 and the learning-rate schedule (``lr_scheduler``: ``train.lr_schedule``, built by transformers): the loop calls
 ``strategy(input_ids, head_fn)``, ``sync_context``, ``backward``, ``grad_norm``, ``step``, and for checkpoints
 ``save`` / ``load`` / ``full_state_dict``. FSDP2 and DDP checkpoint with ``torch.distributed.checkpoint``,
-DeepSpeed with its own ZeRO-partitioned checkpoints. bf16 on GPU only.
+DeepSpeed with its own ZeRO-partitioned checkpoints. bf16 on GPU only (``mixed_precision``).
+
+Before any wrapping, the student's decoder blocks get activation checkpointing and then regional compilation
+(``train.activation_checkpointing``, ``train.compile``; ``models.prepare_decoder_blocks``); FSDP2 then shards each
+prepared block as a unit, the order torchtitan uses (AC, compile, ``fully_shard`` per block, then the root).
 """
 
 from __future__ import annotations
@@ -12,7 +16,6 @@ from __future__ import annotations
 from contextlib import nullcontext
 from typing import Optional
 
-import ray.train.torch
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -20,11 +23,12 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
 from transformers import (get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup,
                           get_wsd_schedule)
 
 from tailkd_ray.config import Config, TrainConfig
-from tailkd_ray.models import StudentWithHead, decoder_blocks
+from tailkd_ray.models import StudentWithHead, prepare_decoder_blocks
 
 
 def lr_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
@@ -48,12 +52,15 @@ class TorchStrategy:
 
     def __init__(self, student: nn.Module, cfg: Config, device: torch.device):
         self.cfg = cfg
+        blocks = _prepare_blocks(student, cfg)
         wrapper = StudentWithHead(student)
         if cfg.train.strategy == "fsdp":
-            self.module = _fully_shard(wrapper, device, bf16=cfg.train.use_gpu)
+            self.module = _fully_shard(wrapper, blocks, device, mixed_precision(cfg.train.use_gpu))
         else:
-            self.module = ray.train.torch.prepare_model(wrapper, move_to_device=device, parallel_strategy="ddp")
-        self.optimizer = _adamw(self.module, cfg)
+            # torch's DDP directly (what ray.train.torch.prepare_model wraps), so the strategy runs outside Ray too.
+            self.module = DistributedDataParallel(wrapper.to(device),
+                                                  device_ids=[device] if device.type == "cuda" else None)
+        self.optimizer = _adamw(self.module, cfg, device)
         self.scheduler = lr_scheduler(self.optimizer, cfg.train)
 
     def __call__(self, input_ids, head_fn):
@@ -115,9 +122,10 @@ class DeepSpeedStrategy:
         import deepspeed  # deferred: slow to import, and only this strategy needs it
 
         self.cfg = cfg
+        _prepare_blocks(student, cfg)
         wrapper = StudentWithHead(student)
         wrapper.register_for_zero3()
-        optimizer = _adamw(wrapper, cfg)
+        optimizer = _adamw(wrapper, cfg, device)  # DeepSpeed moves the parameters to device
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=wrapper, optimizer=optimizer, lr_scheduler=lr_scheduler(optimizer, cfg.train),
             config=deepspeed_config(cfg, dist.get_world_size()))
@@ -181,15 +189,43 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     }
 
 
-def _adamw(module: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(module.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+def adamw_implementation(device: torch.device) -> dict:
+    """AdamW's kernel for parameters on ``device``: ``fused`` (one kernel for all parameters' updates) where torch
+    has it for the device type (CUDA; CPU too since torch 2.4), else ``foreach`` (batched per-op kernels)."""
+    # torch's own list of device types with fused optimizer kernels (what AdamW(fused=True) checks against).
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    return {"fused": True} if device.type in _get_fused_kernels_supported_devices() else {"foreach": True}
 
 
-def _fully_shard(wrapper: nn.Module, device: torch.device, *, bf16: bool) -> nn.Module:
-    """FSDP2: each decoder block is a unit, then the root (embeddings, final norm, LM head)."""
+def _adamw(module: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(module.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                             **adamw_implementation(device))
+
+
+def _prepare_blocks(student: nn.Module, cfg: Config) -> list[nn.Module]:
+    """The decoder blocks with AC / compilation applied (``models.prepare_decoder_blocks``), when FSDP2 shards
+    them or either is on; DDP and DeepSpeed with both off need no blocks (any architecture)."""
+    train = cfg.train
+    if train.strategy != "fsdp" and not (train.activation_checkpointing or train.compile):
+        return []
+    return prepare_decoder_blocks(student, activation_checkpointing=train.activation_checkpointing,
+                                  compile=train.compile)
+
+
+def mixed_precision(use_gpu: bool) -> MixedPrecisionPolicy:
+    """FSDP2's policy: on GPU, bf16 parameters for compute (the float32 shards stay the optimizer's) and gradients
+    reduce-scattered in float32; on CPU, float32 throughout."""
+    if use_gpu:
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def _fully_shard(wrapper: nn.Module, blocks: list[nn.Module], device: torch.device,
+                 policy: MixedPrecisionPolicy) -> nn.Module:
+    """FSDP2: each (prepared) decoder block is a unit, then the root (embeddings, final norm, LM head)."""
     wrapper.to(device)
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
-    for block in decoder_blocks(wrapper.model):
+    for block in blocks:
         fully_shard(block, mp_policy=policy)
     fully_shard(wrapper, mp_policy=policy)
     return wrapper
