@@ -5,7 +5,8 @@ Every subcommand that takes ``--config F`` accepts dotted overrides after it, e.
 
 A ``TailKDError`` (bad config, data, cache, vocabulary, cluster), also one raised inside a Ray worker, is
 printed as one line ``tailkd <command>: <message>`` with exit status 2; ``tailkd --debug <command>`` or
-``TAILKD_DEBUG=1`` prints the full traceback before it. Other exceptions propagate as tracebacks (bugs).
+``TAILKD_DEBUG=1`` prints the full traceback before it. Other exceptions propagate as tracebacks (bugs). An
+interrupted command (Ctrl-C, SIGINT) prints one line saying how to resume and exits with status 130.
 """
 
 from __future__ import annotations
@@ -117,11 +118,34 @@ def _names_a_model(config) -> bool:
     return config.teacher.model is not None or config.student.model is not None
 
 
+# What running the same command again does after an interruption (Ctrl-C / SIGINT).
+RESUME = {
+    "distill": "to resume from the latest checkpoint (same output_dir and train.run_name)",
+    "score": "to resume the teacher pass (same summary.cache_dir; finished shards are kept)",
+    "tune": "to resume the search (same output_dir; finished trials are kept)",
+    "demo": "to resume (what is finished is reused)",
+    "eval": "to evaluate again",
+    "config": "",
+}
+
+
+def interrupted_line(command: str) -> str:
+    """The one line printed when a command is interrupted (exit status 130, as a shell reports SIGINT)."""
+    return f"tailkd {command}: interrupted; run the same command again {RESUME[command]}".rstrip()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
     try:
         result = run(args)
+    except (KeyboardInterrupt, SystemExit) as stop:
+        # Ctrl-C: Python's KeyboardInterrupt, or, during training, Ray Train's own SIGINT handler, which aborts the
+        # run's workers and leaves ray.get by SystemExit. Nothing else in a command exits that way.
+        if args.debug or os.environ.get("TAILKD_DEBUG", "") not in ("", "0"):
+            traceback.print_exception(stop, file=sys.stderr)
+        print(interrupted_line(args.command), file=sys.stderr)
+        return 130
     except Exception as error:
         user_error = find_tailkd_error(error)  # also when Ray wrapped it on the way from a worker
         if user_error is None:

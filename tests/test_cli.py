@@ -133,3 +133,25 @@ def test_vocabulary_mismatch_in_a_teacher_actor_is_one_line(ray_session, tiny_ll
     assert [line for line in lines if line.startswith("tailkd ")] == lines[-1:]
     assert lines[-1].startswith("tailkd score: block_hash=") and "token id 320 at position 1" in lines[-1]
     assert "is outside the teacher's vocabulary [0, 320)" in lines[-1]
+
+
+@pytest.mark.ray
+def test_eval_of_a_runs_student_leaves_the_runs_eval_json(ray_session, tiny_llama_dir, builtin_corpus, tmp_path,
+                                                          capsys):
+    """`tailkd eval` pointed at a run's output_dir writes beside the student (student_eval.json), never over the
+    run's own eval.json."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_llama_dir, run / "student")
+    (run / "eval.json").write_text('{"val_loss": 1.0}\n')
+    _, val_dir = builtin_corpus
+    corpus = tmp_path / "val.txt"
+    corpus.write_text("".join(p.read_text() for p in sorted(val_dir.glob("*.txt")))[:3000])
+    (tmp_path / "none.yaml").write_text("{}\n")
+    assert main(["eval", "--config", str(tmp_path / "none.yaml"), f"teacher.model={tiny_llama_dir}",
+                 f"data.val={corpus}", "data.seq_len=32", f"output_dir={run}", "--student", str(run / "student")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert (run / "eval.json").read_text() == '{"val_loss": 1.0}\n'
+    written = json.loads((run / "student_eval.json").read_text())
+    assert printed["eval_json"] == str(run / "student_eval.json") and written["kl_to_teacher"] == pytest.approx(0, abs=1e-5)

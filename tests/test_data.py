@@ -158,15 +158,23 @@ def test_bad_text_files_are_counted_and_a_huge_document_packs(ray_session, tiny_
     (tmp_path / "b_empty.txt").write_text("", encoding="utf-8")
     (tmp_path / "c_bad.txt").write_bytes(b"caf\xe9 in latin-1")
     (tmp_path / "d_huge.txt").write_text(huge, encoding="utf-8")
+    (tmp_path / "e_nul.txt").write_bytes(b"\0" * 100_000 + b"a few words")  # issue 18: trained on as NUL tokens
     blocks, report = _pack(tmp_path, tiny_tokenizer_dir, text_document="file")
     stream = _stream(tokenizer, [DOCS[0], huge])
     n = len(stream) // (SEQ_LEN + 1)
     assert len(blocks) == n > 10_000
     np.testing.assert_array_equal(blocks.reshape(-1), stream[: n * (SEQ_LEN + 1)])
-    assert report.documents == 4 and report.skipped == {"empty": 1, "null": 0, "invalid_utf8": 1, "out_of_vocab": 0}
+    assert report.documents == 5 and report.skipped == {"empty": 1, "null": 0, "invalid_utf8": 1, "control_chars": 1,
+                                                        "out_of_vocab": 0}
     assert report.skipped_examples == [f"empty: {tmp_path / 'b_empty.txt'}",
-                                       f"invalid_utf8: {tmp_path / 'c_bad.txt'} (byte 3)"]
-    assert "1 empty, 1 invalid_utf8" in report.summary()
+                                       f"invalid_utf8: {tmp_path / 'c_bad.txt'} (byte 3)",
+                                       f"control_chars: {tmp_path / 'e_nul.txt'}"]
+    assert "1 empty, 1 invalid_utf8, 1 control_chars" in report.summary()
+
+
+def test_mostly_control_characters():
+    assert pack.mostly_control("\0" * 6 + "abcde") and pack.mostly_control("\x1b\x7f\x85")
+    assert not pack.mostly_control("\0" * 5 + "abcde") and not pack.mostly_control("a\tb\n\r\n") and not pack.mostly_control("")
 
 
 def test_bad_lines_are_counted_with_their_line(ray_session, tiny_tokenizer_dir, tokenizer, tmp_path):
@@ -184,7 +192,7 @@ def test_out_of_vocab_and_null_rows_are_counted(ray_session, tiny_tokenizer_dir,
     pq.write_table(pa.table({"input_ids": good[:3] + [[5, 320, 6], [-1], None, []] + good[3:]}),
                    tmp_path / "t.parquet")
     blocks, report = _pack(tmp_path / "t.parquet", tiny_tokenizer_dir, fmt="tokens")
-    assert report.skipped == {"empty": 1, "null": 1, "invalid_utf8": 0, "out_of_vocab": 2}
+    assert report.skipped == {"empty": 1, "null": 1, "invalid_utf8": 0, "control_chars": 0, "out_of_vocab": 2}
     stream = _stream(tokenizer, DOCS)
     assert report.documents == len(DOCS) + 4 and report.tokens == len(stream)
     np.testing.assert_array_equal(blocks.reshape(-1), stream[: blocks.size])

@@ -15,8 +15,9 @@ Determinism: batches are fixed ranges of documents in file order (sorted paths, 
 blocks in the same order (the train/val split, ``splits.py``, is a hash of seed and ids). Shuffling is left to
 the trainer (e.g. ``random_shuffle(seed=train.seed)`` or a seeded local shuffle buffer).
 
-Bad input: documents the reader marked (empty, null, invalid UTF-8) and pre-tokenized documents holding ids
-outside the vocabulary are skipped and counted in the ``IngestReport`` with their first locations (file, or
+Bad input: documents the reader marked (empty, null, invalid UTF-8), text documents that are mostly control
+characters (a file of NUL bytes, binary data read as text: ``mostly_control``) and pre-tokenized documents holding
+ids outside the vocabulary are skipped and counted in the ``IngestReport`` with their first locations (file, or
 file:line). A huge document is tokenized in slices of ``_SLICE_CHARS`` characters cut where a whitespace run
 starts (exact for byte-level BPE tokenizers) and packs into as many blocks as it needs.
 
@@ -145,7 +146,9 @@ class _TokenizeAndPack:
         sources = batch["source"].to_pylist()
         skips = batch["skip"].to_pylist()
         if "text" in batch.column_names:
-            ids = self._tokenize(batch["text"].to_pylist(), skips)
+            texts = batch["text"].to_pylist()
+            skips = [skip or ("control_chars" if mostly_control(text) else "") for text, skip in zip(texts, skips)]
+            ids = self._tokenize(texts, skips)
         else:
             ids, skips, sources = self._checked_ids(batch["input_ids"], skips, sources)
         counts, examples, stream = Counter(), [], []
@@ -190,6 +193,16 @@ class _TokenizeAndPack:
             checked.append(skip)
             located.append(source)
         return ids, checked, located
+
+
+# C0 and C1 control characters but tab, newline and carriage return, mapped for deletion by str.translate.
+_CONTROLS = dict.fromkeys([*(c for c in range(32) if chr(c) not in "\t\n\r"), *range(127, 160)])
+MAX_CONTROL_SHARE = 0.5  # a document with a larger share of them is not text
+
+
+def mostly_control(text) -> bool:
+    """Whether more than ``MAX_CONTROL_SHARE`` of a document's characters are control characters."""
+    return bool(text) and len(text) - len(text.translate(_CONTROLS)) > MAX_CONTROL_SHARE * len(text)
 
 
 def split_text(text: str, max_chars: int) -> list[str]:

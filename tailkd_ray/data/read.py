@@ -25,7 +25,7 @@ import ray.data
 from tailkd_ray.config import DataConfig
 from tailkd_ray.errors import DataError
 
-SKIP_REASONS = ("empty", "null", "invalid_utf8", "out_of_vocab")
+SKIP_REASONS = ("empty", "null", "invalid_utf8", "control_chars", "out_of_vocab")
 
 
 def expand_paths(pattern: str) -> list[str]:

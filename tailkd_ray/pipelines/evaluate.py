@@ -3,7 +3,11 @@
 
     _setup_models   the student (wrapped for the chunked metrics) and the teacher, on the GPU if there is one
     validation_dataset   the val blocks: data.val, else the held-out share of data.train
-    evaluate        the metrics of core.metrics -> OUT/eval.json
+    evaluate        the metrics of core.metrics -> <student>_eval.json beside the student
+
+The metrics go beside the student evaluated (``runs/x/student`` -> ``runs/x/student_eval.json``), never to
+``output_dir/eval.json``: pointed at a run's output_dir, an evaluation would otherwise overwrite that run's own
+(summary-based) record of its last validation.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from tailkd_ray.train.runlog import write_eval_json
 
 
 def evaluate_student(cfg: Config, student_path: Union[str, Path]) -> dict:
-    """Evaluate the student at ``student_path``; writes ``output_dir/eval.json`` and returns the metrics."""
+    """Evaluate the student at ``student_path``; writes ``<student_path>_eval.json`` (``student_eval_path``) and
+    returns the metrics, with ``eval_json``: where they were written."""
     init_ray()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     student, teacher = _setup_models(cfg, student_path, device)
@@ -37,8 +42,15 @@ def evaluate_student(cfg: Config, student_path: Union[str, Path]) -> dict:
                                                                student_rows), k=cfg.loss.k,
                        chunk_tokens=cfg.loss.chunk_tokens, device=device)
     metrics.update(kl_source="exact", student=str(student_path))
-    write_eval_json(metrics, cfg.output_dir)
-    return metrics
+    target = student_eval_path(student_path)
+    write_eval_json(metrics, target.parent, target.name)
+    return {**metrics, "eval_json": str(target)}
+
+
+def student_eval_path(student_path: Union[str, Path]) -> Path:
+    """Where ``tailkd eval`` writes a student's metrics: beside its directory, ``<name>_eval.json``."""
+    student = Path(student_path).absolute()
+    return student.parent / f"{student.name}_eval.json"
 
 
 def _setup_models(cfg: Config, student_path: Union[str, Path], device: str):

@@ -9,6 +9,10 @@ Every ``metrics.jsonl`` line is one JSON record that names its ``kind`` (``KINDS
 - ``resume``: a restarted or relaunched attempt (resumed_from_step, epoch, batches_in_epoch);
 - ``nonfinite``: a step skipped for a NaN/inf loss or gradient (problem, skipped).
 
+Each attempt of a run (a first launch, a relaunch, a restarted worker group) starts with its ``setup`` record at the
+step it starts from; the records of later steps that an earlier attempt wrote are redone by this one, so they are
+marked ``"superseded": true`` in the file then, and ``read_records`` leaves them out: one record per step.
+
 Rank 0 writes; ``read_records`` is the one reader (Tune's results, the demo's curves, the benchmarks, tests).
 ``run_complete`` is the one rule for a run that has nothing left to do: its eval.json and exported student exist.
 """
@@ -25,6 +29,8 @@ METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.json"
 STUDENT_DIR = "student"
 KINDS = ("step", "eval", "setup", "checkpoint", "export", "resume", "nonfinite")
+REDONE_KINDS = ("step", "eval", "checkpoint", "export", "nonfinite")  # what an attempt redoes after its start step
+SUPERSEDED = "superseded"
 _TENSORBOARD_SECTION = {"step": "train", "eval": "val"}  # every other kind goes to "run"
 
 PathLike = Union[str, Path]
@@ -48,6 +54,8 @@ class RunLog:
         if self.writer is None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self.writer = SummaryWriter(str(self.out_dir / "tensorboard"))
+        if kind == "setup":
+            _mark_superseded(self.out_dir / METRICS_FILE, after_step=record["step"])
         with (self.out_dir / METRICS_FILE).open("a") as f:
             f.write(json.dumps({"kind": kind, **record}) + "\n")
         section = _TENSORBOARD_SECTION.get(kind, "run")
@@ -62,14 +70,30 @@ class RunLog:
 
 
 def read_records(out_dir: PathLike, kind: Optional[str] = None) -> list[dict]:
-    """The records of a run's metrics.jsonl in order (only those of ``kind`` when given); [] before its first."""
+    """The records of a run's metrics.jsonl in order (only those of ``kind`` when given), superseded ones left out
+    (see the module doc); [] before its first."""
     path = Path(out_dir) / METRICS_FILE
     records = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-    return [r for r in records if kind is None or r["kind"] == kind]
+    return [r for r in records if (kind is None or r["kind"] == kind) and not r.get(SUPERSEDED)]
 
 
-def write_eval_json(metrics: dict, out_dir: PathLike) -> Path:
-    path = Path(out_dir) / EVAL_FILE
+def _mark_superseded(path: Path, *, after_step: int) -> None:
+    """Mark the records of steps after ``after_step`` that an attempt starting there will redo (atomic rewrite)."""
+    if not path.is_file():
+        return
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    redone = [r for r in records if r["kind"] in REDONE_KINDS and r["step"] > after_step and not r.get(SUPERSEDED)]
+    if not redone:
+        return
+    for record in redone:
+        record[SUPERSEDED] = True
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text("".join(json.dumps(r) + "\n" for r in records))
+    partial.replace(path)
+
+
+def write_eval_json(metrics: dict, out_dir: PathLike, name: str = EVAL_FILE) -> Path:
+    path = Path(out_dir) / name
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     return path
