@@ -202,9 +202,12 @@ def build_student(cfg: Config, *, teacher_state: Optional[dict] = None) -> nn.Mo
             teacher_config = _teacher_config(cfg.teacher)
             check_truncatable(teacher_config, config)
             truncate_into(model, teacher_state, teacher_config)
-    if cfg.teacher.model is not None:
+    tokenizer_path = data_tokenizer_path(cfg)
+    tokenizer = None if tokenizer_path is None else _shipped_tokenizer(
+        tokenizer_path, cfg.teacher.trust_remote_code and tokenizer_path == cfg.teacher.model)
+    if tokenizer is not None:  # without one (a config-only teacher) the driver's check_vocab_compatible refused
         require_rows_for_tokens("the built student", model.get_output_embeddings().weight.shape[0],
-                                shared_vocab_size(cfg), data_tokenizer_path(cfg))
+                                tokenizer_size(tokenizer), tokenizer_path)
     return model
 
 
@@ -297,13 +300,21 @@ def model_vocab_size(config) -> int:
 
 
 def shared_vocab_size(cfg: Config) -> int:
-    """The shared vocabulary: the data tokenizer's length (``len(tokenizer)``, added tokens included). Teacher and
+    """The shared vocabulary: the data tokenizer's size (``tokenizer_size``: ``len(tokenizer)``, added tokens
+    included, for dense vocabularies). Teacher and
     student embeddings may have more rows (padded to a multiple, e.g. Qwen2.5: 151,665 tokens, 151,936 or 152,064
     rows); ids beyond it are padding rows, which the summaries and losses never name (DESIGN §3)."""
     path = data_tokenizer_path(cfg)
     if path is None:
         raise ConfigError("no tokenizer: set teacher.model (its tokenizer) or data.tokenizer")
-    return len(load_tokenizer(path, trust_remote_code=cfg.teacher.trust_remote_code and path == cfg.teacher.model))
+    return tokenizer_size(load_tokenizer(path, trust_remote_code=cfg.teacher.trust_remote_code
+                                         and path == cfg.teacher.model))
+
+
+def tokenizer_size(tokenizer) -> int:
+    """Token ids a tokenizer can produce: its largest id + 1 (``len(tokenizer)`` for the usual dense vocabularies;
+    larger when ids have gaps below the special tokens)."""
+    return max(tokenizer.get_vocab().values()) + 1
 
 
 def require_rows_for_tokens(model_name: str, rows: int, shared: int, tokenizer_name: str) -> None:
@@ -328,7 +339,7 @@ def require_reverse_kl_support(cfg: Config, shared_vocab: int) -> None:
 def check_vocab_compatible(teacher_path: str, student: Optional[str | Mapping[str, Any]],
                            tokenizer_path: Optional[str], *, trust_remote_code: bool = False) -> int:
     """Check that teacher, student and data tokenizer share one token table; return its length (the shared
-    vocabulary, ``len(tokenizer)``).
+    vocabulary, ``tokenizer_size``).
 
     - the data tokenizer's token table must equal the teacher's tokenizer's (when the teacher ships one), and so
       must the student's (when ``student`` is a model path that ships one): ``VocabularyError`` naming both and the
@@ -346,7 +357,7 @@ def check_vocab_compatible(teacher_path: str, student: Optional[str | Mapping[st
         student_vocab = (student or {}).get("vocab_size", teacher_vocab)
         student_name = "student (student.config)"
     teacher_tokenizer, data_tokenizer, data_name = _data_tokenizer(teacher_path, tokenizer_path, trust_remote_code)
-    shared = len(data_tokenizer)
+    shared = tokenizer_size(data_tokenizer)
     for name, rows in ((f"teacher {teacher_path}", teacher_vocab), (student_name, student_vocab)):
         require_rows_for_tokens(name, rows, shared, data_name)
     if teacher_tokenizer is None:
