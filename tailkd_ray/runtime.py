@@ -92,7 +92,7 @@ def init_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env=runtime_env, **options)
     else:
-        _start_local_ray(runtime_env, options)
+        start_local_ray(runtime_env, num_cpus=max(8, os.cpu_count() or 1), **options)
     context = ray.data.DataContext.get_current()  # copied into every dataset built from here on
     context.enable_progress_bars = context.print_on_execution_start = not quiet
     if quiet:
@@ -100,7 +100,11 @@ def init_ray() -> None:
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
-def _start_local_ray(runtime_env: dict, options: dict, attempts: int = 3) -> None:
+def start_local_ray(runtime_env: dict, *, num_cpus: int, attempts: int = 3, **options) -> None:
+    """A local Ray with ``num_cpus`` logical CPUs and its dashboard on a free loopback port, whose address its
+    workers get through ``runtime_env`` (see the module doc); ``options`` go to ``ray.init``. The tests' shared Ray
+    starts here too: without a dashboard, Train's placement-group cleaner finds no state API of its own and, beside
+    another Ray on the machine, dies on "Found multiple active Ray instances"."""
     import ray  # deferred, as every Ray import here (see init_ray)
 
     for attempt in range(attempts):
@@ -110,7 +114,7 @@ def _start_local_ray(runtime_env: dict, options: dict, attempts: int = 3) -> Non
             # Only this Ray's workers get the address (runtime_env), never os.environ: the raylet of any later
             # local Ray started by this process would inherit it and its cleaner ask this (then dead, or
             # another Ray's) dashboard, which removes live placement groups.
-            ray.init(address="local", num_cpus=max(8, os.cpu_count() or 1), include_dashboard=True,
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
                      dashboard_host="127.0.0.1", dashboard_port=port, runtime_env=runtime_env, **options)
             return
         except Exception as error:  # another process took the port between probe and bind: try another one

@@ -22,24 +22,16 @@ TINY_VOCAB = 320
 
 
 def start_shared_ray() -> None:
-    """Start the session's local Ray: 8 logical CPUs (oversubscribing the 2 real cores), no dashboard.
+    """Start the session's local Ray: 8 logical CPUs (oversubscribing the 2 real cores), as ``tailkd`` starts one
+    (``runtime.start_local_ray``: its own dashboard, whose address only its workers get, so Ray Train's
+    placement-group cleaner asks this Ray, not another one on the machine).
 
     Also used by tests that must stop it to start a multi-node ``ray.cluster_utils.Cluster`` (test_placement.py)
     and restart it afterwards for the tests that follow.
     """
-    import socket
+    from tailkd_ray.runtime import start_local_ray
 
-    import ray
-
-    # Without a dashboard Ray still records 127.0.0.1:8265 as this cluster's state-API address. On a shared
-    # machine that can be another Ray's dashboard, which does not know our actors: Ray Train V2's
-    # PlacementGroupCleaner then takes a live controller for dead and removes its workers' placement group
-    # ("Destroying worker since its placement group was removed"). A port nobody listens on makes the
-    # cleaner's liveness query fail instead, which it tolerates.
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        unused_port = probe.getsockname()[1]
-    ray.init(address="local", num_cpus=8, include_dashboard=False, dashboard_port=unused_port, log_to_driver=False)
+    start_local_ray({"env_vars": {}}, num_cpus=8, log_to_driver=False)
 
 
 @pytest.fixture(scope="session")
