@@ -98,6 +98,10 @@ class DataConfig:
     text_column: str = doc("text", "Text column of jsonl / parquet corpora.")
     tokens_column: str = doc("input_ids", "Token-id list column of `tokens` corpora (parquet or jsonl).")
     tokenizer: Optional[str] = doc(None, "Tokenizer path; null = the teacher's.")
+    add_bos: Optional[bool] = doc(None, "Start every document with the tokenizer's BOS token (each is followed by "
+                                        "EOS either way). null = what the tokenizer does with add_special_tokens=True "
+                                        "(Llama 3: BOS; Qwen2.5, GPT-2: none); `tokens` corpora are kept as given "
+                                        "unless this is true.")
     seq_len: int = doc(512, "Tokens per training sequence (blocks are packed with seq_len + 1 tokens).")
     val_fraction: float = doc(0.02, "Fraction of packed blocks held out when `data.val` is null.")
     tokenizer_actors: int = doc(4, "Maximum tokenizer actors (1 CPU each); the pool autoscales from 1.")

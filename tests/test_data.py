@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -237,3 +238,48 @@ def test_a_tokenizer_without_eos_is_refused(tiny_tokenizer_dir, tmp_path):
     PreTrainedTokenizerFast(tokenizer_file=str(tiny_tokenizer_dir / "tokenizer.json")).save_pretrained(tmp_path)
     with pytest.raises(DataError, match="has no eos token"):
         check_packing_tokenizer(load_tokenizer(tmp_path))
+
+
+# --- BOS per document (data.add_bos) -----------------------------------------------------------------------------
+FIXTURES = Path(__file__).parent / "fixtures" / "configs"
+LLAMA3, QWEN = FIXTURES / "meta-llama-3-8b", FIXTURES / "qwen2.5-7b"  # the tokenizer adds BOS / does not
+
+
+@pytest.mark.parametrize("tokenizer_dir, fields, bos", [
+    (LLAMA3, {}, 128000), (LLAMA3, {"add_bos": False}, None), (LLAMA3, {"format": "tokens"}, None),
+    (LLAMA3, {"format": "tokens", "add_bos": True}, 128000), (QWEN, {}, None), (QWEN, {"add_bos": False}, None),
+])
+def test_document_bos_follows_the_tokenizer_unless_set(tokenizer_dir, fields, bos):
+    assert pack.document_bos_id(load_tokenizer(tokenizer_dir), DataConfig(**fields)) == bos
+
+
+def test_bos_asked_of_a_tokenizer_without_one_is_refused(tiny_tokenizer_dir):
+    for tokenizer_dir in (QWEN, tiny_tokenizer_dir):
+        with pytest.raises(DataError, match="data.add_bos is true but tokenizer .* has no bos token"):
+            pack.document_bos_id(load_tokenizer(tokenizer_dir), DataConfig(add_bos=True))
+
+
+@pytest.mark.parametrize("add_bos", [None, False])
+def test_packed_documents_start_with_bos_when_the_tokenizer_adds_one(ray_session, tmp_path, add_bos):
+    tokenizer = load_tokenizer(LLAMA3)
+    (tmp_path / "docs.txt").write_text("\n".join(DOCS) + "\n", encoding="utf-8")
+    blocks, report = _pack(tmp_path / "docs.txt", LLAMA3, text_document="line", add_bos=add_bos)
+    bos = [] if add_bos is False else [tokenizer.bos_token_id]
+    stream = np.array([i for doc in DOCS for i in bos + tokenizer(doc, add_special_tokens=False)["input_ids"]
+                       + [tokenizer.eos_token_id]], np.int32)
+    n = len(stream) // (SEQ_LEN + 1)
+    np.testing.assert_array_equal(blocks.reshape(-1), stream[: n * (SEQ_LEN + 1)])
+    assert report.tokens == len(stream)
+    if add_bos is None:  # what the tokenizer itself gives for the first document, then its EOS
+        first = tokenizer(DOCS[0])["input_ids"]
+        assert blocks[0, : len(first) + 1].tolist() == first + [tokenizer.eos_token_id]
+
+
+def test_cache_identity_records_whether_documents_start_with_bos(builtin_corpus):
+    from tailkd_ray.teacher.cache import cache_identity
+
+    def identity(*overrides):
+        cfg = load_config(None, [f"teacher.model={LLAMA3}", f"data.train={builtin_corpus[0]}", *overrides])
+        return cache_identity(cfg, teacher_id={}, split="train")
+
+    assert identity()["document_bos"] is True and identity("data.add_bos=false")["document_bos"] is False

@@ -5,8 +5,9 @@
           --map_batches(_TokenizeAndPack, ActorPoolStrategy)--> full blocks + one tail row per batch
           --materialize--> the tails, in order, packed into the last blocks
 
-Blocks: ``input_ids`` int32 arrays of ``seq_len + 1`` ids. Documents are tokenized without special tokens
-(no BOS) and each is followed by EOS; the stream of a batch is cut into blocks and its remainder (the tail,
+Blocks: ``input_ids`` int32 arrays of ``seq_len + 1`` ids. Documents are tokenized without special tokens, start
+with the tokenizer's BOS when ``data.add_bos`` says so (``document_bos_id``: by default when the tokenizer adds one
+itself, as Llama 3's does) and each is followed by EOS; the stream of a batch is cut into blocks and its remainder (the tail,
 < seq_len + 1 ids) travels with the batch's counts on one extra row. The driver concatenates the tails in
 batch order and packs them too, so only the final partial block of a corpus is dropped (and counted).
 
@@ -36,6 +37,7 @@ import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 import ray.data
@@ -62,7 +64,7 @@ class IngestReport:
     documents: int = 0  # documents read, kept or skipped
     skipped: dict = field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
     skipped_examples: list = field(default_factory=list)  # "reason: file[:line]", the first few per reason
-    tokens: int = 0  # ids of the kept documents, one EOS each included
+    tokens: int = 0  # ids of the kept documents, one EOS (and BOS, data.add_bos) each included
     blocks: int = 0  # packed blocks of seq_len + 1 ids
     dropped_tokens: int = 0  # ids of each corpus's final partial block
     train_blocks: int = 0
@@ -83,13 +85,14 @@ def tokenize_and_pack(docs: ray.data.Dataset, tokenizer, data_cfg: DataConfig, *
     tokenizer with an EOS token (``check_packing_tokenizer``). The work is executed here; its exact counts are
     added to ``stats`` when given."""
     check_packing_tokenizer(tokenizer)
+    bos_id = document_bos_id(tokenizer, data_cfg)
     block_len = data_cfg.seq_len + 1
     per_batch = _DOCS_PER_BATCH[_batch_kind(data_cfg)]
     docs.context.execution_options.preserve_order = True  # batches = fixed ranges of documents
     rows = docs.repartition(target_num_rows_per_block=per_batch, strict=True).map_batches(
         _TokenizeAndPack,
         fn_constructor_kwargs={"tokenizer_json": tokenizer.backend_tokenizer.to_str(),
-                               "eos_id": tokenizer.eos_token_id, "vocab_size": len(tokenizer),
+                               "eos_id": tokenizer.eos_token_id, "bos_id": bos_id, "vocab_size": len(tokenizer),
                                "block_len": block_len},
         batch_size=per_batch, batch_format="pyarrow", num_cpus=1,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=data_cfg.tokenizer_actors))
@@ -120,6 +123,22 @@ def check_packing_tokenizer(tokenizer) -> None:
                         f"set eos_token in its tokenizer_config.json")
 
 
+def document_bos_id(tokenizer, data_cfg: DataConfig) -> Optional[int]:
+    """The id every document starts with, or None: ``data.add_bos``, where null follows the tokenizer (BOS when its
+    ``add_special_tokens=True`` encoding starts with its BOS token and the plain one does not) for text, and keeps
+    ``tokens`` corpora as given. A DataError when BOS is asked for but the tokenizer has none."""
+    if data_cfg.add_bos is None:
+        if data_cfg.format == "tokens" or tokenizer.bos_token_id is None:
+            return None
+        with_special, plain = (tokenizer("a", add_special_tokens=flag)["input_ids"] for flag in (True, False))
+        adds = with_special[:1] == [tokenizer.bos_token_id] and plain[:1] != [tokenizer.bos_token_id]
+        return tokenizer.bos_token_id if adds else None
+    if data_cfg.add_bos and tokenizer.bos_token_id is None:
+        raise DataError(f"data.add_bos is true but tokenizer {tokenizer.name_or_path} has no bos token: set "
+                        f"data.add_bos: false (or null), or bos_token in its tokenizer_config.json")
+    return tokenizer.bos_token_id if data_cfg.add_bos else None
+
+
 def _batch_kind(data_cfg: DataConfig) -> str:
     if data_cfg.format == "text":
         return data_cfg.text_document
@@ -133,12 +152,13 @@ class _TokenizeAndPack:
     It runs the fast tokenizer's own Rust tokenizer (``backend_tokenizer``, what ``tokenizer(texts,
     add_special_tokens=False)`` calls), rebuilt from its JSON (see the module doc)."""
 
-    def __init__(self, tokenizer_json: str, eos_id: int, vocab_size: int, block_len: int):
+    def __init__(self, tokenizer_json: str, eos_id: int, bos_id: Optional[int], vocab_size: int, block_len: int):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one CPU per actor: no Rust thread pool
         self._tokenizer = Tokenizer.from_str(tokenizer_json)
         self._tokenizer.no_truncation()  # as the HF wrapper does when no max_length is asked for
         self._tokenizer.no_padding()
         self._eos = np.array([eos_id], np.int32)
+        self._bos = np.array([] if bos_id is None else [bos_id], np.int32)  # before each document
         self._vocab_size = vocab_size
         self._block_len = block_len
 
@@ -159,7 +179,7 @@ class _TokenizeAndPack:
                 if counts[skip] <= _EXAMPLES_PER_REASON:
                     examples.append(f"{skip}: {source}")
                 continue
-            stream += [doc_ids, self._eos]
+            stream += [self._bos, doc_ids, self._eos]
         stream = np.concatenate(stream) if stream else np.zeros(0, np.int32)
         counts.update(documents=len(sources), tokens=len(stream), blocks=len(stream) // self._block_len)
         return _blocks_and_tail(stream, self._block_len, counts, examples)

@@ -9,8 +9,8 @@ Layout of ``summary.cache_dir/<split>/`` (split = ``train`` or ``val``):
   ``top_ids``/``top_logp`` (seq_len·M), ``rest_logmass`` (seq_len), ``tail_ids``/``tail_logp`` (seq_len·S)
   and ``block_hash`` (int64 content hash of the row's ids). A shard's name is a hash of the set of blocks
   it holds, so a retried write task replaces its own file instead of duplicating rows.
-- ``manifest.json``: what the cache was computed from (teacher identity and weights hash, tokenizer hash, the
-  shared vocabulary (the tokenizer's length, where summary ids stop), top_m, tail_samples, seq_len, temperature, logp_dtype, seed, data fingerprint), the shards and their
+- ``manifest.json``: what the cache was computed from (teacher identity and weights hash, tokenizer hash, whether
+  documents start with BOS, the shared vocabulary (the tokenizer's length, where summary ids stop), top_m, tail_samples, seq_len, temperature, logp_dtype, seed, data fingerprint), the shards and their
   row counts, and ``complete``.
 
 Crash safety: the manifest is written first with ``complete: false``; every shard is written under a
@@ -46,9 +46,11 @@ from tailkd_ray import __version__
 from tailkd_ray.config import Config, differing_fields
 from tailkd_ray.core.summary import FIELDS, TeacherSummary, bytes_per_position
 from tailkd_ray.data.hashing import block_hashes
+from tailkd_ray.data.pack import document_bos_id
 from tailkd_ray.data.read import expand_paths
+from tailkd_ray.data.splits import data_tokenizer
 from tailkd_ray.errors import CacheError, ConfigError, DataError
-from tailkd_ray.models import shared_vocab_size
+from tailkd_ray.models import tokenizer_size
 from tailkd_ray.teacher.pool import input_ids_matrix, score_dataset
 
 log = logging.getLogger(__name__)
@@ -148,10 +150,14 @@ def _file_stats(uri: str) -> list[tuple[str, int, int]]:
 
 
 def cache_identity(cfg: Config, *, teacher_id: dict, split: str) -> dict:
-    """Everything a cache's content depends on; a cache is reused only when all of it matches."""
+    """Everything a cache's content depends on; a cache is reused only when all of it matches. How documents were
+    tokenized is resolved here (``document_bos_id``: data.add_bos null follows the tokenizer), so the identity holds
+    what was done, not the setting."""
+    tokenizer = data_tokenizer(cfg)
     return {"format_version": FORMAT_VERSION, "split": split, "teacher": teacher_id,
             "tokenizer_sha256": tokenizer_hash(cfg.data.tokenizer or cfg.teacher.model),
-            "shared_vocab": shared_vocab_size(cfg),  # summary ids stop there: padding rows beyond it (DESIGN §3)
+            "document_bos": document_bos_id(tokenizer, cfg.data) is not None,
+            "shared_vocab": tokenizer_size(tokenizer),  # summary ids stop there: padding rows beyond it (DESIGN §3)
             "top_m": cfg.summary.top_m, "tail_samples": cfg.summary.tail_samples, "seq_len": cfg.data.seq_len,
             "temperature": cfg.loss.temperature, "logp_dtype": cfg.summary.logp_dtype, "seed": cfg.train.seed,
             "data": data_fingerprint(cfg)}
