@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tailkd_ray.core.metrics import metric_sums
-from tailkd_ray.core.losses import distill_objective, divergence_loss
+from tailkd_ray.core.losses import clm_loss, distill_objective, divergence_loss
 from tailkd_ray.core.summary import summarize
 
 K = 10
@@ -134,3 +134,31 @@ def test_summary_temperature_must_match_the_loss():
     divergence_loss(teacher, summary, kind="tad", k=K, temperature=2.0)  # the scoring τ: fine
     with pytest.raises(ValueError, match="scored at temperature 2"):
         divergence_loss(teacher, summary, kind="tad", k=K, temperature=1.0)
+
+
+@pytest.mark.parametrize("teacher_kind", ["logits", "summary", "summary without samples"])
+@pytest.mark.parametrize("kind", ["tad", "kd"])
+def test_chunked_gradient_equals_autograd_for_confident_students(teacher_kind, kind):
+    """The chunked path's closed-form gradient sums a student mass from its members' exps, and takes the masked
+    logsumexp for rows where that mass is below float exp range (< √tiny): float64 positions with teacher tail
+    mass 1e-2 down to 1e-300, mixed within a chunk, student = teacher and sharper (×100: mass off the top set
+    below float64's range, where q_i·α_K/b_K would be 0·inf), against autograd."""
+    vocab = 50
+    teacher = torch.cat([confident_logits(vocab, mass, positions=1, seed=i)
+                         for i, mass in enumerate((1e-2, 1e-30, 1e-160, 1e-300))], dim=1).double()
+    reference = teacher if teacher_kind == "logits" else summarize(
+        teacher, top_m=20, tail_samples=0 if "without" in teacher_kind else 8, logp_dtype=torch.float32,
+        generator=torch.Generator().manual_seed(4))
+    targets = teacher.argmax(-1)
+    for sharpen in (1.0, 1.5, 100.0):
+        student = teacher * sharpen
+        hidden = student.clone().requires_grad_(True)  # with W = I the logits are the hidden states
+        weight = torch.eye(vocab, dtype=torch.float64, requires_grad=True)
+        out = distill_objective(hidden, weight, targets, reference, kind=kind, k=K, beta=1.0, chunk_tokens=3)
+        logits = hidden @ weight.T
+        want = clm_loss(logits, targets) + divergence_loss(logits, reference, kind=kind, k=K, beta=1.0)
+        assert out.loss.item() == pytest.approx(want.item(), rel=1e-9), sharpen
+        for got, expected in zip(torch.autograd.grad(out.loss, (hidden, weight)),
+                                 torch.autograd.grad(want, (hidden, weight))):
+            assert torch.isfinite(got).all(), sharpen
+            torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-12)

@@ -18,7 +18,8 @@ accumulates in float32 (float64 inputs stay float64). Temperature τ divides bot
 logits; **no τ² rescaling is applied** (scale with ``weight`` if you want Hinton's convention).
 
 Every mass is computed from the members it sums, never as 1 − (the rest): log α_K and log b_K are
-logsumexps over the ids outside T_K (T_K masked to −inf), log γ_M likewise outside the top M, and on the
+logsumexps over the ids outside T_K (T_K masked to −inf; the chunked path sums the members' exps instead, and
+takes that logsumexp for rows whose sum is below float exp range), log γ_M likewise outside the top M, and on the
 summary path α_K = α_M + Σ_{ranks K+1..M} p and b_K = γ_M + Σ_{ranks K+1..M} q. The complement form
 1 − Σ cancels in float32 once a confident student puts less than ~1e-6 outside T_K (at V = 152k the float32
 log-softmax normaliser alone is off by ~1e-5), which made the loss negative, wrong or NaN.
@@ -34,15 +35,16 @@ from S samples i_s ~ p restricted to ranks > M as mean_s[(log p_{i_s} − log α
 (unbiased in value and gradient); with S = 0 the α_M·F term is dropped.
 
 ``distill_objective`` is the training path: it takes the student's final hidden states and LM-head
-weight and computes CLM + λ·divergence chunk by chunk over tokens, recomputing each chunk's logits in
-backward, so that no [B·T, V] float32 tensor is ever alive.
+weight and computes CLM + λ·divergence chunk by chunk over tokens in one pass, each chunk's loss and its
+closed-form gradients in forward (``_ChunkPlan.chunk_losses_and_grad``), so that no [B·T, V] float32 tensor is
+ever alive and no chunk is recomputed. The logits path above (autograd) is its reference.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -101,11 +103,9 @@ def _d_kl1(logp_top: Tensor, logq_top: Tensor, log_alpha: Tensor, log_b: Tensor)
     return top + _weighted(alpha, log_alpha - log_b)
 
 
-def _tad_terms_exact(logq: Tensor, teacher_logits: Tensor, k: int, temperature: float,
-                     top_ids: Optional[Tensor] = None):
+def _tad_terms_exact(logq: Tensor, teacher_logits: Tensor, k: int, temperature: float):
     logp = _log_softmax(teacher_logits, temperature, logq.dtype)
-    if top_ids is None:
-        top_ids = teacher_logits.topk(k, dim=-1, sorted=False).indices
+    top_ids = teacher_logits.topk(k, dim=-1, sorted=False).indices
     logp_top, logq_top = logp.gather(-1, top_ids), logq.gather(-1, top_ids)
     p_tail = logp.exp().scatter(-1, top_ids, 0.0)  # p with T_K zeroed: sums below run over the tail
     # Both masses from their own members, the same way, so that they agree exactly when q = p.
@@ -116,44 +116,62 @@ def _tad_terms_exact(logq: Tensor, teacher_logits: Tensor, k: int, temperature: 
     return _d_kl1(logp_top, logq_top, log_alpha, log_b), tail, alpha
 
 
-def _tad_terms_summary(logq: Tensor, summary: TeacherSummary, k: int):
-    top_logp = summary.top_logp.to(logq.dtype)
-    m = summary.top_m
-    # One gather for the top-M ids and the tail samples: its backward fills and scatters one [N, V] buffer, not two.
-    logq_drawn = logq.gather(-1, torch.cat([summary.top_ids, summary.tail_ids], dim=-1).long())
-    logq_top_m, logq_s = logq_drawn[:, :m], logq_drawn[:, m:]
+class _SummaryTerms(NamedTuple):
+    d_kl1: Tensor  # [N]
+    tail: Tensor  # [N] α_K·D_KL2 (middle ranks, far tail, α_M·F)
+    log_alpha: Tensor  # [N] log α_K
+    log_b: Tensor  # [N] log b_K
+
+
+def _summary_terms(logq_top_m: Tensor, logq_samples: Tensor, log_gamma_m: Tensor, summary: TeacherSummary,
+                   k: int) -> _SummaryTerms:
+    """TAD's terms from a summary, given the student's log q at the top-M ids [N, M] and at the tail samples
+    [N, S] and log γ_M [N] (student mass off the top M); shared by the logits path and the chunked path."""
+    dtype = logq_top_m.dtype
+    top_logp = summary.top_logp.to(dtype)
     logp_k, logq_k = top_logp[:, :k], logq_top_m[:, :k]
     logp_mid, logq_mid = top_logp[:, k:], logq_top_m[:, k:]
-    log_alpha_m = summary.rest_logmass.to(logq.dtype)
+    log_alpha_m = summary.rest_logmass.to(dtype)
     # α_K = Σ_{ranks K+1..M} p + α_M, summed in log space: exact, no cancellation.
     log_alpha = torch.cat([logp_mid, log_alpha_m[:, None]], dim=-1).logsumexp(-1)
-    if m < logq.shape[-1]:
-        log_gamma_m = log_mass_outside(logq, summary.top_ids.long())
-    else:  # M = V: γ_M = 0 and α_M = 0 zeroes its terms; a logsumexp over nothing would give NaN gradients
-        log_gamma_m = torch.full_like(log_alpha_m, float("-inf"))
     # b_K = γ_M + Σ_{ranks K+1..M} q: from its members, like α_K.
     log_b = torch.cat([logq_mid, log_gamma_m[:, None]], dim=-1).logsumexp(-1)
     mid = _weighted(logp_mid.exp(), logp_mid - logq_mid - (log_alpha - log_b)[:, None]).sum(-1)
     far = log_alpha_m - log_alpha - log_gamma_m + log_b
     if summary.tail_samples:
-        tail_logp = summary.tail_logp.to(logq.dtype)
-        far = far + ((tail_logp - log_alpha_m[:, None]) - (logq_s - log_gamma_m[:, None])).mean(-1)
+        tail_logp = summary.tail_logp.to(dtype)
+        far = far + ((tail_logp - log_alpha_m[:, None]) - (logq_samples - log_gamma_m[:, None])).mean(-1)
     tail = mid + _weighted(log_alpha_m.exp(), far)
-    return _d_kl1(logp_k, logq_k, log_alpha, log_b), tail, log_alpha.exp()
+    return _SummaryTerms(_d_kl1(logp_k, logq_k, log_alpha, log_b), tail, log_alpha, log_b)
+
+
+def _tad_terms_summary(logq: Tensor, summary: TeacherSummary, k: int):
+    m = summary.top_m
+    # One gather for the top-M ids and the tail samples: its backward fills and scatters one [N, V] buffer, not two.
+    logq_drawn = logq.gather(-1, torch.cat([summary.top_ids, summary.tail_ids], dim=-1).long())
+    if m < logq.shape[-1]:
+        log_gamma_m = log_mass_outside(logq, summary.top_ids.long())
+    else:  # M = V: γ_M = 0 and α_M = 0 zeroes its terms; a logsumexp over nothing would give NaN gradients
+        log_gamma_m = torch.full_like(logq[:, 0], float("-inf"))
+    terms = _summary_terms(logq_drawn[:, :m], logq_drawn[:, m:], log_gamma_m, summary, k)
+    return terms.d_kl1, terms.tail, terms.log_alpha.exp()
+
+
+def _renormalised_top(logp_top: Tensor, logq_top: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(KL(p̂‖q̂), p̂, q̂) with p̂, q̂ = p, q restricted to T_K and renormalised, from log p and log q on T_K."""
+    log_p_hat = logp_top - logp_top.logsumexp(-1, keepdim=True)
+    log_q_hat = logq_top - logq_top.logsumexp(-1, keepdim=True)
+    p_hat = log_p_hat.exp()
+    return _weighted(p_hat, log_p_hat - log_q_hat).sum(-1), p_hat, log_q_hat.exp()
 
 
 def _topk_terms(logq: Tensor, logp_top: Tensor, top_ids: Tensor) -> Tensor:
     """KL between p and q renormalised on T_K: Σ p̂ (log p̂ − log q̂), p̂ = p/(1−α_K), q̂ = q/(1−b_K)."""
-    logq_top = logq.gather(-1, top_ids)
-    log_p_hat = logp_top - logp_top.logsumexp(-1, keepdim=True)
-    log_q_hat = logq_top - logq_top.logsumexp(-1, keepdim=True)
-    return _weighted(log_p_hat.exp(), log_p_hat - log_q_hat).sum(-1)
+    return _renormalised_top(logp_top, logq.gather(-1, top_ids))[0]
 
 
-def _token_terms(logq: Tensor, teacher: Teacher, *, kind: str, k: int, temperature: float,
-                 top_ids: Optional[Tensor] = None):
-    """Per-token divergence terms for ``kind``; see the module docstring for the formulas.
-    ``top_ids`` optionally gives the teacher's top-K ids (exact TAD) when they are already known."""
+def _token_terms(logq: Tensor, teacher: Teacher, *, kind: str, k: int, temperature: float):
+    """Per-token divergence terms for ``kind``; see the module docstring for the formulas."""
     if kind == "clm":
         return torch.zeros_like(logq[:, 0]), None, None
     if isinstance(teacher, TeacherSummary):
@@ -167,7 +185,7 @@ def _token_terms(logq: Tensor, teacher: Teacher, *, kind: str, k: int, temperatu
         raise ValueError(f"loss kind {kind!r} needs full teacher logits, not a TeacherSummary "
                          f"(set summary.top_m: null for a co-located teacher)")
     if kind == "tad":
-        return _tad_terms_exact(logq, teacher, k, temperature, top_ids)
+        return _tad_terms_exact(logq, teacher, k, temperature)
     logp = _log_softmax(teacher, temperature, logq.dtype)
     if kind == "kd":
         return _weighted(logp.exp(), logp - logq).sum(-1), None, None
@@ -342,139 +360,361 @@ class ObjectiveOutput:
     tokens: int
 
 
+# Below this student mass a float exp-sum over the members loses them to underflow: such rows take the masked
+# logsumexp instead (√tiny: 1e-19 in float32, so members flushed to zero or subnormal cost < 1e-20 relative).
+def _exp_sum_floor(dtype: torch.dtype) -> float:
+    return math.sqrt(torch.finfo(dtype).tiny)
+
+
+_TOPK_BLOCK = 128  # ids per block of ``_top_k``
+
+
+def _top_k(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """(values, ids) of each row's k largest logits in descending order: ``logits.topk(k)`` up to the order of ties.
+
+    On CPU ``topk`` over a 32k–152k row costs several elementwise passes. The k largest values lie in the k blocks
+    (of ``_TOPK_BLOCK`` consecutive ids) with the largest maxima, so one pass of block maxima and a ``topk`` over
+    k blocks' worth of candidates find them."""
+    n, vocab = logits.shape
+    blocks = vocab // _TOPK_BLOCK
+    if blocks < 4 * k:
+        return logits.topk(k, dim=-1)
+    covered = blocks * _TOPK_BLOCK
+    tiles = logits[:, :covered].unflatten(-1, (blocks, _TOPK_BLOCK))
+    best = tiles.amax(-1).topk(k, dim=-1, sorted=False).indices  # [n, k]
+    candidates = tiles.gather(1, best[:, :, None].expand(-1, -1, _TOPK_BLOCK)).flatten(1)
+    ids = (best[:, :, None] * _TOPK_BLOCK + torch.arange(_TOPK_BLOCK, device=logits.device)).flatten(1)
+    if covered < vocab:  # the last, partial block joins the candidates whole
+        candidates = torch.cat([candidates, logits[:, covered:]], dim=-1)
+        ids = torch.cat([ids, torch.arange(covered, vocab, device=logits.device).expand(n, -1)], dim=-1)
+    values, picked = candidates.topk(k, dim=-1)
+    return values, ids.gather(-1, picked)
+
+
+def _log_mass_off(q: Tensor, logq: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
+    """(log Σ_{i∉ids} q_i, the rows that took the exact fallback), for ``q`` = exp(logq) already zeroed at ``ids``
+    by the caller: the sum of the members themselves, and where it is below ``_exp_sum_floor`` (a mass lost to
+    float underflow) the masked logsumexp of ``log_mass_outside`` on those rows only."""
+    mass = q.sum(-1)
+    low = (mass < _exp_sum_floor(q.dtype)).nonzero().squeeze(-1)
+    log_mass = mass.log()
+    if low.numel():
+        log_mass[low] = log_mass_outside(logq[low], ids[low])
+    return log_mass, low
+
+
+def _row_dot_(p: Tensor, x: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """Σ_j p_j x_j per row, the products written to ``out`` (default: over ``x``); 0 · (±inf) = 0 as in
+    ``_weighted`` (a zero-probability entry with log p = −inf adds nothing): rows whose sum is NaN are redone."""
+    products = torch.mul(p, x, out=x if out is None else out)
+    dots = products.sum(-1)
+    bad = dots.isnan().nonzero().squeeze(-1)
+    if bad.numel():
+        dots[bad] = torch.where(p[bad] > 0, products[bad], torch.zeros((), dtype=x.dtype, device=x.device)).sum(-1)
+    return dots
+
+
+def _mass_ratio(log_num: Tensor, log_den: Tensor) -> Tensor:
+    """exp(log_num − log_den), 0 where the numerator's mass is 0 (also when both are: −inf − (−inf))."""
+    return torch.where(log_num > float("-inf"), (log_num - log_den).exp(), torch.zeros((), dtype=log_num.dtype,
+                                                                                         device=log_num.device))
+
+
+def _combine_(q: Tensor, q_coef, p: Tensor, p_coef) -> Tensor:
+    """q ← q_coef·q − p_coef·p in place (scalars or [n, 1] columns); one pass (lerp) when q_coef − p_coef = 1."""
+    if not isinstance(q_coef, Tensor) and not isinstance(p_coef, Tensor) and q_coef - p_coef == 1.0:
+        return q.lerp_(p, -p_coef)
+    q.mul_(q_coef)
+    return q.addcmul_(p, p_coef, value=-1.0) if isinstance(p_coef, Tensor) else q.sub_(p, alpha=p_coef)
+
+
+def _scaled_into(out: Tensor, logits: Tensor, temperature: float) -> Tensor:
+    """out ← logits / τ in ``out``'s dtype (converted first, as ``_log_softmax`` does)."""
+    out.copy_(logits)
+    return out if temperature == 1.0 else out.div_(temperature)
+
+
+class _Workspace:
+    """[chunk, V] buffers by (role, dtype), allocated once and reused by every chunk: a fresh [chunk, V] tensor per
+    step costs its page faults, about as much as an elementwise pass over it on CPU."""
+
+    def __init__(self, rows: int, vocab: int, device: torch.device):
+        self.rows, self.vocab, self.device = rows, vocab, device
+        self._buffers: dict[tuple[str, torch.dtype], Tensor] = {}
+
+    def get(self, role: str, n: int, dtype: torch.dtype) -> Tensor:
+        """The first ``n`` rows (contiguous) of the ``role`` buffer."""
+        buffer = self._buffers.get((role, dtype))
+        if buffer is None:
+            buffer = self._buffers[role, dtype] = torch.empty(self.rows, self.vocab, dtype=dtype, device=self.device)
+        return buffer[:n]
+
+
 @dataclass
 class _ChunkPlan:
     """What every chunk of the objective needs besides the student's hidden states and LM head: flat (valid
-    positions only) targets and teacher, the per-token tail weights w (TAD), the exact teacher's top-K ids."""
+    positions only) targets, the teacher, and TAD's teacher-only inputs from the pre-pass (``tail_pre_pass``)."""
 
     targets: Tensor  # [N]
     teacher: Teacher  # flat over all B·T positions (views): [B·T, V] logits, a flat TeacherSummary, or None
-    positions: Tensor  # [N]: the valid positions' rows of ``teacher`` (gathered per chunk, never all at once)
-    tail_weights: Optional[Tensor]  # [N] (TAD) or None
-    log_alpha: Optional[Tensor]  # [N] log α_K (TAD) or None
-    top_ids: Optional[Tensor]  # [N, K] (exact TAD) or None
+    positions: Optional[Tensor]  # [N]: the valid positions' rows of ``teacher``; None: all rows, in order
     kind: str
     k: int
     temperature: float
     weight: float
     chunk_tokens: int
+    work: _Workspace
+    tail_weights: Optional[Tensor] = None  # [N] w (TAD) or None (w = 1)
+    log_alpha: Optional[Tensor] = None  # [N] log α_K (TAD)
+    top_ids: Optional[Tensor] = None  # [N, K] T_K (TAD from full logits)
+    teacher_lse: Optional[Tensor] = None  # [N] log Σ_i exp(z_T,i / τ) (TAD from full logits)
 
-    def chunk_losses(self, hidden: Tensor, lm_weight: Tensor, bias: Optional[Tensor], part: slice):
-        """Per-token (CLM, divergence) of the positions ``part``; divergence = L_DIV, tail weight applied."""
-        logits = F.linear(hidden, lm_weight, bias)
-        logq = _log_softmax(logits, self.temperature, _compute_dtype(logits))
-        # CLM is always at τ = 1; reuse the log-softmax when τ = 1 (the common case).
-        logq_clm = logq if self.temperature == 1.0 else _log_softmax(logits, 1.0, logq.dtype)
-        clm = -logq_clm.gather(-1, self.targets[part, None]).squeeze(-1)
-        teacher = _take_flat(self.teacher, self.positions[part])
-        top_ids = None if self.top_ids is None else self.top_ids[part]
-        div, tail, _ = _token_terms(logq, teacher, kind=self.kind, k=self.k, temperature=self.temperature,
-                                    top_ids=top_ids)
-        return clm, div if tail is None else div + self.tail_weights[part] * tail
+    def chunks(self, count: int):
+        return (slice(start, start + self.chunk_tokens) for start in range(0, count, self.chunk_tokens))
 
-    @property
-    def analytic(self) -> bool:
-        """Whether ``chunk_losses_and_grad`` covers this plan: CLM alone or any kind with full teacher logits."""
-        return self.teacher is None or isinstance(self.teacher, Tensor)
+    def teacher_rows(self, part: slice) -> Union[Tensor, TeacherSummary]:
+        """The teacher at the chunk's positions: a view, or (masked) rows copied into the "p" buffer."""
+        if isinstance(self.teacher, TeacherSummary):
+            rows = part if self.positions is None else self.positions[part]
+            return self.teacher.map(lambda field: field[rows])
+        if self.positions is None:
+            return self.teacher[part]
+        out = self.work.get("p", self.targets[part].shape[0], self.teacher.dtype)
+        return torch.index_select(self.teacher, 0, self.positions[part], out=out)
+
+    def tail_pre_pass(self, count: int, dtype: torch.dtype) -> Tensor:
+        """log α_K [N] of every valid position (TAD; β(X) needs it before any chunk), in the student's compute
+        ``dtype``; for full logits also T_K and the teacher's log-normaliser (kept for the chunks)."""
+        if isinstance(self.teacher, TeacherSummary):
+            rows = slice(None) if self.positions is None else self.positions
+            top_logp, rest = self.teacher.top_logp[rows].to(dtype), self.teacher.rest_logmass[rows].to(dtype)
+            return torch.cat([top_logp[:, self.k:], rest[:, None]], dim=-1).logsumexp(-1)
+        stats = [self._exact_tail_stats(part, dtype) for part in self.chunks(count)]
+        self.top_ids, log_alpha, self.teacher_lse = (torch.cat(column) for column in zip(*stats))
+        return log_alpha
+
+    def _exact_tail_stats(self, part: slice, dtype: torch.dtype):
+        """(T_K, log α_K, log Σ_i exp(z_i/τ)) of a chunk of teacher logits z, α_K from its members: with c the
+        largest logit/τ outside T_K (the (K+1)-th largest), Σ_{i∉T_K} exp(z_i/τ − c) ≥ 1 never underflows."""
+        rows = self.teacher_rows(part)
+        n = rows.shape[0]
+        values, ids = _top_k(rows, self.k + 1)
+        scaled = values.to(dtype) / self.temperature
+        top_ids, rest_max = ids[:, :self.k], scaled[:, self.k]
+        shift = torch.where(rest_max.isfinite(), rest_max, torch.zeros_like(rest_max))[:, None]
+        scratch = self.work.get("logq", n, dtype)
+        if self.temperature == 1.0:
+            exps = torch.sub(rows, shift, out=scratch)
+        else:
+            exps = _scaled_into(scratch, rows, self.temperature).sub_(shift)
+        log_rest = exps.exp_().scatter_(-1, top_ids, 0.0).sum(-1).log() + shift[:, 0]
+        log_norm = torch.logaddexp(log_rest, scaled[:, :self.k].logsumexp(-1))
+        return top_ids, log_rest - log_norm, log_norm
 
     def chunk_losses_and_grad(self, logits: Tensor, part: slice) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-token (CLM, divergence) and d(Σ CLM + weight·Σ div)/d logits, in closed form (no autograd graph).
+        """Per-token (CLM, L_DIV) of the chunk ``part`` and d(Σ CLM + weight·Σ L_DIV)/d logits, in closed form (no
+        autograd graph), the gradient in a workspace buffer.
 
-        With z the student logits, q = softmax(z/τ), q¹ = softmax(z) and G = ∂L_DIV/∂(z/τ) per token:
-        ∂CLM/∂z = q¹ − onehot(y); kd: G = q − p; rkl: G = q (log q − log p − KL(q‖p)); topk: G = q̂ − p̂ on T_K, 0
-        elsewhere; tad: G = q − p on T_K and q (1 − (α_K/b_K)(1 − w)) − w p off T_K (w the token's tail weight).
+        With q = softmax(z/τ), q¹ = softmax(z) and G = ∂L_DIV/∂(z/τ) per token, the gradient is
+        q¹ − onehot(y) + (weight/τ)·G. Every G is q − (teacher weights) plus, for TAD, the chain through log b_K and
+        log γ_M (∂ log b_K/∂ log q_i = q_i/b_K off T_K): kd G = q − p; rkl G = q (log q − log p − KL(q‖p));
+        topk G = q̂ − p̂ on T_K, 0 elsewhere; TAD and KD from a summary: ``_summary_divergence``; exact TAD:
+        ``_exact_tad``. At τ = 1 q¹ = q and each kind writes q + weight·G over q in place (one or two passes).
         """
+        n = logits.shape[0]
         dtype = _compute_dtype(logits)
-        logq = _log_softmax(logits, self.temperature, dtype)
-        q = logq.exp()
-        logq_clm, q_clm = (logq, q) if self.temperature == 1.0 else _log_softmax_and_probs(logits, dtype)
         targets = self.targets[part, None]
-        clm = -logq_clm.gather(-1, targets).squeeze(-1)
-        if self.teacher is None:
-            div, grad = torch.zeros_like(clm), q_clm.clone()
-        else:
-            teacher = self.teacher[self.positions[part]]
-            div, grad = self._divergence_and_grad(logq, q, teacher, part)
-            grad.mul_(self.weight / self.temperature).add_(q_clm)
-        grad.scatter_add_(-1, targets, torch.full_like(clm[:, None], -1.0))
-        return clm, div, grad
+        if self.temperature == 1.0:
+            logq = torch.log_softmax(logits, -1, dtype=dtype, out=self.work.get("logq", n, dtype))
+            q = torch.exp(logq, out=self.work.get("q", n, dtype))
+            clm, clm_q = -logq.gather(-1, targets).squeeze(-1), None
+        else:  # CLM is always at τ = 1: its own softmax
+            clm_q = torch.log_softmax(logits, -1, dtype=dtype, out=self.work.get("clm", n, dtype))
+            clm = -clm_q.gather(-1, targets).squeeze(-1)
+            clm_q.exp_()
+            scaled = _scaled_into(self.work.get("q", n, dtype), logits, self.temperature)
+            logq = torch.log_softmax(scaled, -1, out=self.work.get("logq", n, dtype))
+            q = torch.exp(logq, out=scaled)
+        # The logits are spent: their buffer holds the teacher's log-probs next (when the dtypes agree).
+        spare = logits if logits.dtype == dtype else self.work.get("teacher", n, dtype)
+        div = self._divergence(logq, q, 1.0 if clm_q is None else 0.0, part, spare)
+        if clm_q is not None:
+            q.add_(clm_q)
+        q.scatter_add_(-1, targets, torch.full_like(clm[:, None], -1.0))
+        return clm, div, q
 
-    def _divergence_and_grad(self, logq: Tensor, q: Tensor, teacher_logits: Tensor, part: slice):
-        """(L_DIV per token, G) for full teacher logits; see ``chunk_losses_and_grad``."""
-        # -inf teacher logits (a masked vocabulary) give p = 0; clamping keeps 0 · (log p − log q) at 0, not NaN.
-        logp = _log_softmax(teacher_logits, self.temperature, logq.dtype).clamp_(min=torch.finfo(logq.dtype).min)
-        p = logp.exp()
-        if self.kind == "topk":
-            logp_top, top_ids = logp.topk(self.k, dim=-1, sorted=False)
-            logq_top = logq.gather(-1, top_ids)
-            log_p_hat = logp_top - logp_top.logsumexp(-1, keepdim=True)
-            log_q_hat = logq_top - logq_top.logsumexp(-1, keepdim=True)
-            p_hat = log_p_hat.exp()
-            div = (p_hat * (log_p_hat - log_q_hat)).sum(-1)
-            return div, torch.zeros_like(q).scatter_(-1, top_ids, log_q_hat.exp() - p_hat)
-        diff = logp - logq  # log p − log q
+    def _divergence(self, logq: Tensor, q: Tensor, clm_share: float, part: slice, spare: Tensor) -> Tensor:
+        """L_DIV per token; overwrites q with clm_share·q + (weight/τ)·G."""
+        scale, tau, n = self.weight / self.temperature, self.temperature, q.shape[0]
+        if self.kind == "clm":
+            if not clm_share:  # τ ≠ 1: the gradient is CLM's own softmax, added by the caller
+                q.zero_()
+            return torch.zeros_like(q[:, 0])
+        teacher = self.teacher_rows(part)
+        if isinstance(teacher, TeacherSummary):
+            if self.kind == "topk":
+                return self._topk(logq, q, clm_share, teacher.top_logp[:, :self.k].to(q.dtype),
+                                  teacher.top_ids[:, :self.k].long())
+            return self._summary_divergence(logq, q, clm_share, teacher, part)
+        if self.kind == "topk":  # T_K and log p̂ from the logits alone: the normaliser cancels
+            values, ids = _top_k(teacher, self.k)
+            return self._topk(logq, q, clm_share, values.to(q.dtype) / tau, ids)
+        p_buffer = self.work.get("p", n, q.dtype)
+        if self.kind == "tad":
+            return self._exact_tad(logq, q, clm_share, teacher, part, spare, p_buffer)
+        if tau == 1.0:
+            logp = torch.log_softmax(teacher, -1, dtype=q.dtype, out=spare)
+        else:
+            logp = torch.log_softmax(_scaled_into(p_buffer, teacher, tau), -1, out=spare)
         if self.kind == "kd":
-            return torch.linalg.vecdot(p, diff), q - p
-        if self.kind == "rkl":
-            div = -torch.linalg.vecdot(q, diff)
-            return div, -q * (diff + div[:, None])
-        # tad
+            p = torch.exp(logp, out=p_buffer)
+            div = _row_dot_(p, logp.sub_(logq))  # Σ p (log p − log q)
+            _combine_(q, clm_share + scale, p, scale)  # G = q − p
+            return div
+        # rkl: KL(q‖p) = −Σ q (log p − log q); G = −q (log p − log q + KL(q‖p))
+        diff = logp.sub_(logq)
+        div = -_row_dot_(q, diff, out=p_buffer)
+        q.mul_(diff.add_(div[:, None]).mul_(-scale).add_(clm_share))
+        return div
+
+    def _topk(self, logq: Tensor, q: Tensor, clm_share: float, logp_top: Tensor, ids: Tensor) -> Tensor:
+        """Top-K renormalised KL; G = q̂ − p̂ on T_K, 0 elsewhere."""
+        div, p_hat, q_hat = _renormalised_top(logp_top, logq.gather(-1, ids))
+        if not clm_share:
+            q.zero_()
+        q.scatter_add_(-1, ids, (self.weight / self.temperature) * (q_hat - p_hat))
+        return div
+
+    def _exact_tad(self, logq: Tensor, q: Tensor, clm_share: float, teacher_logits: Tensor, part: slice,
+                   spare: Tensor, p_buffer: Tensor) -> Tensor:
+        """TAD from full teacher logits, T_K, α_K, w and the teacher's normaliser from the pre-pass. With
+        r = α_K/b_K: G = q − p on T_K and q (1 − r (1 − w)) − w p off T_K."""
+        scale, tau = self.weight / self.temperature, self.temperature
         ids, w, log_alpha = self.top_ids[part], self.tail_weights[part], self.log_alpha[part]
-        p_top, q_top = p.gather(-1, ids), q.gather(-1, ids)
-        tail_kl = torch.linalg.vecdot(p.scatter(-1, ids, 0.0), diff)  # Σ_{i∉T_K} p_i (log p_i − log q_i)
-        log_b = log_mass_outside(logq, ids)
+        lse = self.teacher_lse[part, None]
+        if tau == 1.0:
+            logp = torch.sub(teacher_logits, lse, out=spare)
+        else:
+            logp = _scaled_into(spare, teacher_logits, tau).sub_(lse)
+        p = torch.exp(logp, out=p_buffer)
+        logp_top, logq_top = logp.gather(-1, ids), logq.gather(-1, ids)
+        p_top, q_top = logp_top.exp(), logq_top.exp()
+        q.scatter_(-1, ids, 0.0)
+        log_b, low = _log_mass_off(q, logq, ids)  # b_K from its members
+        # Σ_{i∉T_K} p_i (log p_i − log q_i), over p with T_K zeroed
+        tail_kl = _row_dot_(p.scatter_(-1, ids, 0.0), logp.sub_(logq))
         alpha = log_alpha.exp()
         bucket = _weighted(alpha, log_alpha - log_b)  # α_K (log α_K − log b_K)
-        d_kl1 = (p_top * diff.gather(-1, ids)).sum(-1) + bucket
-        div = d_kl1 + w * (tail_kl - bucket)
-        grad = q * (1.0 - (log_alpha - log_b).exp() * (1.0 - w))[:, None]
-        grad.addcmul_(p, -w[:, None])
-        return div, grad.scatter_(-1, ids, q_top - p_top)
+        div = _d_kl1(logp_top, logq_top, log_alpha, log_b) + w * (tail_kl - bucket)
+        shrink = (1.0 - w) * _mass_ratio(log_alpha, log_b)  # (1 − w) α_K/b_K
+        _combine_(q, (clm_share + scale * (1.0 - shrink))[:, None], p, (scale * w)[:, None])
+        if low.numel():  # b_K below the float exp range: (α_K/b_K)·q_i from exp(log q_i − log b_K)
+            logq_low = logq[low]
+            q[low] = ((clm_share + scale) * logq_low.exp() - (scale * w[low, None]) * p[low]
+                      - (scale * (1.0 - w[low]) * alpha[low])[:, None] * (logq_low - log_b[low, None]).exp())
+        q.scatter_(-1, ids, (clm_share + scale) * q_top - scale * p_top)
+        return div
+
+    def _summary_divergence(self, logq: Tensor, q: Tensor, clm_share: float, summary: TeacherSummary,
+                            part: slice) -> Tensor:
+        """TAD from a summary, or KD from a summary (K = M, w = 1). With ℓ = log q, L = L_DIV depends on ℓ at
+        the top-M ids and the samples, on log b_K and on log γ_M (∂ log γ_M/∂ℓ_j = q_j/γ_M off the top M);
+        G = ∂L/∂ℓ − q Σ_j ∂L/∂ℓ_j, where Σ_j ∂L/∂ℓ_j = −(P_K + α_K), P_K = Σ_{ranks 1..K} p (1 up to the summary's
+        float16 rounding), and ∂L/∂ℓ is
+          ranks 1..K: −p_i; ranks K+1..M: −w p_i − (1 − w) α_K q_i/b_K; each sample: −w α_M/S;
+          off the top M: −q_j ((1 − w) α_K/b_K + w α_M/γ_M if S = 0)."""
+        scale, vocab, dtype = self.weight / self.temperature, q.shape[-1], q.dtype
+        m, samples = summary.top_m, summary.tail_samples
+        k = self.k if self.kind == "tad" else m
+        w = self.tail_weights[part] if self.kind == "tad" else torch.ones_like(q[:, 0])
+        top_ids = summary.top_ids.long()
+        logq_drawn = logq.gather(-1, torch.cat([top_ids, summary.tail_ids.long()], dim=-1))
+        logq_top_m = logq_drawn[:, :m]
+        log_alpha_m = summary.rest_logmass.to(dtype)
+        if m < vocab:
+            q.scatter_(-1, top_ids, 0.0)
+            log_gamma, low = _log_mass_off(q, logq, top_ids)  # γ_M from its members
+        else:  # M = V: nothing off the top M (γ_M = 0, α_M = 0)
+            log_gamma, low = torch.full_like(log_alpha_m, float("-inf")), None
+        terms = _summary_terms(logq_top_m, logq_drawn[:, m:], log_gamma, summary, k)
+        alpha = terms.log_alpha.exp()
+        shrink = (1.0 - w) * _mass_ratio(terms.log_alpha, terms.log_b)  # (1 − w) α_K/b_K
+        far = w * _mass_ratio(log_alpha_m, log_gamma) if not samples else 0.0  # w α_M/γ_M
+        p_top_m = summary.top_logp.to(dtype).exp()
+        mass = p_top_m[:, :k].sum(-1) + alpha  # −Σ_j ∂L/∂ℓ_j
+        if m < vocab:
+            q.mul_((clm_share + scale * (mass - shrink - far))[:, None])
+            if low.numel():  # γ_M below the float exp range: q_j/b_K and q_j/γ_M from exp(log q_j − log mass)
+                logq_low = logq[low]
+                row = (clm_share + scale * mass[low, None]) * logq_low.exp() - (scale * (1.0 - w[low]) * alpha[low])[:, None] * (
+                    logq_low - terms.log_b[low, None]).exp()
+                if not samples:
+                    row -= (scale * w[low] * log_alpha_m[low].exp())[:, None] * (logq_low - log_gamma[low, None]).exp()
+                q[low] = row
+        grad_top = -p_top_m  # ∂L/∂ℓ on the top M
+        grad_top[:, k:] = -w[:, None] * p_top_m[:, k:] - ((1.0 - w) * alpha)[:, None] * (
+            logq_top_m[:, k:] - terms.log_b[:, None]).exp()
+        q_top_m = logq_top_m.exp()
+        q.scatter_(-1, top_ids, clm_share * q_top_m + scale * (grad_top + mass[:, None] * q_top_m))
+        if samples:
+            per_sample = (-scale * w * log_alpha_m.exp() / samples)[:, None]
+            q.scatter_add_(-1, summary.tail_ids.long(), per_sample.expand(-1, samples).contiguous())
+        return terms.d_kl1 + w * terms.tail
 
 
-def _log_softmax_and_probs(logits: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    logq = _log_softmax(logits, 1.0, dtype)
-    return logq, logq.exp()
+def _mm_into(out: Tensor, a: Tensor, b: Tensor) -> None:
+    """out ← a @ b (out may have another dtype: the hidden states' gradient under autocast)."""
+    if out.dtype == a.dtype:
+        torch.mm(a, b, out=out)
+    else:
+        out.copy_(a @ b)
 
 
-def _take_flat(teacher: Teacher, part) -> Teacher:
-    """Rows ``part`` (a slice or index tensor) of a flat teacher."""
-    if teacher is None:
-        return None
-    return teacher.map(lambda f: f[part]) if isinstance(teacher, TeacherSummary) else teacher[part]
+def _add_mm_(out: Tensor, a: Tensor, b: Tensor) -> None:
+    """out += a @ b (out in float32 while a, b may be bf16)."""
+    if out.dtype == a.dtype:
+        out.addmm_(a, b)
+    else:
+        out += a @ b
 
 
 class _OnePassObjective(torch.autograd.Function):
     """Σ over tokens of CLM + weight·L_DIV, and its gradients, in one pass over the chunks.
 
     Each chunk's logits, loss and gradients (w.r.t. its hidden states, the LM-head weight and bias) are computed
-    in forward and the chunk's graph is freed at once; backward only scales the stored gradients. So every chunk
-    runs forward once (activation checkpointing ran it twice) and one chunk's [chunk, V] tensors are alive.
+    in forward from the closed-form gradient w.r.t. the logits (two matmuls); backward only scales the stored
+    gradients. So every chunk runs once (activation checkpointing ran it twice), no autograd graph over [chunk, V]
+    is built, and one chunk's [chunk, V] buffers (``_Workspace``) are alive, reused by every chunk. The matmuls
+    run in the forward's dtype (bf16 under autocast); the loss terms in float32 (float64 stays float64).
     """
 
     @staticmethod
     def forward(ctx, hidden: Tensor, lm_weight: Tensor, bias: Optional[Tensor], plan: _ChunkPlan):
+        device = hidden.device.type
+        mm_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else lm_weight.dtype
         grad_hidden = torch.empty_like(hidden)
         # Summed over chunks in float32 whatever the parameter dtype (bf16 sums would drop small chunks' share).
         grad_weight = torch.zeros(lm_weight.shape, dtype=_compute_dtype(lm_weight), device=lm_weight.device)
         grad_bias = None if bias is None else torch.zeros(bias.shape, dtype=_compute_dtype(bias), device=bias.device)
         sums = torch.zeros(2, dtype=torch.float64, device=hidden.device)  # Σ CLM, Σ divergence
-        for start in range(0, hidden.shape[0], plan.chunk_tokens):
-            part = slice(start, start + plan.chunk_tokens)
-            if plan.analytic:
-                clm, div, grads = _closed_form_chunk(hidden[part], lm_weight, bias, plan, part)
-            else:
-                with torch.enable_grad():
-                    inputs = [hidden[part].detach().requires_grad_(), lm_weight.detach().requires_grad_()]
-                    if bias is not None:
-                        inputs.append(bias.detach().requires_grad_())
-                    clm, div = plan.chunk_losses(*inputs[:2], inputs[2] if bias is not None else None, part)
-                    grads = torch.autograd.grad((clm + plan.weight * div).sum(), inputs)
-            grad_hidden[part] = grads[0]
-            grad_weight += grads[1]
-            if bias is not None:
-                grad_bias += grads[2]
-            sums += torch.stack([clm.detach().sum(), div.detach().sum()]).double()
+        with torch.autocast(device, enabled=False):  # explicit dtypes below; ``out=`` buffers need them
+            hidden_mm, weight = hidden.to(mm_dtype), lm_weight.to(mm_dtype)
+            bias_mm = None if bias is None else bias.to(mm_dtype)
+            for part in plan.chunks(hidden.shape[0]):
+                chunk_hidden = hidden_mm[part]
+                logits = plan.work.get("logits", chunk_hidden.shape[0], mm_dtype)
+                if bias_mm is None:
+                    torch.mm(chunk_hidden, weight.t(), out=logits)
+                else:
+                    torch.addmm(bias_mm, chunk_hidden, weight.t(), out=logits)
+                clm, div, grad_logits = plan.chunk_losses_and_grad(logits, part)
+                if grad_logits.dtype != mm_dtype:
+                    grad_logits = logits.copy_(grad_logits)
+                _mm_into(grad_hidden[part], grad_logits, weight)
+                _add_mm_(grad_weight, grad_logits.t(), chunk_hidden)
+                if grad_bias is not None:
+                    grad_bias += grad_logits.sum(0)
+                sums += torch.stack([clm.sum(), div.sum()]).double()
         ctx.save_for_backward(grad_hidden, grad_weight.to(lm_weight.dtype),
                               None if bias is None else grad_bias.to(bias.dtype))
         clm_sum, div_sum = sums[0].clone(), sums[1].clone()
@@ -488,39 +728,6 @@ class _OnePassObjective(torch.autograd.Function):
                 None if grad_bias is None else grad_bias * grad_total.to(grad_bias.dtype), None)
 
 
-def _closed_form_chunk(hidden: Tensor, lm_weight: Tensor, bias: Optional[Tensor], plan: _ChunkPlan, part: slice):
-    """(CLM, divergence, gradients w.r.t. hidden, weight[, bias]) of one chunk from the logits' closed-form
-    gradient: two matmuls, no autograd graph over [chunk, V]."""
-    logits = F.linear(hidden, lm_weight, bias)
-    clm, div, grad_logits = plan.chunk_losses_and_grad(logits, part)
-    grad_logits = grad_logits.to(logits.dtype)  # the matmuls run in the forward's dtype (bf16 under autocast)
-    grads = [grad_logits @ lm_weight.to(logits.dtype), grad_logits.t() @ hidden.to(logits.dtype)]
-    if bias is not None:
-        grads.append(grad_logits.sum(0))
-    return clm, div, grads
-
-
-def _teacher_tail_plan(flat_teacher: Teacher, positions: Tensor, kind: str, k: int, temperature: float,
-                       chunk_tokens: int, dtype: torch.dtype):
-    """TAD's teacher-only inputs at ``positions``, before the chunks: log α_K per token (for β(X)) and, for exact
-    logits, the top-K ids. ``None, None`` for the other kinds. ``dtype``: the student's compute dtype."""
-    if kind != "tad":
-        return None, None
-    if isinstance(flat_teacher, TeacherSummary):
-        top_logp = flat_teacher.top_logp[positions].to(dtype)
-        rest = flat_teacher.rest_logmass[positions].to(dtype)
-        return torch.cat([top_logp[:, k:], rest[:, None]], dim=-1).logsumexp(-1), None
-    top_ids, alphas = [], []
-    with torch.no_grad():
-        for start in range(0, positions.numel(), chunk_tokens):
-            logits = flat_teacher[positions[start:start + chunk_tokens]]
-            ids = logits.topk(k, dim=-1, sorted=False).indices
-            logp = _log_softmax(logits, temperature, dtype)
-            top_ids.append(ids)
-            alphas.append(log_mass_outside(logp, ids))
-    return torch.cat(alphas), torch.cat(top_ids)
-
-
 def distill_objective(hidden: Tensor, lm_head_weight: Tensor, targets: Tensor, teacher: Teacher, *, kind: str,
                       k: int = 10, beta: float = 1.0, normalize: bool = True, temperature: float = 1.0,
                       weight: float = 1.0, mask: Optional[Tensor] = None, chunk_tokens: int = 512,
@@ -530,9 +737,10 @@ def distill_objective(hidden: Tensor, lm_head_weight: Tensor, targets: Tensor, t
     ``hidden`` [B, T, d] are the student's final hidden states, ``lm_head_weight`` [V, d] its output
     projection; ``teacher`` is full teacher logits [B, T, V], a ``TeacherSummary`` or None (``kind="clm"``).
     Each chunk of ``chunk_tokens`` valid tokens computes its logits, log-softmax, per-token terms and their
-    gradients in one go (``_OnePassObjective``), so only one chunk's [chunk, V] tensors are alive and no chunk is
-    recomputed in backward. β(X) depends on the teacher only and is computed before the chunks.
-    Values and gradients equal the logits path (``divergence_loss`` + ``clm_loss``).
+    gradients in one go (``_OnePassObjective``), so only one chunk's [chunk, V] buffers are alive and no chunk is
+    recomputed in backward. TAD's teacher-only inputs (α_K, hence β(X); T_K of full logits) come from a pre-pass
+    over the teacher before the chunks. Values and gradients equal the logits path (``divergence_loss`` +
+    ``clm_loss``).
     """
     b, t = _check_shapes(hidden.shape, teacher, mask)
     vocab = lm_head_weight.shape[0]
@@ -545,18 +753,17 @@ def distill_objective(hidden: Tensor, lm_head_weight: Tensor, targets: Tensor, t
     if index.numel() == 0:
         zero = hidden.sum() * 0.0
         return ObjectiveOutput(loss=zero, clm=zero.detach(), div=zero.detach(), tokens=0)
-    flat_teacher = None if kind == "clm" else _flatten(teacher)
-    log_alpha, top_ids = _teacher_tail_plan(flat_teacher, index, kind, k, temperature, chunk_tokens,
-                                            _compute_dtype(hidden))
-    tail_weights = None if log_alpha is None else _tail_weights(
-        log_alpha.exp(), torch.div(index, t, rounding_mode="floor"), b, beta=beta, normalize=normalize)
-    plan = _ChunkPlan(targets=targets.reshape(-1)[index].long(), teacher=flat_teacher, positions=index,
-                      tail_weights=tail_weights, log_alpha=log_alpha,
-                      top_ids=top_ids, kind=kind, k=k, temperature=temperature, weight=weight,
-                      chunk_tokens=chunk_tokens)
+    n = index.numel()
+    plan = _ChunkPlan(targets=targets.reshape(-1)[index].long(), teacher=None if kind == "clm" else _flatten(teacher),
+                      positions=None if mask is None else index, kind=kind, k=k, temperature=temperature,
+                      weight=weight, chunk_tokens=chunk_tokens,
+                      work=_Workspace(min(chunk_tokens, n), vocab, hidden.device))
+    if kind == "tad":
+        plan.log_alpha = plan.tail_pre_pass(n, _compute_dtype(hidden))
+        plan.tail_weights = _tail_weights(plan.log_alpha.exp(), torch.div(index, t, rounding_mode="floor"), b,
+                                          beta=beta, normalize=normalize)
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])[index]  # [N, d]: small next to [N, V]
     total, clm_sum, div_sum = _OnePassObjective.apply(flat_hidden, lm_head_weight, lm_head_bias, plan)
-    n = index.numel()
     dtype = _compute_dtype(hidden)  # float32, or float64 for float64 inputs (the sums are float64)
     return ObjectiveOutput(loss=(total / n).to(dtype), clm=(clm_sum / n).to(dtype), div=(div_sum / n).to(dtype),
                            tokens=n)
