@@ -283,6 +283,26 @@ def test_chunked_summary_equals_logits_path(chunk_tokens, kind):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("kind", ["tad", "topk", "kd"])
+def test_chunked_equals_logits_path_on_a_wide_padded_vocabulary(kind):
+    """V = 3,000: the chunked path finds T_K by block maxima (23 full blocks and a partial one); −inf teacher rows
+    (a padded vocabulary) add nothing."""
+    g = torch.Generator().manual_seed(31)
+    B, T, d, V = 2, 4, 6, 3000
+    hidden = torch.randn(B, T, d, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(V, d, generator=g, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(B, T, V, generator=g, dtype=torch.float64) * 2
+    teacher[..., 2980:] = float("-inf")
+    targets = torch.randint(0, 2980, (B, T), generator=g)
+    opts = dict(k=4, beta=1.3, temperature=1.2)
+    out = distill_objective(hidden, weight, targets, teacher, kind=kind, chunk_tokens=3, **opts)
+    logits = hidden @ weight.T
+    want = clm_loss(logits, targets) + divergence_loss(logits, teacher, kind=kind, **opts)
+    assert out.loss.item() == pytest.approx(want.item(), rel=1e-10)
+    for a, b in zip(torch.autograd.grad(out.loss, (hidden, weight)), torch.autograd.grad(want, (hidden, weight))):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("teacher_kind", ["logits", "summary"])
 def test_chunked_loss_memory_is_flat_in_tokens(teacher_kind):
     """Peak live memory of forward + backward stays O(chunk × V): flat as T grows, far below one [T, V] tensor."""
