@@ -33,6 +33,11 @@ class CacheError(TailKDError, ValueError):
     """The summary cache is missing, unfinished, unreadable or was computed from other inputs than the config."""
 
 
+class CheckpointError(TailKDError, RuntimeError):
+    """No intact training checkpoint to resume from (every one is damaged, incomplete or missing), or one
+    damaged while in use; the message names each checkpoint and what is wrong with it."""
+
+
 class VocabularyError(TailKDError, ValueError):
     """Teacher, student and data tokenizer do not share one vocabulary (sizes, token tables or token ids)."""
 

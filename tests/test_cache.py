@@ -84,6 +84,9 @@ def test_complete_cache_has_manifest_shards_and_exact_rows(complete_cache, tiny_
     assert info.tokens == manifest["tokens"] == ROWS * SEQ_LEN
     assert len(manifest["shards"]) >= 3 and sum(manifest["shards"].values()) == ROWS
     assert sorted(os.listdir(split_dir)) == sorted([MANIFEST, *manifest["shards"]])  # no temporaries left
+    assert {name: entry["bytes"] for name, entry in manifest["checksums"].items()} == \
+        {name: os.path.getsize(split_dir / name) for name in manifest["shards"]}
+    assert all(len(entry["sha256"]) == 64 for entry in manifest["checksums"].values())
     assert manifest["teacher"] == teacher_identity(str(tiny_llama_dir))
     assert (manifest["top_m"], manifest["tail_samples"], manifest["seq_len"], manifest["temperature"],
             manifest["logp_dtype"], manifest["seed"]) == (TOP_M, TAIL, SEQ_LEN, 1.0, "float16", 3)
@@ -223,3 +226,47 @@ def test_score_command_runs_one_teacher_pass_then_reuses(tiny_llama_dir, builtin
     assert again["passes"] == 0 and again["tokens_scored"] == 0 and again["cache_tokens"] == first["cache_tokens"]
     with pytest.raises(ConfigError, match="set summary.cache_dir"):
         score(make_config(tiny_llama_dir, "null", val_dir))
+
+
+@pytest.mark.ray
+def test_damaged_shards_are_refused_by_name_then_rescored(tiny_llama_dir, builtin_corpus, ray_session, tmp_path,
+                                                           monkeypatch):
+    """A truncated shard and a shard with 4 bytes changed (same size): distill's path refuses the cache naming
+    the shard; `tailkd score` re-scores exactly those shards, back to the same rows. A manifest without checksums
+    (an older tailkd's) is refused too."""
+    from tailkd_ray.pipelines.score import score
+
+    import tailkd_ray.teacher.cache
+
+    monkeypatch.setattr(tailkd_ray.teacher.cache, "rows_per_shard", lambda cfg: SHARD_ROWS)
+    _, val_dir = builtin_corpus
+    cfg = make_config(tiny_llama_dir, tmp_path / "cache", val_dir, **{"data.val_fraction": 0.25})
+    first = score(cfg)
+    split_dir = tmp_path / "cache" / "train"
+    manifest = read_manifest(split_dir)
+    before = open_cache(cfg).take_all()
+    truncated, changed, *_ = sorted(manifest["shards"])
+    data = (split_dir / truncated).read_bytes()
+    (split_dir / truncated).write_bytes(data[: len(data) // 2])
+    with pytest.raises(CacheError, match=rf"shard {split_dir}/{truncated} holds {len(data) // 2} bytes, "
+                                         rf"{len(data)} when written: run `tailkd score --config F` to re-score"):
+        teacher_summaries(cfg, None, split="train")  # distill's path: the cache is complete, so it is opened
+    (split_dir / truncated).write_bytes(data)
+    data = bytearray((split_dir / changed).read_bytes())
+    data[len(data) // 3: len(data) // 3 + 4] = bytes(255 - b for b in data[len(data) // 3: len(data) // 3 + 4])
+    (split_dir / changed).write_bytes(bytes(data))
+    with pytest.raises(CacheError, match=rf"shard {split_dir}/{changed} was changed after it was written"):
+        open_cache(cfg)
+    (split_dir / truncated).write_bytes((split_dir / truncated).read_bytes()[:-10])
+
+    again = score(cfg)
+    rescored = manifest["shards"][truncated] + manifest["shards"][changed]
+    assert again["passes"] == 1 and again["tokens_scored"] == rescored * SEQ_LEN
+    assert again["cache_tokens"] == first["cache_tokens"]
+    assert_same_rows(open_cache(cfg).take_all(), before)
+
+    legacy = read_manifest(split_dir)
+    del legacy["checksums"]
+    (split_dir / MANIFEST).write_text(json.dumps(legacy))
+    with pytest.raises(CacheError, match="has no recorded checksum .*older tailkd.*run `tailkd score"):
+        open_cache(cfg)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -246,3 +247,148 @@ def test_progress_line_reads_a_step_record():
     train = TrainConfig(max_steps=100)
     assert [s for s in range(1, 101) if progress_due(s, train)] == list(range(5, 101, 5))
     assert progress_due(7, TrainConfig(max_steps=7, log_every=3)) and not progress_due(4, TrainConfig(max_steps=7, log_every=3))
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoint integrity: the manifest, fallback to the newest intact checkpoint, one-line failure
+# --------------------------------------------------------------------------------------------------
+class FailOnce:
+    """Fault injection: every worker raises after optimizer step ``step`` on the first attempt (max_failures 0:
+    the run stops, leaving its checkpoints for a relaunch)."""
+
+    def __init__(self, marker: str, step: int):
+        self.marker, self.step = marker, step
+
+    def __call__(self, step: int, rank: int) -> None:
+        if step == self.step and not os.path.exists(self.marker):
+            raise RuntimeError("injected failure")
+
+
+@pytest.fixture(scope="module")
+def interrupted(ray_session, tiny_llama_dir, tmp_path_factory):
+    """An FSDP2 run of 6 steps stopped after step 5, with its checkpoints of steps 2 and 4: (output dir, marker).
+    Tests damage copies of it."""
+    from tailkd_ray.train.loop import run_training
+
+    out = tmp_path_factory.mktemp("interrupted")
+    marker = out.parent / f"{out.name}-done"
+    cfg = make_cfg(out, tiny_llama_dir, strategy="fsdp", steps=STEPS, checkpoint_every=2, max_failures=0)
+    with pytest.raises(Exception):
+        run_training(cfg, *datasets(ray_session, tiny_llama_dir, summaries=True),
+                     step_hook=FailOnce(str(marker), step=5))
+    marker.touch()
+    return out, marker
+
+
+def damaged_copy(interrupted, tmp_path) -> tuple[Path, Path]:
+    """A copy of the interrupted run to damage: (output dir, run dir holding the checkpoints)."""
+    out = tmp_path / "out"
+    shutil.copytree(interrupted[0], out)
+    run_dir = out / "ray_train" / "t"
+    assert sorted(p.name for p in run_dir.glob("checkpoint_step*")) == ["checkpoint_step00000002",
+                                                                          "checkpoint_step00000004"]
+    return out, run_dir
+
+
+def test_checkpoint_manifest_lists_every_file_and_finds_changes(interrupted, tmp_path):
+    from tailkd_ray.train.checkpoint import MANIFEST, checkpoint_problem
+
+    _, run_dir = damaged_copy(interrupted, tmp_path)
+    latest = run_dir / "checkpoint_step00000004"
+    files = json.loads((latest / MANIFEST).read_text())["files"]
+    assert set(files) == {p.name for p in latest.iterdir()} - {MANIFEST}
+    assert {".metadata", "__0_0.distcp", "__1_0.distcp", "progress_rank1.json", "rng_rank0.pt"} <= set(files)
+    assert checkpoint_problem(latest) is None
+    shard = latest / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one byte changed
+    shard.write_bytes(bytes(data))
+    assert checkpoint_problem(latest) == "__1_0.distcp was changed after it was written (SHA-256 differs)"
+    assert checkpoint_problem(latest, hashes=False) is None  # what the workers check: sizes only
+
+
+def test_truncated_latest_checkpoint_falls_back_and_the_run_completes(interrupted, tmp_path, ray_session,
+                                                                       tiny_llama_dir, caplog):
+    from tailkd_ray.train.loop import run_training
+
+    out, run_dir = damaged_copy(interrupted, tmp_path)
+    shard = run_dir / "checkpoint_step00000004" / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:100])
+    cfg = make_cfg(out, tiny_llama_dir, strategy="fsdp", steps=STEPS, checkpoint_every=2, max_failures=0)
+    run_training(cfg, *datasets(ray_session, tiny_llama_dir, summaries=True))
+    assert [r["resumed_from_step"] for r in read_records(out, "resume")] == [2]
+    assert json.loads((out / "eval.json").read_text())["step"] == STEPS
+    warning = next(r.getMessage() for r in caplog.records if "passed over" in r.getMessage())
+    assert "from checkpoint_step00000002" in warning
+    assert "checkpoint_step00000004: __0_0.distcp holds 100 bytes" in warning
+    assert "checkpoint_manager_snapshot.json lists other checkpoints: renamed to" in warning
+    # The step-4 checkpoint was written again, whole, by the resumed run.
+    from tailkd_ray.train.checkpoint import checkpoint_problem
+    assert checkpoint_problem(run_dir / "checkpoint_step00000004") is None
+
+
+def test_deleted_latest_checkpoint_or_snapshot_damage_falls_back(interrupted, tmp_path):
+    from tailkd_ray.train.checkpoint import RAY_SNAPSHOT, resume_checkpoint
+
+    _, run_dir = damaged_copy(interrupted, tmp_path)
+    snapshot = run_dir / RAY_SNAPSHOT
+    intact = snapshot.read_text()
+    assert resume_checkpoint(run_dir) == run_dir / "checkpoint_step00000004"
+    assert snapshot.read_text() == intact  # Ray's snapshot agrees: left alone
+
+    snapshot.write_text(intact[: len(intact) // 2])  # truncated
+    assert resume_checkpoint(run_dir) == run_dir / "checkpoint_step00000004"
+    assert not snapshot.exists() and (run_dir / f"{RAY_SNAPSHOT}.set-aside").read_text() == intact[: len(intact) // 2]
+
+    snapshot.write_text(intact)
+    shutil.rmtree(run_dir / "checkpoint_step00000004")
+    assert resume_checkpoint(run_dir) == run_dir / "checkpoint_step00000002"
+    assert not snapshot.exists()  # it names the deleted directory: Ray would refuse to start
+
+
+def test_no_intact_checkpoint_is_one_line_error(interrupted, tmp_path):
+    from tailkd_ray.errors import CheckpointError
+    from tailkd_ray.train.checkpoint import MANIFEST, resume_checkpoint
+
+    _, run_dir = damaged_copy(interrupted, tmp_path)
+    shutil.rmtree(run_dir / "checkpoint_step00000004")
+    (run_dir / "checkpoint_step00000002" / MANIFEST).unlink()
+    with pytest.raises(CheckpointError) as error:
+        resume_checkpoint(run_dir)
+    message = str(error.value)
+    assert "\n" not in message and f"no intact checkpoint to resume run {run_dir}" in message
+    assert "checkpoint_step00000004: its directory is missing" in message
+    assert f"checkpoint_step00000002: it has no {MANIFEST}" in message and "another train.run_name" in message
+
+
+def test_ddp_and_deepspeed_checkpoints_have_whole_manifests(runs):
+    from tailkd_ray.train.checkpoint import MANIFEST, checkpoint_problem
+
+    for strategy in ("ddp", "deepspeed"):
+        (latest,) = (runs[strategy] / "ray_train" / "t").glob("checkpoint_step*")
+        files = json.loads((latest / MANIFEST).read_text())["files"]
+        assert set(files) == {p.relative_to(latest).as_posix() for p in latest.rglob("*") if p.is_file()} - {MANIFEST}
+        assert checkpoint_problem(latest) is None, strategy
+    assert any(name.startswith("state/") for name in files)  # DeepSpeed's own files, under its tag
+
+
+def test_deepspeed_checkpoints_load_without_arbitrary_pickle(runs, tmp_path):
+    """DeepSpeed's checkpoint files are read with torch.load(weights_only=True): the run's own load (the
+    relaunch test resumes from them), a pickle naming any other global is refused."""
+    import pickle
+
+    from tailkd_ray.train.strategies import weights_only_checkpoint_engine
+
+    engine = weights_only_checkpoint_engine()
+    (latest,) = (runs["deepspeed"] / "ray_train" / "t").glob("checkpoint_step*")
+    for path in (latest / "state").glob("*.pt"):
+        assert engine.load(str(path))  # model and ZeRO-3 optimizer states: tensors and the allowed classes
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    evil = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.save({"optimizer_state_dict": Payload()}, evil)
+    with pytest.raises(pickle.UnpicklingError, match=r"(?s)Weights only load failed.*GLOBAL posix.system"):
+        engine.load(str(evil))

@@ -1,7 +1,8 @@
 """``tailkd score``: one teacher pass over the train and val splits into ``summary.cache_dir`` (DESIGN §3, §10).
 
     preflight     the config's models, paths and placement, before any work (pipelines.preflight)
-    is_complete?  a matching complete cache of both splits: nothing to read or score
+    drop_damaged_shards  a complete cache's shards are hashed; damaged ones are deleted, to be re-scored
+    is_complete?  a matching complete, intact cache of both splits: nothing to read or score
     _blocks       else the corpus's train / val blocks (data.splits)
     score_to_cache per split: score what the cache lacks (resuming an interrupted pass), then mark it complete
 """
@@ -15,7 +16,7 @@ from tailkd_ray.config import Config, ConfigError
 from tailkd_ray.data.splits import train_val_datasets
 from tailkd_ray.pipelines.preflight import check_inputs, require_resources
 from tailkd_ray.runtime import init_ray
-from tailkd_ray.teacher.cache import SPLITS, is_complete, score_to_cache, teacher_identity
+from tailkd_ray.teacher.cache import SPLITS, drop_damaged_shards, is_complete, score_to_cache, teacher_identity
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +38,20 @@ def score(cfg: Config) -> dict:
     check_inputs(cfg)
     init_ray()
     require_resources(cfg, "score")
-    passes = score_splits(cfg, teacher_identity(cfg.teacher.model))
+    passes = score_splits(cfg, teacher_identity(cfg.teacher.model), repair=True)
     log.info("teacher passes: %d, tokens scored: %d, tokens in the cache: %d", passes.passes,
              passes.tokens_scored, passes.cache_tokens)
     return asdict(passes)
 
 
-def score_splits(cfg: Config, teacher_id: dict) -> TeacherPasses:
+def score_splits(cfg: Config, teacher_id: dict, *, repair: bool = False) -> TeacherPasses:
     """Make sure the cache holds the train and val summaries: score what is missing (one pass), reuse a
-    matching complete cache (no pass, corpus not even read), refuse an incompatible one."""
+    matching complete cache (no pass, corpus not even read), refuse an incompatible one. ``repair`` (``tailkd
+    score``) hashes a complete cache's shards first and re-scores the damaged ones; without it (distill, tune)
+    they are refused when the cache is opened (``cache.check_cache``)."""
+    if repair:
+        for split in SPLITS:
+            drop_damaged_shards(cfg, split, teacher_id=teacher_id)
     blocks = _blocks(cfg)
     infos = {split: score_to_cache(cfg, blocks[split], teacher_id=teacher_id, split=split)
              for split in SPLITS if blocks[split] is not None or is_complete(cfg, split)}

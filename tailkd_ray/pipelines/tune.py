@@ -62,7 +62,7 @@ from tailkd_ray.pipelines.preflight import TRIAL_DRIVER, check_inputs, require_r
 from tailkd_ray.pipelines.score import score_splits
 from tailkd_ray.placement import total_need
 from tailkd_ray.runtime import init_ray, is_quiet
-from tailkd_ray.teacher.cache import SPLITS, open_cache, teacher_identity
+from tailkd_ray.teacher.cache import SPLITS, check_cache, open_cache, teacher_identity
 from tailkd_ray.train.loop import run_training
 from tailkd_ray.train.runlog import read_eval_json, read_records, run_complete
 
@@ -86,6 +86,8 @@ def run_tune(cfg: Config) -> dict:
     require_resources(cfg, "tune")
     teacher_id = teacher_identity(cfg.teacher.model)
     teacher = score_splits(cfg, teacher_id)  # the one teacher pass (none when the cache is complete)
+    for split in SPLITS:  # every shard hashed once here, not once per trial
+        check_cache(cfg, split=split, teacher_id=teacher_id)
     tuner, restored = make_tuner(cfg, teacher_id)
     rows = sorted((trial_row(result, cfg) for result in tuner.fit()), key=lambda r: (r["k"], r["beta"]))
     naive = len(rows) * teacher.cache_tokens
@@ -245,7 +247,7 @@ def train_trial(params: dict, *, base: dict, teacher_id: dict) -> None:
     """Tune function trainable: train one (K, β) student with a TorchTrainer on the shared cache, then
     report its final validation (eval.json) to Tune."""
     cfg = trial_config(from_dict(base), params["k"], params["beta"])
-    train_ds, val_ds = (open_cache(cfg, split=split, teacher_id=teacher_id) for split in SPLITS)
+    train_ds, val_ds = (open_cache(cfg, split=split, teacher_id=teacher_id, hashes=False) for split in SPLITS)
     run_training(cfg, train_ds, val_ds, "summary",
                  callbacks=[ValidationReport(cfg.tune.metric, cfg.train.max_steps)])
     # The student is exported: a stop Tune decides on this report (ASHA's at max_t) costs nothing now.

@@ -11,13 +11,18 @@ Layout of ``summary.cache_dir/<split>/`` (split = ``train`` or ``val``):
   it holds, so a retried write task replaces its own file instead of duplicating rows.
 - ``manifest.json``: what the cache was computed from (teacher identity and weights hash, tokenizer hash, whether
   documents start with BOS, the shared vocabulary (the tokenizer's length, where summary ids stop), top_m, tail_samples, seq_len, temperature, logp_dtype, seed, data fingerprint), the shards and their
-  row counts, and ``complete``.
+  row counts, each shard's size and SHA-256 (``checksums``), and ``complete``.
 
 Crash safety: the manifest is written first with ``complete: false``; every shard is written under a
 temporary name and renamed when whole; the manifest with ``complete: true`` replaces the first one last
 (atomic rename). A cache is only read when complete. Re-running resumes: the blocks already in finished
 shards (by content hash) are skipped and only the rest is scored; a complete cache is not re-scored. A
 cache whose identity differs from the config is refused with the list of differing fields.
+
+Integrity: opening a cache checks every shard's size and hashes it, once per run (``check_cache``: one Ray
+task per shard, in parallel; ~1.4 s per GB per CPU): a damaged or changed shard is refused by name
+(``CacheError``) and ``tailkd score`` re-scores it (``drop_damaged_shards``). A manifest written before shards
+had checksums lists none: such a cache is refused until ``tailkd score`` re-scores its shards.
 Blocks are identified by content: if the corpus repeats a whole packed block and one copy of it is in a
 finished shard already, a resumed run skips the other copies too (an uninterrupted run keeps them all).
 """
@@ -45,7 +50,7 @@ from huggingface_hub import snapshot_download
 from tailkd_ray import __version__
 from tailkd_ray.config import Config, differing_fields
 from tailkd_ray.core.summary import FIELDS, TeacherSummary, bytes_per_position
-from tailkd_ray.data.hashing import block_hashes
+from tailkd_ray.data.hashing import block_hashes, stream_sha256
 from tailkd_ray.data.pack import document_bos_id
 from tailkd_ray.data.read import expand_paths
 from tailkd_ray.data.splits import data_tokenizer
@@ -222,6 +227,65 @@ def _shard_paths(fs: pafs.FileSystem, base: str) -> list[str]:
                   if i.base_name.startswith("part-") and i.base_name.endswith(".parquet"))
 
 
+def _shard_checksum(root: str, name: str) -> dict:
+    """A shard's size and SHA-256, as the manifest records them."""
+    fs, base = _filesystem(root)
+    with fs.open_input_stream(f"{base}/{name}") as stream:
+        return {"bytes": fs.get_file_info(f"{base}/{name}").size, "sha256": stream_sha256(stream)}
+
+
+def _checksums(root: str, names: list[str]) -> dict[str, dict]:
+    """Shard name -> size and SHA-256 for ``names``, hashed in parallel Ray tasks (one per shard)."""
+    task = ray.remote(num_cpus=1)(_shard_checksum)
+    return dict(zip(names, ray.get([task.remote(root, name) for name in names])))
+
+
+def shard_problems(root: str, manifest: dict, *, hashes: bool = True) -> dict[str, str]:
+    """Shard name -> what is wrong with it, for the complete cache's shards that are missing, of another size
+    than written or (``hashes``) of other contents, or have no recorded checksum; empty when all are intact."""
+    fs, base = _filesystem(root)
+    recorded = manifest.get("checksums", {})
+    problems, to_hash = {}, []
+    for name in manifest["shards"]:
+        info = fs.get_file_info(f"{base}/{name}")
+        if name not in recorded:
+            problems[name] = "has no recorded checksum (the cache was written by an older tailkd)"
+        elif info.type != pafs.FileType.File:
+            problems[name] = "is missing"
+        elif info.size != recorded[name]["bytes"]:
+            problems[name] = f"holds {info.size} bytes, {recorded[name]['bytes']} when written"
+        elif hashes:
+            to_hash.append(name)
+    for name, checksum in _checksums(root, to_hash).items():
+        if checksum["sha256"] != recorded[name]["sha256"]:
+            problems[name] = "was changed after it was written (SHA-256 differs)"
+    return problems
+
+
+def drop_damaged_shards(cfg: Config, split: str, *, teacher_id: dict) -> int:
+    """``tailkd score``'s check of a complete cache matching ``cfg``: delete every shard ``shard_problems`` finds
+    damaged and mark the cache incomplete, so that scoring resumes and re-scores their blocks; returns the shards
+    dropped. A cache computed from other inputs is refused before any shard is touched."""
+    root = split_dir(cfg, split)
+    fs, base = _filesystem(root)
+    manifest = _read_manifest(fs, base)
+    if not (manifest and manifest.get("complete")):
+        return 0
+    _require_match(manifest, cache_identity(cfg, teacher_id=teacher_id, split=split), root)
+    problems = shard_problems(root, manifest)
+    if not problems:
+        return 0
+    log.warning("summary cache %s: re-scoring %d damaged shard(s): %s", root, len(problems),
+                "; ".join(f"{name} {problem}" for name, problem in problems.items()))
+    for name in problems:
+        if fs.get_file_info(f"{base}/{name}").type == pafs.FileType.File:
+            fs.delete_file(f"{base}/{name}")
+    intact = {name: entry for name, entry in manifest.get("checksums", {}).items() if name not in problems}
+    _write_manifest(fs, base, {**{k: v for k, v in manifest.items() if k not in ("shards", "rows", "tokens")},
+                               "complete": False, "checksums": intact})
+    return len(problems)
+
+
 def _finished_shards(fs: pafs.FileSystem, base: str) -> dict[str, int]:
     """Shard file name -> rows, from the Parquet footers."""
     shards = {}
@@ -336,13 +400,18 @@ def _score_missing(cfg: Config, blocks, fs: pafs.FileSystem, base: str, root: st
 
 
 def _finish(cfg: Config, fs: pafs.FileSystem, base: str, root: str, identity: dict, split: str) -> dict:
-    """Replace the manifest by the complete one, listing every finished shard (the atomic last step)."""
+    """Replace the manifest by the complete one, listing every finished shard with its checksum (the atomic last
+    step). Checksums an earlier, re-scored pass recorded are kept; the new shards are hashed (in parallel)."""
     shards = _finished_shards(fs, base)
     rows = sum(shards.values())
     if rows == 0:
         raise DataError(f"no packed blocks to score for split {split!r}: the corpus produced no blocks of "
                         f"data.seq_len + 1 = {cfg.data.seq_len + 1} tokens; check data.{split} and data.seq_len")
-    manifest = {**identity, "complete": True, "shards": shards, "rows": rows, "tokens": rows * cfg.data.seq_len,
+    recorded = (_read_manifest(fs, base) or {}).get("checksums", {})
+    checksums = {name: recorded[name] for name in shards if name in recorded}
+    checksums.update(_checksums(root, [name for name in shards if name not in recorded]))
+    manifest = {**identity, "complete": True, "shards": shards, "checksums": dict(sorted(checksums.items())),
+                "rows": rows, "tokens": rows * cfg.data.seq_len,
                 "teacher_path": str(cfg.teacher.model), "tool_version": __version__,
                 "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     _write_manifest(fs, base, manifest)
@@ -363,13 +432,23 @@ def is_complete(cfg: Config, split: str) -> bool:
     return bool(manifest and manifest.get("complete"))
 
 
-def open_cache(cfg: Config, *, split: str = "train", teacher_id: Optional[dict] = None):
-    """The complete cache as a Dataset with ``input_ids`` [B, T+1] and the five summary columns.
+def open_cache(cfg: Config, *, split: str = "train", teacher_id: Optional[dict] = None, hashes: bool = True):
+    """The complete cache as a Dataset with ``input_ids`` [B, T+1] and the five summary columns, once
+    ``check_cache`` passed (``hashes=False``: sizes only, for a cache this run hashed already: Tune's trials)."""
+    root = split_dir(cfg, split)
+    manifest = check_cache(cfg, split=split, teacher_id=teacher_id, hashes=hashes)
+    paths = [f"{root}/{name}" for name in manifest["shards"]]
+    return ray.data.read_parquet(paths, columns=["input_ids", *FIELDS]).map_batches(
+        restore_shapes, fn_kwargs={"seq_len": manifest["seq_len"]}, batch_format="pyarrow")
 
-    The manifest is checked against ``cfg`` first (teacher, tokenizer, summary settings, scoring τ =
-    loss.temperature, data; the config itself holds loss.k ≤ summary.top_m, which the identity pins to the cache's
-    top_m); ``teacher_id`` defaults to ``teacher_identity(cfg.teacher.model)``. The rows (numpy batches) do not
-    carry τ: this check is what ties them to the loss's temperature.
+
+def check_cache(cfg: Config, *, split: str = "train", teacher_id: Optional[dict] = None, hashes: bool = True) -> dict:
+    """The manifest of the complete, intact cache of ``split`` matching ``cfg``, else a ``CacheError``.
+
+    The manifest is checked against ``cfg`` (teacher, tokenizer, summary settings, scoring τ = loss.temperature,
+    data; the config itself holds loss.k ≤ summary.top_m, which the identity pins to the cache's top_m);
+    ``teacher_id`` defaults to ``teacher_identity(cfg.teacher.model)``. The rows (numpy batches) do not carry τ:
+    this check is what ties them to the loss's temperature. Then every shard's size and (``hashes``) SHA-256.
     """
     root = split_dir(cfg, split)
     fs, base = _filesystem(root)
@@ -381,9 +460,13 @@ def open_cache(cfg: Config, *, split: str = "train", teacher_id: Optional[dict] 
                          f"`tailkd score --config F` again to finish it")
     identity = cache_identity(cfg, teacher_id=teacher_id or teacher_identity(cfg.teacher.model), split=split)
     _require_match(manifest, identity, root)
-    paths = [f"{root}/{name}" for name in manifest["shards"]]
-    return ray.data.read_parquet(paths, columns=["input_ids", *FIELDS]).map_batches(
-        restore_shapes, fn_kwargs={"seq_len": manifest["seq_len"]}, batch_format="pyarrow")
+    problems = shard_problems(root, manifest, hashes=hashes)
+    if problems:
+        name, problem = next(iter(problems.items()))
+        more = f" (and {len(problems) - 1} more shard(s))" if len(problems) > 1 else ""
+        raise CacheError(f"summary cache shard {root}/{name} {problem}{more}: run `tailkd score --config F` to "
+                         f"re-score the damaged shard(s)")
+    return manifest
 
 
 def restore_shapes(table: pa.Table, *, seq_len: int) -> dict[str, np.ndarray]:

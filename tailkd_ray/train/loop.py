@@ -55,7 +55,8 @@ from tailkd_ray.errors import NonFiniteLossError
 from tailkd_ray.models import build_student, inference_dtype, load_teacher, shared_vocab_size, student_config
 from tailkd_ray.placement import require_train_placement, train_worker_resources
 from tailkd_ray.runtime import train_logging_config
-from tailkd_ray.train.checkpoint import Progress, export_student, load_checkpoint, save_checkpoint
+from tailkd_ray.train.checkpoint import (Progress, export_student, load_checkpoint, resume_checkpoint,
+                                         save_checkpoint)
 from tailkd_ray.train.runlog import RunLog, run_complete, write_eval_json
 from tailkd_ray.train.strategies import STRATEGIES
 
@@ -98,13 +99,16 @@ def run_training(cfg: Config, train_ds, val_ds=None, teacher_mode: Optional[str]
         student_config(cfg)  # a bad student.config fails here, by name, not inside a worker
     shared_vocab = shared_vocab_size(cfg) if mode == "colocated" else None
     datasets = {"train": train_ds} if val_ds is None else {"train": train_ds, "val": val_ds}
+    storage_path = Path(cfg.output_dir).resolve() / "ray_train"
+    resume_from = resume_checkpoint(storage_path / cfg.train.run_name)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "teacher_mode": mode, "step_hook": step_hook,
-                           "datasets": sorted(datasets), "shared_vocab": shared_vocab},
+                           "datasets": sorted(datasets), "shared_vocab": shared_vocab,
+                           "resume_from": resume_from and str(resume_from)},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker=train_worker_resources(cfg.train)),
-        run_config=RunConfig(name=cfg.train.run_name, storage_path=str(Path(cfg.output_dir).resolve() / "ray_train"),
+        run_config=RunConfig(name=cfg.train.run_name, storage_path=str(storage_path),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=list(callbacks or []),
                              logging_config=train_logging_config()),
@@ -149,10 +153,10 @@ class _Attempt:
 
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train V2 worker entry point; ``config`` = {"cfg": to_dict(Config), "teacher_mode", "step_hook",
-    "datasets": names of the datasets given to the trainer}."""
+    "datasets": names of the datasets given to the trainer, "resume_from": the driver's checkpoint or None}."""
     worker_started = time.perf_counter()
     worker = _setup_worker(config)
-    progress = _restore(worker)
+    progress = _restore(worker, config["resume_from"])
     if progress is None:
         return  # a relaunch of a finished run: nothing new
     cfg, train_shard = worker.cfg, ray.train.get_dataset_shard("train")
@@ -199,13 +203,15 @@ def _setup_worker(config: dict) -> _Worker:
                    step_hook=config.get("step_hook"))
 
 
-def _restore(worker: _Worker) -> Optional[Progress]:
-    """Progress from Ray Train's latest checkpoint (a restarted worker group or a relaunch), else from the start;
-    None for a relaunch of a run that finished and wrote its outputs."""
+def _restore(worker: _Worker, resume_from: Optional[str]) -> Optional[Progress]:
+    """Progress from Ray Train's latest checkpoint (a restarted worker group, or a relaunch whose run snapshot
+    agrees with the driver), else from ``resume_from`` (the driver's newest intact checkpoint,
+    ``checkpoint.resume_checkpoint``), else from the start; None for a relaunch of a run that finished and wrote
+    its outputs."""
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
+    if checkpoint is None and resume_from is None:
         return Progress()
-    with checkpoint.as_directory() as directory:
+    with checkpoint.as_directory() if checkpoint is not None else nullcontext(resume_from) as directory:
         progress = load_checkpoint(worker.strategy, directory, worker.rank)
     finished = progress.step >= worker.cfg.train.max_steps and worker.rank == 0 and run_complete(worker.out_dir)
     if _broadcast_flag(finished, worker.device):

@@ -4,7 +4,8 @@ A strategy wraps the student (``models.StudentWithHead``) for its parallelism an
 and the learning-rate schedule (``lr_scheduler``: ``train.lr_schedule``, built by transformers): the loop calls
 ``strategy(input_ids, head_fn)``, ``sync_context``, ``backward``, ``grad_norm``, ``step``, and for checkpoints
 ``save`` / ``load`` / ``full_state_dict``. FSDP2 and DDP checkpoint with ``torch.distributed.checkpoint``,
-DeepSpeed with its own ZeRO-partitioned checkpoints. bf16 on GPU only (``mixed_precision``).
+DeepSpeed with its own ZeRO-partitioned checkpoints, read back with ``torch.load(weights_only=True)``
+(``weights_only_checkpoint_engine``). bf16 on GPU only (``mixed_precision``).
 
 Before any wrapping, the student's decoder blocks get activation checkpointing and then regional compilation
 (``train.activation_checkpointing``, ``train.compile``; ``models.prepare_decoder_blocks``); FSDP2 then shards each
@@ -129,6 +130,7 @@ class DeepSpeedStrategy:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=wrapper, optimizer=optimizer, lr_scheduler=lr_scheduler(optimizer, cfg.train),
             config=deepspeed_config(cfg, dist.get_world_size()))
+        self.engine.checkpoint_engine = weights_only_checkpoint_engine(self.engine._config)
 
     def __call__(self, input_ids, head_fn):
         return self.engine(input_ids, head_fn)
@@ -172,6 +174,23 @@ class DeepSpeedStrategy:
             if dist.get_rank() != 0:
                 return None
             return _strip_wrapper({k: v.detach().cpu().clone() for k, v in module.state_dict().items()})
+
+
+def weights_only_checkpoint_engine(config_params=None):
+    """DeepSpeed's torch checkpoint engine, loading through ``torch.load(weights_only=True)`` (DeepSpeed 0.19
+    hard-codes ``weights_only=False`` and offers no option): a checkpoint file can then hold only tensors,
+    containers and the two DeepSpeed classes its ZeRO-3 state pickles, allowed by name: ``ZeroStageEnum`` and the
+    static ``LossScaler`` (bf16 and fp32; fp16's ``DynamicLossScaler`` is not used here)."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals([ZeroStageEnum, LossScaler]):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    return WeightsOnlyCheckpointEngine(config_params)
 
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict:
