@@ -15,7 +15,7 @@ from ray import cloudpickle
 
 from tailkd_ray.config import from_dict
 from tailkd_ray.core.summary import summarize
-from tailkd_ray.train.runlog import read_records
+from tailkd_ray.train.runlog import METRICS_FILE, SUPERSEDED, read_records
 
 pytestmark = pytest.mark.ray
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the fault-injection hook travels to workers
@@ -122,9 +122,13 @@ def test_worker_failure_resumes_without_retraining(runs):
     """FSDP2 run: killed after step 3, restarted from the step-2 checkpoint; the resumed trajectory equals
     the uninterrupted DDP one (model, optimizer, schedule and data position all restored)."""
     assert [r["resumed_from_step"] for r in read_records(runs["fsdp"], "resume")] == [2]
-    steps = read_records(runs["fsdp"], "step")
-    assert [r["step"] for r in steps] == [1, 2, 3, 3, 4, 5, 6]  # step 3 redone: < one interval
-    redone = [r["loss"] for r in steps if r["step"] == 3]
+    assert [r["step"] for r in read_records(runs["fsdp"], "step")] == [1, 2, 3, 4, 5, 6]  # one record per step
+    every_step = [json.loads(line) for line in (runs["fsdp"] / METRICS_FILE).read_text().splitlines()]
+    every_step = [r for r in every_step if r["kind"] == "step"]
+    # step 3 was redone (< one checkpoint interval); the first attempt's record is kept, marked superseded
+    assert [(r["step"], r.get(SUPERSEDED, False)) for r in every_step] == [
+        (1, False), (2, False), (3, True), (3, False), (4, False), (5, False), (6, False)]
+    redone = [r["loss"] for r in every_step if r["step"] == 3]
     assert redone[0] == pytest.approx(redone[1], rel=1e-5)  # the same batches again after the data skip
     assert json.loads((runs["fsdp"] / "eval.json").read_text())["step"] == STEPS
 
