@@ -103,7 +103,8 @@ def run(args: argparse.Namespace) -> Optional[dict]:
         return None
 
     if args.command == "demo":
-        return demo.run_demo(args.out, args.overrides)
+        demo.run_demo(args.out, args.overrides)  # prints its own table; its JSON would repeat it
+        return None
     config = resolve_local_paths(load_config(args.config, args.overrides))
     if args.command == "score":
         return score.score(config)

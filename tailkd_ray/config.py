@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import importlib.util
 import logging
 import math
 import os
@@ -195,6 +196,10 @@ class TrainConfig:
     resources_per_worker: dict = doc({}, "Custom Ray resources per trainer worker, e.g. {tailkd_training: 1}.")
     log_every: int = doc(0, "Steps between the progress lines rank 0 prints (step, losses, tokens/s, data wait, "
                             "ETA; `ray job logs` shows them). 0: max_steps // 20, about 20 lines per run.")
+    loggers: list = doc(["tensorboard"], "Experiment trackers rank 0 feeds with every record's numbers, the resolved "
+                                         "config and the final eval: any of tensorboard (OUT/tensorboard), wandb "
+                                         "(offline under OUT/wandb unless WANDB_MODE is set), mlflow "
+                                         "(MLFLOW_TRACKING_URI, else the file store OUT/mlruns). [] = none.")
     prefetch_batches: int = doc(1, "Micro-batches each worker's Ray Data iterator prepares ahead of the step "
                                    "(0 = none). Raising it can help when metrics.jsonl shows data_wait_s > 0, but "
                                    "workers then request blocks out of step, so which worker trains on which block "
@@ -224,6 +229,7 @@ class TrainConfig:
             raise ConfigError("train.compile needs train.strategy fsdp or ddp: ZeRO-3 gathers each layer's "
                               "parameters in hooks inside the blocks, which a compiled block would trace")
         _check_resources("train.resources_per_worker", self.resources_per_worker)
+        _check_loggers(self.loggers)
 
     def wsd_decay_steps(self) -> int:
         """Steps of the wsd schedule's final decay (at least 1)."""
@@ -325,6 +331,22 @@ def require_k_within_top_m(k_key: str, k: int, top_m: int) -> None:
     if k > top_m:
         raise ConfigError(f"{k_key} = {k} exceeds summary.top_m = {top_m}: the teacher summary keeps only its top "
                           f"{top_m} ids, so K ≤ M; raise summary.top_m (a new summary cache is scored) or lower {k_key}")
+
+
+# train.loggers -> (the module its tracker imports, the extra that installs it)
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", None), "wandb": ("wandb", "wandb"), "mlflow": ("mlflow", "mlflow")}
+
+
+def _check_loggers(loggers: list) -> None:
+    if not isinstance(loggers, list) or len(set(map(str, loggers))) != len(loggers):
+        raise ConfigError(f"train.loggers must be a list of distinct trackers, got {loggers!r}")
+    for name in loggers:
+        if name not in TRACKER_PACKAGES:
+            raise ConfigError(f"train.loggers: unknown tracker {name!r}; choose from {', '.join(TRACKER_PACKAGES)}")
+        module, extra = TRACKER_PACKAGES[name]
+        if extra and importlib.util.find_spec(module) is None:
+            raise ConfigError(f"train.loggers: {name} needs the {module} package, which is not installed: "
+                              f"pip install 'tailkd-ray[{extra}]' (on every node of the cluster)")
 
 
 def _check_resources(key: str, resources: dict) -> None:

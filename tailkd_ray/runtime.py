@@ -20,6 +20,7 @@ import socket
 import warnings
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+WORKER_LINES_REGEX = r"^(train|eval) step \d"  # what rank 0 prints (train.loop.progress_line, eval_line)
 
 
 def configure_logging(level: str = "info") -> bool:
@@ -39,8 +40,10 @@ def configure_logging(level: str = "info") -> bool:
 def ray_env(quiet: bool) -> dict[str, str]:
     """Environment for the driver and every Ray worker. Train's print patch doubles every print of a worker;
     Tune trials keep the workers' working directory (as Train workers do), so that relative data and model
-    paths mean the same in a trial as in ``tailkd distill``."""
-    env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_CHDIR_TO_TRIAL_DIR": "0"}
+    paths mean the same in a trial as in ``tailkd distill``. Ray's log deduplication would fold rank 0's progress
+    and eval lines into one "[repeated Nx]" line (they differ only in numbers): they are exempt."""
+    env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_CHDIR_TO_TRIAL_DIR": "0",
+           "RAY_DEDUP_LOGS_ALLOW_REGEX": WORKER_LINES_REGEX}
     if quiet:
         env.update(RAY_DATA_LOG_LEVEL="WARNING", RAY_DATA_DISABLE_PROGRESS_BARS="1", HF_HUB_DISABLE_PROGRESS_BARS="1")
     return env

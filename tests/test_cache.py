@@ -211,17 +211,32 @@ def test_teacher_identity_follows_the_weights(tiny_llama_dir, tmp_path):
 
 
 @pytest.mark.ray
-def test_score_command_runs_one_teacher_pass_then_reuses(tiny_llama_dir, builtin_corpus, ray_session, tmp_path):
-    """`tailkd score`: train and val summaries into summary.cache_dir once; a rerun scores nothing."""
+def test_score_command_runs_one_teacher_pass_then_reuses(tiny_llama_dir, builtin_corpus, ray_session, tmp_path,
+                                                         caplog, monkeypatch):
+    """`tailkd score`: train and val summaries into summary.cache_dir once, each stage announced; a rerun scores
+    nothing."""
     from tailkd_ray.config import ConfigError
     from tailkd_ray.pipelines.score import score
+    from tailkd_ray.teacher.pool import ScoringProgress
 
     _, val_dir = builtin_corpus
     cfg = make_config(tiny_llama_dir, tmp_path / "cache", val_dir, **{"data.val_fraction": 0.25})
-    first = score(cfg)
+    monkeypatch.setattr(ScoringProgress, "MIN_LINE_S", 0.0)  # a line at every twentieth, however fast
+    monkeypatch.setattr(ScoringProgress, "POLL_S", 0.05)
+    with caplog.at_level("INFO", logger="tailkd_ray"):
+        first = score(cfg)
     assert first["passes"] == 1 and first["tokens_scored"] == first["cache_tokens"] > 0
+    files = len(list(Path(val_dir).rglob("*.txt")))
+    assert any(m.startswith(f"tokenizing {val_dir}: {files} file(s) with ") for m in caplog.messages), caplog.messages
+    ingest = next(m for m in caplog.messages if m.startswith("ingest: "))
+    rows = {split: read_manifest(tmp_path / "cache" / split)["rows"] for split in ("train", "val")}
+    assert f"blocks ({rows['train']} train, {rows['val']} val)" in ingest
     for split in ("train", "val"):
-        assert read_manifest(tmp_path / "cache" / split)["complete"] is True
+        manifest = read_manifest(tmp_path / "cache" / split)
+        assert manifest["complete"] is True
+        scored = [m for m in caplog.messages if m.startswith(f"teacher scoring {tmp_path / 'cache' / split}: ")]
+        assert scored and scored[-1].split(": ")[1].startswith(f"{manifest['rows']}/{manifest['rows']} blocks scored")
+        assert len(scored) <= ScoringProgress.LINES
     again = score(cfg)
     assert again["passes"] == 0 and again["tokens_scored"] == 0 and again["cache_tokens"] == first["cache_tokens"]
     with pytest.raises(ConfigError, match="set summary.cache_dir"):

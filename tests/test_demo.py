@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -19,13 +21,23 @@ def test_demo_end_to_end_tiny(ray_session, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "demo"
-    results = run_demo(str(out), TINY)
-    assert set(results) == {"clm", "kd", "tad"}
+    # As a user runs it (its own Ray, whose workers' lines reach this output): every stage says what it does,
+    # in under 100 lines
+    run = subprocess.run([sys.executable, "-m", "tailkd_ray", "demo", "--out", str(out), *TINY],
+                         capture_output=True, text=True, timeout=1200)
+    printed = run.stdout + run.stderr
+    assert run.returncode == 0, printed[-3000:]
+    assert len(printed.splitlines()) < 100, printed
+    for stage in ("built-in corpus in ", "tokenizing ", "ingest: ", "training teacher: 2 CPU worker(s) (ddp), 6 steps",
+                  "train step 6/6  loss ", "eval step 6/6  val_loss ", "training tad: ", "train step 4/4  loss ",
+                  "eval step 4/4  val_loss ", "kl_to_teacher ", "outputs: ", "| tad | ", "report: "):
+        assert stage in printed, (stage, printed)
+    results = {name: json.loads((out / "students" / name / "eval.json").read_text()) for name in ("clm", "kd", "tad")}
+    for name in results:  # each student's last validation, printed
+        assert f"eval step 4/4  val_loss {results[name]['val_loss']:.4f}" in printed
     for name, metrics in results.items():
         assert set(METRIC_COLUMNS) <= set(metrics), name
         assert metrics["val_loss"] > 0 and metrics["tokens"] > 0
-        saved = json.loads((out / "students" / name / "eval.json").read_text())
-        assert saved["val_loss"] == pytest.approx(metrics["val_loss"])
         curve = read_curve(out / "students" / name)
         assert [step for step, _ in curve][-1] == 4 and len(curve) >= 2
         student = out / "students" / name / "student"

@@ -20,7 +20,7 @@ from tailkd_ray.core.summary import FIELDS, summarize
 from tailkd_ray.data.hashing import block_hashes, format_block_hash, row_generator_seed
 from tailkd_ray.errors import ConfigError, DataError, NonFiniteLogitsError, VocabularyError, find_tailkd_error
 from tailkd_ray.models import check_vocab_compatible
-from tailkd_ray.teacher.pool import TeacherScorer, score_dataset, scorer_kwargs, teacher_map_args
+from tailkd_ray.teacher.pool import ScoringProgress, TeacherScorer, score_dataset, scorer_kwargs, teacher_map_args
 
 SEQ_LEN, TOP_M, TAIL = 24, 8, 4
 
@@ -85,14 +85,17 @@ def assert_rows_match_reference(rows: list[dict], blocks: np.ndarray, reference:
 
 @pytest.mark.ray
 @pytest.mark.parametrize("model_fixture", ["tiny_llama_dir", "tiny_gpt2_dir"])
-def test_pool_summaries_equal_direct_summarize(model_fixture, request, ray_session, builtin_corpus):
+def test_pool_summaries_equal_direct_summarize(model_fixture, request, ray_session, builtin_corpus, caplog):
     from tailkd_ray.pipelines.distill import teacher_summaries
 
     model_dir = request.getfixturevalue(model_fixture)
     blocks = tokenized_blocks(model_dir, builtin_corpus, rows=10)
     cfg = make_config(model_dir, **{"teacher.max_actors": 2})
     assert cfg.summary.cache_dir is None  # streaming mode: the pool's output itself
-    rows = teacher_summaries(cfg, as_dataset(blocks)).take_all()
+    with caplog.at_level("INFO", logger="tailkd_ray"), ScoringProgress("pool", SEQ_LEN) as progress:
+        rows = teacher_summaries(cfg, as_dataset(blocks), progress=progress).take_all()
+    # both actors count into one counter; the driver announces the total
+    assert re.search(r"^pool: 10 blocks scored, [\d,]+ tokens/s, \d+ s$", caplog.messages[-1]), caplog.messages
 
     row = rows[0]
     assert row["input_ids"].shape == (SEQ_LEN + 1,) and row["input_ids"].dtype == np.int32

@@ -13,9 +13,10 @@ import pytest
 import torch
 from ray import cloudpickle
 
-from tailkd_ray.config import from_dict
+from tailkd_ray.config import from_dict, to_dict
 from tailkd_ray.core.summary import summarize
 from tailkd_ray.train.runlog import METRICS_FILE, SUPERSEDED, read_records
+from tailkd_ray.train.trackers import TRACKERS
 
 pytestmark = pytest.mark.ray
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the fault-injection hook travels to workers
@@ -95,7 +96,8 @@ def runs(ray_session, tiny_llama_dir, tmp_path_factory):
     marker = tmp_path_factory.mktemp("marker") / "killed"
     made = {
         "ddp": run(tmp_path_factory, ray_session, tiny_llama_dir, "ddp", strategy="ddp", summary=False, steps=STEPS),
-        "deepspeed": run(tmp_path_factory, ray_session, tiny_llama_dir, "deepspeed", strategy="deepspeed", steps=STEPS),
+        "deepspeed": run(tmp_path_factory, ray_session, tiny_llama_dir, "deepspeed", strategy="deepspeed", steps=STEPS,
+                         loggers=list(TRACKERS)),
         "fsdp": run(tmp_path_factory, ray_session, tiny_llama_dir, "fsdp", strategy="fsdp", steps=STEPS,
                     checkpoint_every=2, max_failures=1, step_hook=KillOnce(str(marker), step=3, rank=1)),
     }
@@ -166,6 +168,77 @@ def test_eval_json_and_metrics_written(runs):
         assert all(v > 0 for values in fixed.values() for v in values), fixed
         # Ray Data's per-stage report of the input pipeline (the scored blocks in summary mode).
         assert "Dataset" in (out / "data_stats.txt").read_text(), strategy
+
+
+def wandb_records(run_dir: Path) -> list:
+    """The protobuf records of a W&B offline run file (LevelDB log format: 32 KiB blocks of CRC, length, type
+    headers; records may span blocks), after its 7-byte file header."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = next(run_dir.glob("run-*.wandb")).read_bytes()
+    records, pending, pos, block = [], b"", 7, 32768
+    while pos + 7 <= len(data):
+        length, kind = struct.unpack("<HB", data[pos + 4:pos + 7])
+        if block - pos % block < 7 or (length, kind) == (0, 0):  # a block's zero-filled trailer
+            pos += block - pos % block
+            continue
+        pending, pos = pending + data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):  # FULL or LAST
+            records.append(wandb_internal_pb2.Record.FromString(pending))
+            pending = b""
+    return records
+
+
+def test_trackers_hold_metrics_config_and_final_eval(runs, tiny_llama_dir):
+    """train.loggers: [tensorboard, wandb, mlflow], offline: W&B's run file and MLflow's file store hold every
+    step's loss, the resolved config and the final eval."""
+    out = runs["deepspeed"]
+    losses = by_step(out)
+    final = json.loads((out / "eval.json").read_text())
+    config = json.loads(json.dumps(to_dict(make_cfg(out, tiny_llama_dir, strategy="deepspeed", steps=STEPS,
+                                                    loggers=list(TRACKERS)))))
+
+    (wandb_run,) = (out / "wandb").glob("offline-run-*")
+    history, summary, run_record = {}, {}, None
+    for record in wandb_records(wandb_run):
+        kind = record.WhichOneof("record_type")
+        items = {"history": lambda: record.history.item, "summary": lambda: record.summary.update}.get(kind)
+        if items:
+            values = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items()}
+            if kind == "history" and "train/loss" in values:
+                history[values["_step"]] = values["train/loss"]
+            if kind == "summary":
+                summary.update(values)
+        run_record = record.run if kind == "run" else run_record
+    assert history == pytest.approx(losses)
+    assert summary["final/val_loss"] == pytest.approx(final["val_loss"])
+    assert run_record.run_group == "t" and run_record.display_name == out.name
+    wandb_config = {item.key: json.loads(item.value_json) for item in run_record.config.update}
+    assert wandb_config["loss"] == config["loss"] and wandb_config["train"]["loggers"] == list(TRACKERS)
+
+    (experiment,) = [d for d in (out / "mlruns").iterdir() if (d / "meta.yaml").is_file() and d.name != "0"]
+    (mlflow_run,) = [d for d in experiment.iterdir() if d.is_dir()]
+    logged = [line.split() for line in (mlflow_run / "metrics" / "train" / "loss").read_text().splitlines()]
+    assert {int(step): float(value) for _, value, step in logged} == pytest.approx(losses)
+    assert float((mlflow_run / "metrics" / "final" / "val_loss").read_text().split()[1]) == pytest.approx(final["val_loss"])
+    assert json.loads((mlflow_run / "artifacts" / "config.json").read_text()) == config
+    assert json.loads((mlflow_run / "params" / "loss.k").read_text()) == config["loss"]["k"]
+
+
+def test_missing_tracker_package_is_one_config_error(monkeypatch):
+    import importlib.util
+
+    from tailkd_ray.config import ConfigError, TrainConfig
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"train.loggers: mlflow needs the mlflow package, which is not installed: "
+                                          r"pip install 'tailkd-ray\[mlflow\]'"):
+        TrainConfig(loggers=["tensorboard", "mlflow"]).validate()
+    with pytest.raises(ConfigError, match="unknown tracker 'comet'"):
+        TrainConfig(loggers=["comet"]).validate()
 
 
 @pytest.mark.parametrize("strategy", ["fsdp", "deepspeed"])
@@ -396,3 +469,15 @@ def test_deepspeed_checkpoints_load_without_arbitrary_pickle(runs, tmp_path):
     torch.save({"optimizer_state_dict": Payload()}, evil)
     with pytest.raises(pickle.UnpicklingError, match=r"(?s)Weights only load failed.*GLOBAL posix.system"):
         engine.load(str(evil))
+
+
+def test_eval_line_reads_an_eval_record():
+    from tailkd_ray.train.loop import eval_line
+
+    metrics = {"step": 50, "val_loss": 5.1234, "val_ppl": 167.9, "kl_to_teacher": 0.25, "top1_agreement": 0.41,
+               "full_ece": 5.3, "kl_source": "summary"}
+    line = eval_line(metrics, 200)
+    assert line == ("eval step 50/200  val_loss 5.1234  ppl 167.9  kl_to_teacher 0.25 (summary)  "
+                    "top1_agreement 0.4100  full_ece 5.3")
+    teacherless = eval_line({**metrics, "kl_to_teacher": float("nan"), "kl_source": "none"}, 200)
+    assert "kl_to_teacher" not in teacherless and teacherless.endswith("full_ece 5.3")

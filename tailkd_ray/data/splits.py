@@ -8,6 +8,7 @@ The tokenizer is the run's data tokenizer (``models.data_tokenizer_path``: data.
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import ray.data
@@ -15,30 +16,34 @@ import ray.data
 from tailkd_ray.config import Config
 from tailkd_ray.data.hashing import select_split
 from tailkd_ray.data.pack import IngestReport, tokenize_and_pack
-from tailkd_ray.data.read import read_documents
+from tailkd_ray.data.read import expand_paths, read_documents
 from tailkd_ray.errors import DataError
 from tailkd_ray.models import data_tokenizer_path, load_tokenizer
+
+log = logging.getLogger(__name__)
 
 
 def train_val_datasets(cfg: Config) -> tuple[ray.data.Dataset, Optional[ray.data.Dataset], IngestReport]:
     """(train, val, report): packed ``input_ids`` blocks of ``data.train`` and of ``data.val``, or, when
     ``data.val`` is null, the blocks whose hash(train.seed, ids) falls below ``data.val_fraction``
-    (val is None when that fraction is 0). Blocks come in corpus order: the trainer shuffles."""
+    (val is None when that fraction is 0). Blocks come in corpus order: the trainer shuffles. Each corpus is
+    announced before it is tokenized, the counts (``report.summary()``) once both are packed."""
     if cfg.data.train is None:
         raise DataError("no training corpus: set data.train to a path, directory or glob")
     report = IngestReport()
     train = _packed(cfg, cfg.data.train, report)
+    val = None
     if cfg.data.val is not None:
         report.train_blocks = report.blocks
         val = _packed(cfg, cfg.data.val, report)
         report.val_blocks = report.blocks - report.train_blocks
-        return train, val, report
-    if cfg.data.val_fraction == 0:
+    elif cfg.data.val_fraction == 0:
         report.train_blocks = report.blocks
-        return train, None, report
-    train, val = _held_out(cfg, train)
-    report.val_blocks = val.count()
-    report.train_blocks = report.blocks - report.val_blocks
+    else:
+        train, val = _held_out(cfg, train)
+        report.val_blocks = val.count()
+        report.train_blocks = report.blocks - report.val_blocks
+    log.info("%s", report.summary())
     return train, val, report
 
 
@@ -53,6 +58,8 @@ def _packed(cfg: Config, pattern: str, report: IngestReport) -> ray.data.Dataset
     """The blocks of one corpus, its counts added to ``report``; a corpus too small for one block is an error."""
     before = report.blocks
     tokenizer = data_tokenizer(cfg)
+    log.info("tokenizing %s: %d file(s) with %s, blocks of data.seq_len + 1 = %d ids", pattern,
+             len(expand_paths(pattern)), tokenizer.name_or_path, cfg.data.seq_len + 1)
     blocks = tokenize_and_pack(read_documents(pattern, cfg.data), tokenizer, cfg.data, stats=report)
     if report.blocks == before:
         raise DataError(f"{pattern!r} gives no complete block of data.seq_len + 1 = {cfg.data.seq_len + 1} "

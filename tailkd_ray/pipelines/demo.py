@@ -101,6 +101,8 @@ def _setup_corpus_and_tokenizer(out: Path, settings: DemoSettings) -> tuple[Path
         (corpus / "done").write_text(str(settings.corpus_bytes))
     if not (tokenizer / "tokenizer.json").exists():
         train_bpe_tokenizer(sorted((corpus / "train").glob("*.txt")), settings.vocab_size, tokenizer)
+    log.info("built-in corpus in %s (train/, val/), BPE tokenizer of %d tokens in %s", corpus, settings.vocab_size,
+             tokenizer)
     return corpus / "train", corpus / "val", tokenizer
 
 
@@ -152,7 +154,6 @@ def _train_students(out: Path, settings: DemoSettings, base: dict, teacher: Path
         raw["summary"]["cache_dir"] = str(out / "summary_cache")
         raw["train"].update(max_steps=settings.student_steps, run_name=name)
         config = from_dict(apply_overrides(raw, [f"{k}={json.dumps(v)}" for k, v in student_overrides.items()]))
-        log.info("training student %s (%s)", name, student_overrides)
         results[name] = distill(config)
     return results
 

@@ -11,6 +11,8 @@
 from __future__ import annotations
 
 import json
+import logging
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
@@ -20,9 +22,11 @@ from tailkd_ray.data.splits import train_val_datasets
 from tailkd_ray.pipelines.preflight import check_inputs, require_resources
 from tailkd_ray.runtime import init_ray
 from tailkd_ray.teacher.cache import open_cache, score_to_cache, teacher_identity
-from tailkd_ray.teacher.pool import score_dataset
+from tailkd_ray.teacher.pool import ScoringProgress, score_dataset
 from tailkd_ray.train.loop import StepHook, run_training, teacher_mode_for
-from tailkd_ray.train.runlog import read_eval_json
+from tailkd_ray.train.runlog import EVAL_FILE, METRICS_FILE, STUDENT_DIR, read_eval_json
+
+log = logging.getLogger(__name__)
 
 DATA_REPORT_FILE = "data_report.json"
 
@@ -34,9 +38,13 @@ def distill(cfg: Config, *, step_hook: Optional[StepHook] = None) -> dict:
     require_resources(cfg, "distill")
     train_ds, val_ds = _setup_data(cfg)
     mode = teacher_mode_for(cfg)
-    if mode == "summary":
-        train_ds, val_ds = _setup_summaries(cfg, train_ds, val_ds)
-    run_training(cfg, train_ds, val_ds, mode, step_hook=step_hook)
+    streamed = mode == "summary" and cfg.summary.cache_dir is None
+    with ScoringProgress("teacher pool (streamed)", cfg.data.seq_len) if streamed else nullcontext() as progress:
+        if mode == "summary":
+            train_ds, val_ds = _setup_summaries(cfg, train_ds, val_ds, progress)
+        run_training(cfg, train_ds, val_ds, mode, step_hook=step_hook)
+    out = Path(cfg.output_dir).resolve()
+    log.info("outputs: %s, %s, %s, %s", out / STUDENT_DIR, out / METRICS_FILE, out / EVAL_FILE, out / DATA_REPORT_FILE)
     return read_eval_json(cfg.output_dir)
 
 
@@ -49,20 +57,21 @@ def _setup_data(cfg: Config):
     return train_ds, val_ds
 
 
-def _setup_summaries(cfg: Config, train_ds, val_ds):
+def _setup_summaries(cfg: Config, train_ds, val_ds, progress: Optional[ScoringProgress]):
     """The blocks with their teacher summaries (a CLM student needs them only for its evaluation)."""
     if cfg.loss.kind != "clm":
-        train_ds = teacher_summaries(cfg, train_ds, split="train")
+        train_ds = teacher_summaries(cfg, train_ds, split="train", progress=progress)
     if val_ds is not None:
-        val_ds = teacher_summaries(cfg, val_ds, split="val")
+        val_ds = teacher_summaries(cfg, val_ds, split="val", progress=progress)
     return train_ds, val_ds
 
 
-def teacher_summaries(cfg: Config, blocks, *, split: str = "train"):
+def teacher_summaries(cfg: Config, blocks, *, split: str = "train", progress: Optional[ScoringProgress] = None):
     """The teacher summaries of ``blocks``: the pool's output streamed straight into training (no disk) when
-    ``summary.cache_dir`` is null, else the cache's ``split`` (scored first if missing or unfinished)."""
+    ``summary.cache_dir`` is null (its blocks counted into ``progress`` when given), else the cache's ``split``
+    (scored first if missing or unfinished)."""
     if cfg.summary.cache_dir is None:
-        return score_dataset(blocks, cfg)
+        return score_dataset(blocks, cfg, progress)
     teacher_id = teacher_identity(cfg.teacher.model)
     score_to_cache(cfg, blocks, teacher_id=teacher_id, split=split)
     return open_cache(cfg, split=split, teacher_id=teacher_id)

@@ -12,6 +12,7 @@ The metrics go beside the student evaluated (``runs/x/student`` -> ``runs/x/stud
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Union
 
@@ -25,6 +26,8 @@ from tailkd_ray.errors import DataError
 from tailkd_ray.models import StudentWithHead, load_model, load_teacher, shared_vocab_size
 from tailkd_ray.runtime import init_ray
 from tailkd_ray.train.runlog import write_eval_json
+
+log = logging.getLogger(__name__)
 
 
 def evaluate_student(cfg: Config, student_path: Union[str, Path]) -> dict:
@@ -43,7 +46,7 @@ def evaluate_student(cfg: Config, student_path: Union[str, Path]) -> dict:
                        chunk_tokens=cfg.loss.chunk_tokens, device=device)
     metrics.update(kl_source="exact", student=str(student_path))
     target = student_eval_path(student_path)
-    write_eval_json(metrics, target.parent, target.name)
+    log.info("eval of %s written to %s", student_path, write_eval_json(metrics, target.parent, target.name))
     return {**metrics, "eval_json": str(target)}
 
 

@@ -65,6 +65,5 @@ def _blocks(cfg: Config) -> dict:
     """Split -> its packed blocks, or None for every split when both are complete in the cache already."""
     blocks: dict = dict.fromkeys(SPLITS)
     if not all(is_complete(cfg, split) for split in SPLITS):
-        blocks["train"], blocks["val"], report = train_val_datasets(cfg)
-        log.info("%s", report.summary())
+        blocks["train"], blocks["val"], _ = train_val_datasets(cfg)
     return blocks

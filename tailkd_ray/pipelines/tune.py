@@ -96,6 +96,8 @@ def run_tune(cfg: Config) -> dict:
              teacher.cache_dir, teacher.cache_tokens, len(rows), len(rows), naive)
     best = write_results(cfg, rows)
     out = Path(cfg.output_dir)
+    log.info("outputs: %s, %s, %s; the trials' students under %s", out / "tune_results.csv",
+             out / "tune_heatmap.png", out / "best_config.yaml", out / "trials")
     counts = {status: sum(r["status"] == status for r in rows) for status in ("completed", "early_stopped", "error")}
     return {
         "trials": len(rows), **counts, "restored": restored, "metric": cfg.tune.metric,

@@ -34,7 +34,6 @@ import hashlib
 import json
 import logging
 import os
-import time
 import uuid
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -56,7 +55,7 @@ from tailkd_ray.data.read import expand_paths
 from tailkd_ray.data.splits import data_tokenizer
 from tailkd_ray.errors import CacheError, ConfigError, DataError
 from tailkd_ray.models import tokenizer_size
-from tailkd_ray.teacher.pool import input_ids_matrix, score_dataset
+from tailkd_ray.teacher.pool import ScoringProgress, input_ids_matrix, score_dataset
 
 log = logging.getLogger(__name__)
 
@@ -388,15 +387,11 @@ def _score_missing(cfg: Config, blocks, fs: pafs.FileSystem, base: str, root: st
                  "removed; scoring the remaining blocks", root, len(done), sum(done.values()), removed)
         todo = blocks.map_batches(drop_cached, fn_kwargs={"cached": _cached_block_hashes(fs, base, done),
                                                           "seq_len": cfg.data.seq_len}, batch_format="numpy")
-    started = time.monotonic()
-    written = score_dataset(todo, cfg).map_batches(
-        write_shard, fn_kwargs={"root": root, "temperature": cfg.loss.temperature}, batch_size=shard_rows,
-        batch_format="numpy").take_all()
-    scored_rows = sum(int(r["rows"]) for r in written)
-    seconds = time.monotonic() - started
-    log.info("scored %d blocks (%d tokens) into %d new shard(s) in %.1f s (%.0f tokens/s)", scored_rows,
-             scored_rows * cfg.data.seq_len, len(written), seconds, scored_rows * cfg.data.seq_len / max(seconds, 1e-9))
-    return scored_rows
+    with ScoringProgress(f"teacher scoring {root}", cfg.data.seq_len, todo.count()) as progress:
+        written = score_dataset(todo, cfg, progress).map_batches(
+            write_shard, fn_kwargs={"root": root, "temperature": cfg.loss.temperature}, batch_size=shard_rows,
+            batch_format="numpy").take_all()
+    return sum(int(r["rows"]) for r in written)
 
 
 def _finish(cfg: Config, fs: pafs.FileSystem, base: str, root: str, identity: dict, split: str) -> dict:

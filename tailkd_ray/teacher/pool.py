@@ -12,16 +12,23 @@ re-scoring after a failure reproduces the same rows (on one device type; CPU and
 
 ``score_dataset`` wires the pool into a Ray Data pipeline, after the start-up checks (one vocabulary,
 ``models.check_vocab_compatible``; blocks within the teacher's context window; a cluster that can host the pool).
+``ScoringProgress`` announces the pool's progress from the driver while it runs (the scorers count their blocks
+into one small actor; the driver polls it).
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import sys
+import threading
+import time
 from typing import Any, Mapping, Optional
 
 import numpy as np
 import ray.data
 import torch
+from tqdm import tqdm
 from transformers import AutoConfig
 
 from tailkd_ray.config import Config
@@ -66,7 +73,7 @@ class TeacherScorer:
 
     def __init__(self, *, model_path: str, seq_len: int, top_m: int, tail_samples: int, temperature: float,
                  seed: int, logp_dtype: str = "float16", use_gpu: bool = False, trust_remote_code: bool = False,
-                 shared_vocab: Optional[int] = None):
+                 shared_vocab: Optional[int] = None, progress=None):
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         # bf16 on a GPU, float32 on CPU; transformers' default attention, which is SDPA wherever the architecture
         # supports it (asking for "sdpa" outright would refuse teachers without it, e.g. Gemma 2: eager).
@@ -79,6 +86,7 @@ class TeacherScorer:
         self.summary_args = dict(top_m=top_m, tail_samples=tail_samples, temperature=temperature,
                                  logp_dtype=_LOGP_DTYPES[logp_dtype], shared_vocab=self.vocab)
         self.seed = seed
+        self.progress = progress  # a ScoringProgress's counter actor, or None
         self.lean = self._lean_head()
         if rows > self.vocab:
             self._report_padding(rows)
@@ -96,6 +104,8 @@ class TeacherScorer:
                 row = err.position[0]
                 raise NonFiniteLogitsError(err.position, err.token, context=f"teacher {self.model_path}: "
                                            f"{describe_row(batch, row, hashes[row])}") from err
+        if self.progress is not None:
+            ray.get(self.progress.add.remote(len(ids)))  # counted before the batch leaves: exact at the end
         return {"input_ids": ids.astype(np.int32), **summary.to_numpy()}
 
     def _summarize(self, tokens: torch.Tensor, lean: Optional[LeanHead], **args) -> TeacherSummary:
@@ -177,6 +187,74 @@ def describe_row(batch: Mapping[str, Any], row: int, block_hash: int) -> str:
             f"{ids[:8].tolist()})")
 
 
+@ray.remote(num_cpus=0)
+class _BlocksScored:
+    """The pool's count of scored blocks, to which every scorer adds its batches."""
+
+    def __init__(self):
+        self.blocks = 0
+
+    def add(self, blocks: int) -> None:
+        self.blocks += blocks
+
+    def read(self) -> int:
+        return self.blocks
+
+
+class ScoringProgress:
+    """The teacher pool's progress, announced by the driver while the pool runs (a context manager; its
+    ``counter`` goes to ``score_dataset``): blocks scored (of ``total``, when known) and tokens/s, a line at every
+    twentieth of ``total`` but at most one every ``MIN_LINE_S``, and the final count at the end; or a live tqdm
+    bar when stderr is a terminal. Without a total (a pool streaming into training, which takes blocks as it
+    needs them, each evaluation its val blocks again) only the final count."""
+
+    POLL_S = 1.0
+    MIN_LINE_S = 30.0
+    LINES = 20
+
+    def __init__(self, label: str, seq_len: int, total: Optional[int] = None):
+        self.label, self.seq_len, self.total = label, seq_len, total
+        self.counter = _BlocksScored.remote()
+        self._shown = 0  # the count of the last line
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._started = time.monotonic()
+
+    def __enter__(self) -> ScoringProgress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        blocks = ray.get(self.counter.read.remote())
+        if blocks != self._shown:
+            self._log(blocks)
+        ray.kill(self.counter)
+
+    def _log(self, blocks: int) -> None:
+        seconds = max(time.monotonic() - self._started, 1e-9)
+        of = "" if self.total is None else f"/{self.total:,}"
+        log.info("%s: %s%s blocks scored, %s tokens/s, %.0f s", self.label, f"{blocks:,}", of,
+                 f"{blocks * self.seq_len / seconds:,.0f}", seconds)
+        self._shown = blocks
+
+    def _watch(self) -> None:
+        bar = tqdm(total=self.total, desc=self.label, unit="block") if sys.stderr.isatty() else None
+        marks = [] if self.total is None else [math.ceil(i * self.total / self.LINES) for i in range(1, self.LINES + 1)]
+        last_line = time.monotonic()
+        while not self._stop.wait(self.POLL_S):
+            blocks = ray.get(self.counter.read.remote())
+            if bar is not None:
+                bar.update(blocks - bar.n)
+                self._shown = blocks
+            elif marks and blocks >= marks[0] and time.monotonic() - last_line >= self.MIN_LINE_S:
+                self._log(blocks)
+                marks, last_line = [mark for mark in marks if mark > blocks], time.monotonic()
+        if bar is not None:
+            bar.close()
+
+
 def scorer_kwargs(cfg: Config, shared_vocab: Optional[int] = None) -> dict:
     """``TeacherScorer`` constructor arguments from a config; ``shared_vocab``: the tokenizer's length
     (``models.check_vocab_compatible``), None = every row of the teacher's embedding."""
@@ -218,8 +296,9 @@ def check_teacher_context(cfg: Config) -> None:
                           f"({window} positions in {cfg.teacher.model}/config.json); lower data.seq_len")
 
 
-def score_dataset(blocks, cfg: Config):
-    """Lazily score a Dataset of packed ``input_ids`` blocks with the teacher actor pool (streaming).
+def score_dataset(blocks, cfg: Config, progress: Optional[ScoringProgress] = None):
+    """Lazily score a Dataset of packed ``input_ids`` blocks with the teacher actor pool (streaming); the scorers
+    count their blocks into ``progress`` when given.
 
     Checks first, before any work, that the teacher, student and data tokenizer share one token table (whose
     length, the shared vocabulary, bounds the summaries' ids), that
@@ -230,6 +309,8 @@ def score_dataset(blocks, cfg: Config):
     shared_vocab = check_vocab_compatible(cfg.teacher.model, cfg.student.model or cfg.student.config,
                                           cfg.data.tokenizer, trust_remote_code=cfg.teacher.trust_remote_code)
     kwargs = teacher_map_args(cfg, shared_vocab)
+    if progress is not None:
+        kwargs["fn_constructor_kwargs"]["progress"] = progress.counter
     check_teacher_context(cfg)
     require_teacher_placement(cfg.teacher, allow_autoscale=cfg.autoscaling)
     log.info("teacher pool: %s, %d-%d actors, %s GPU(s) and resources %s per actor, batch %d sequences",

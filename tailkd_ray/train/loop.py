@@ -30,6 +30,7 @@ and ``tensorboard/`` (``runlog.py``), ``data_stats.txt`` (Ray Data's per-stage t
 
 from __future__ import annotations
 
+import logging
 import math
 import resource
 import time
@@ -59,6 +60,8 @@ from tailkd_ray.train.checkpoint import (Progress, export_student, load_checkpoi
                                          save_checkpoint)
 from tailkd_ray.train.runlog import RunLog, run_complete, write_eval_json
 from tailkd_ray.train.strategies import STRATEGIES
+
+log = logging.getLogger(__name__)
 
 TEACHER_MODES = ("summary", "colocated", "none")
 StepHook = Callable[[int, int], None]  # (optimizer step just finished, world rank)
@@ -101,6 +104,11 @@ def run_training(cfg: Config, train_ds, val_ds=None, teacher_mode: Optional[str]
     datasets = {"train": train_ds} if val_ds is None else {"train": train_ds, "val": val_ds}
     storage_path = Path(cfg.output_dir).resolve() / "ray_train"
     resume_from = resume_checkpoint(storage_path / cfg.train.run_name)
+    train = cfg.train
+    log.info("training %s: %d %s worker(s) (%s), %d steps of %d x %d sequences x %d tokens per worker, loss %s, "
+             "teacher %s, validation every %d steps", train.run_name, train.num_workers,
+             "GPU" if train.use_gpu else "CPU", train.strategy, train.max_steps, train.grad_accum, train.batch_size,
+             cfg.data.seq_len, cfg.loss.kind, mode, train.eval_every)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "teacher_mode": mode, "step_hook": step_hook,
@@ -161,6 +169,8 @@ def train_loop_per_worker(config: dict) -> None:
         return  # a relaunch of a finished run: nothing new
     cfg, train_shard = worker.cfg, ray.train.get_dataset_shard("train")
     batches = micro_batches(train_shard, cfg.train.batch_size, progress, prefetch_batches=cfg.train.prefetch_batches)
+    worker.log.open()
+    dist.barrier()  # every rank starts its first step (and pulls data) together, after rank 0's trackers started
     attempt = _Attempt(started=time.perf_counter(), first_step=progress.step)
     # Fixed costs are records of their own (setup here; checkpoints, export): short runs are dominated by them.
     worker.log.write("setup", {"step": progress.step, "setup_s": attempt.started - worker_started})
@@ -174,6 +184,8 @@ def train_loop_per_worker(config: dict) -> None:
         if worker.has_val and (progress.step % cfg.train.eval_every == 0 or last):
             metrics.update(_validate(worker))
             worker.log.write("eval", metrics)
+            if worker.rank == 0:
+                print(eval_line(metrics, cfg.train.max_steps), flush=True)
             final = metrics if last else None
         _report(worker, progress, metrics, checkpoint=progress.step % cfg.train.checkpoint_every == 0 or last)
     _finish(worker, progress, final, train_shard)
@@ -199,7 +211,8 @@ def _setup_worker(config: dict) -> _Worker:
     return _Worker(cfg=cfg, mode=config["teacher_mode"], rank=rank, world_size=context.get_world_size(),
                    device=device, out_dir=out_dir, teacher=teacher, shared_vocab=config.get("shared_vocab"),
                    student_rows=student_rows, strategy=strategy,
-                   log=RunLog(out_dir, enabled=rank == 0), has_val="val" in config.get("datasets", ()),
+                   log=RunLog(out_dir, enabled=rank == 0, config=config["cfg"]),
+                   has_val="val" in config.get("datasets", ()),
                    step_hook=config.get("step_hook"))
 
 
@@ -340,6 +353,15 @@ def progress_line(record: dict, max_steps: int, *, steps_done: int) -> str:
             f"data wait {record['data_wait_s']:.2f}s  ETA {int(left) // 60}m{int(left) % 60:02d}s")
 
 
+def eval_line(metrics: dict, max_steps: int) -> str:
+    """One line of a validation's results (DESIGN §7); the teacher metrics only when there is a teacher."""
+    line = f"eval step {metrics['step']}/{max_steps}  val_loss {metrics['val_loss']:.4f}  ppl {metrics['val_ppl']:.4g}"
+    if metrics.get("kl_source", "none") != "none":
+        line += (f"  kl_to_teacher {metrics['kl_to_teacher']:.4g} ({metrics['kl_source']})  "
+                 f"top1_agreement {metrics['top1_agreement']:.4f}")
+    return line + f"  full_ece {metrics['full_ece']:.4g}"
+
+
 def nonfinite_problem(step: int, per_rank: torch.Tensor, grad_norm: Optional[float]) -> Optional[str]:
     """None when the step is finite, else what was not: the ranks, the term (CLM or divergence) and the values.
     ``per_rank`` [world, 5] holds each rank's (loss, clm, div) token sums, token count and data wait."""
@@ -405,6 +427,7 @@ def _finish(worker: _Worker, progress: Progress, final: Optional[dict], train_sh
     worker.log.write("export", {"step": progress.step, "export_s": time.perf_counter() - started})
     if worker.rank == 0:
         write_eval_json(final, worker.out_dir)
+    worker.log.final(final)
     worker.log.close()
 
 

@@ -1,4 +1,4 @@
-"""A run's records: ``metrics.jsonl``, TensorBoard scalars and ``eval.json`` (DESIGN §11).
+"""A run's records: ``metrics.jsonl``, the trackers' (TensorBoard by default) and ``eval.json`` (DESIGN §11).
 
 Every ``metrics.jsonl`` line is one JSON record that names its ``kind`` (``KINDS``) and carries ``step``:
 
@@ -23,7 +23,8 @@ import json
 from pathlib import Path
 from typing import Optional, Union
 
-from torch.utils.tensorboard import SummaryWriter
+from tailkd_ray.config import Config, to_dict
+from tailkd_ray.train.trackers import TRACKERS
 
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.json"
@@ -31,42 +32,59 @@ STUDENT_DIR = "student"
 KINDS = ("step", "eval", "setup", "checkpoint", "export", "resume", "nonfinite")
 REDONE_KINDS = ("step", "eval", "checkpoint", "export", "nonfinite")  # what an attempt redoes after its start step
 SUPERSEDED = "superseded"
-_TENSORBOARD_SECTION = {"step": "train", "eval": "val"}  # every other kind goes to "run"
+_TRACKER_SECTION = {"step": "train", "eval": "val"}  # every other kind goes to "run"
 
 PathLike = Union[str, Path]
 
 
 class RunLog:
-    """Rank 0's metrics.jsonl + TensorBoard writer (other ranks get a no-op log). Nothing is written, not even the
-    TensorBoard event file, before the first record: a relaunch of a finished run leaves the outputs as they were."""
+    """Rank 0's metrics.jsonl and trackers (``train.loggers``: ``trackers.py``); other ranks get a no-op log.
+    Nothing is written, not even a tracker's first file, before the first record: a relaunch of a finished run
+    leaves the outputs as they were."""
 
-    def __init__(self, out_dir: Path, enabled: bool):
+    def __init__(self, out_dir: Path, enabled: bool, config: Optional[dict] = None):
         self.enabled = enabled
         self.out_dir = out_dir
-        self.writer: Optional[SummaryWriter] = None
+        self.config = config or to_dict(Config())  # the resolved config (config.to_dict), for the trackers
+        self.trackers: Optional[list] = None
 
     def write(self, kind: str, record: dict) -> None:
-        """Append ``record`` (which holds ``step``) as a record of ``kind``; its numbers go to TensorBoard too."""
+        """Append ``record`` (which holds ``step``) as a record of ``kind``; its numbers go to the trackers too."""
         if kind not in KINDS:
             raise ValueError(f"unknown metrics.jsonl record kind {kind!r}; expected one of {', '.join(KINDS)}")
         if not self.enabled:
             return
-        if self.writer is None:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            self.writer = SummaryWriter(str(self.out_dir / "tensorboard"))
+        self.open()
         if kind == "setup":
             _mark_superseded(self.out_dir / METRICS_FILE, after_step=record["step"])
         with (self.out_dir / METRICS_FILE).open("a") as f:
             f.write(json.dumps({"kind": kind, **record}) + "\n")
-        section = _TENSORBOARD_SECTION.get(kind, "run")
-        for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                self.writer.add_scalar(f"{section}/{key}", value, record["step"])
-        self.writer.flush()
+        numbers = _numbers(record, _TRACKER_SECTION.get(kind, "run"))
+        for tracker in self.trackers:
+            tracker.log(numbers, record["step"])
+
+    def final(self, metrics: dict) -> None:
+        """The run's final eval (eval.json) to the trackers, as ``final/<metric>``."""
+        numbers = _numbers(metrics, "final")
+        if self.enabled and numbers:
+            self.open()
+            for tracker in self.trackers:
+                tracker.log_final(numbers, metrics["step"])
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        for tracker in self.trackers or ():
+            tracker.close()
+
+    def open(self) -> None:
+        """Start the trackers (rank 0; idempotent): W&B and MLflow take seconds, which belong to the setup."""
+        if self.enabled and self.trackers is None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self.trackers = [TRACKERS[name](self.out_dir, self.config) for name in self.config["train"]["loggers"]]
+
+
+def _numbers(record: dict, section: str) -> dict[str, float]:
+    return {f"{section}/{key}": value for key, value in record.items()
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)}
 
 
 def read_records(out_dir: PathLike, kind: Optional[str] = None) -> list[dict]:
