@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tailkd_ray.cli import interrupted_line
+from tailkd_ray.train.checkpoint import CHECKPOINT_PREFIX, MANIFEST
 from tailkd_ray.train.runlog import METRICS_FILE, SUPERSEDED, RunLog, read_records
 
 
@@ -72,6 +73,9 @@ def test_sigint_exits_130_and_the_relaunch_has_one_record_per_step(ray_session, 
     assert err.strip().splitlines()[-1] == interrupted_line("distill")
     assert "same output_dir and train.run_name" in interrupted_line("distill")
     before = _step_records(out)
+    # the newest finished checkpoint, registered with Ray or not (one written just before the interrupt may not be)
+    finished = [int(m.parent.name[len(CHECKPOINT_PREFIX):]) for m in out.rglob(f"{CHECKPOINT_PREFIX}*/{MANIFEST}")]
+    assert finished, "no checkpoint was finished before the interrupt"
 
     distill(load_config(None, overrides))  # the relaunch, on this process's Ray
 
@@ -80,4 +84,5 @@ def test_sigint_exits_130_and_the_relaunch_has_one_record_per_step(ray_session, 
     raw = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
     started = [r["step"] for r in raw if r["kind"] == "setup"][-1]
     redone = [r for r in raw if r["kind"] == "step" and r.get(SUPERSEDED)]
-    assert len(redone) == before - started > 0  # the interrupted attempt's steps after the resumed one, marked
+    assert started == max(finished)  # resumed from the newest finished checkpoint
+    assert len(redone) == before - started  # the interrupted attempt's steps after the resumed one, marked
