@@ -231,7 +231,11 @@ def test_placement_and_training_node_loss(cluster, tiny_llama_dir, builtin_corpu
     assert removed == [first_nodes[1]], (removed, first)
     log = runlog.read_records(out)
     assert [r["resumed_from_step"] for r in runlog.read_records(out, "resume")] == [CHECKPOINT_EVERY], log
-    assert train_steps(out) == [1, 2, 3, 3, 4, 5], log  # step 3 redone: less than one checkpoint interval
+    assert train_steps(out) == [1, 2, 3, 4, 5], log  # one record per step
+    every = [json.loads(line) for line in (out / runlog.METRICS_FILE).read_text().splitlines()]
+    # step 3 redone (less than one checkpoint interval): the first attempt's record is kept, marked superseded
+    assert [(r["step"], r.get(runlog.SUPERSEDED, False)) for r in every if r["kind"] == "step"] == [
+        (1, False), (2, False), (3, True), (3, False), (4, False), (5, False)], log
     assert json.loads((out / "eval.json").read_text())["step"] == 5
     assert (out / "student" / "config.json").is_file()
     after_nodes = {r["rank"]: r["node"] for r in after}

@@ -58,9 +58,9 @@ class CountingScorer:
         self.calls = []
         original = cache.score_dataset
 
-        def counted(blocks, cfg):
+        def counted(blocks, cfg, *args, **kwargs):
             self.calls.append(cfg.summary.cache_dir)
-            return original(blocks, cfg)
+            return original(blocks, cfg, *args, **kwargs)
 
         monkeypatch.setattr(cache, "score_dataset", counted)
 

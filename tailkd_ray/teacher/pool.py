@@ -27,6 +27,7 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 import ray.data
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 import torch
 from tqdm import tqdm
 from transformers import AutoConfig
@@ -214,7 +215,10 @@ class ScoringProgress:
 
     def __init__(self, label: str, seq_len: int, total: Optional[int] = None):
         self.label, self.seq_len, self.total = label, seq_len, total
-        self.counter = _BlocksScored.remote()
+        # on the driver's node: a counter on a worker node would die with that node and fail every scorer
+        here = ray.get_runtime_context().get_node_id()
+        self.counter = _BlocksScored.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False)).remote()
         self._shown = 0  # the count of the last line
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
