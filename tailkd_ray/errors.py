@@ -61,6 +61,11 @@ class PlacementError(TailKDError, RuntimeError):
     """No alive node (or not enough of them) can host the requested actors or workers."""
 
 
+class SearchError(TailKDError, RuntimeError):
+    """No trial of a Tune search completed; the message counts the trials by status, quotes the first trial's
+    error and names the results table and the trials' logs."""
+
+
 class NonFiniteLossError(TailKDError, FloatingPointError):
     """A training step's loss or gradient norm is NaN/inf; the message names the step, the rank(s), the term
     (CLM or divergence) and the values seen."""

@@ -345,3 +345,27 @@ def test_results_csv_and_plots_for_grid_and_random(tmp_path):
     for search in ("grid", "random"):
         plot_heatmap(rows, tmp_path / f"{search}.png", "kl_to_teacher", search)
         assert (tmp_path / f"{search}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_search_without_a_completed_trial_is_one_line_quoting_the_first_error(tmp_path):
+    from tailkd_ray.errors import ConfigError as OurConfigError, SearchError
+    from tailkd_ray.pipelines.tune import trial_error_line, write_results
+
+    # Ray hands a trial's failure over wrapped; the row keeps our message, not Ray's first line
+    wrapped = RuntimeError("ray.exceptions.RayTaskError: the worker died")
+    wrapped.__cause__ = OurConfigError("loss.k (9) must be <= summary.top_m (8)")
+    assert trial_error_line(wrapped) == "loss.k (9) must be <= summary.top_m (8)"
+    assert trial_error_line(RuntimeError("first line\nsecond line")) == "first line"
+    assert trial_error_line(None) == ""
+
+    cfg = from_dict({"output_dir": str(tmp_path)})
+    rows = [{"trial": f"k{k}_beta1", "k": k, "beta": 1.0, "status": status, "steps": 2, "evals": 0,
+             "final": float("nan"), "best": float("nan"), "student": "",
+             "error": f"boom {k}" if status == "error" else ""}
+            for k, status in [(2, "early_stopped"), (4, "error"), (8, "error")]]
+    with pytest.raises(SearchError) as caught:
+        write_results(cfg, rows)
+    message = str(caught.value)
+    assert "(2 of 3 errored, 1 stopped early); first error (k4_beta1): boom 4" in message
+    assert str(tmp_path / "tune_results.csv") in message and "\n" not in message
+    assert not (tmp_path / "best_config.yaml").exists()

@@ -58,6 +58,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from tailkd_ray.config import Config, ConfigError, differing_fields, from_dict, require_k_within_top_m, to_dict
+from tailkd_ray.errors import SearchError, find_tailkd_error
 from tailkd_ray.pipelines.preflight import TRIAL_DRIVER, check_inputs, require_resources, trial_demands
 from tailkd_ray.pipelines.score import score_splits
 from tailkd_ray.placement import total_need
@@ -266,8 +267,11 @@ def write_results(cfg: Config, rows: list[dict]) -> dict:
     plot_heatmap(rows, out / "tune_heatmap.png", cfg.tune.metric, cfg.tune.search)
     completed = [r for r in rows if r["status"] == "completed"]
     if not completed:
-        raise RuntimeError(f"no trial of the search completed; see {out / 'tune_results.csv'} (status, error) "
-                           f"and the trials' logs under {out / 'tune' / EXPERIMENT}")
+        errored = [r for r in rows if r["status"] == "error"]
+        first = f"; first error ({errored[0]['trial']}): {errored[0]['error']}" if errored else ""
+        raise SearchError(f"no trial of the search completed ({len(errored)} of {len(rows)} errored, "
+                          f"{len(rows) - len(errored)} stopped early){first}; see {out / 'tune_results.csv'} "
+                          f"(status, error) and the trials' logs under {out / 'tune' / EXPERIMENT}")
     best = min(completed, key=lambda r: r["final"])
     write_best_config(cfg, best, out / "best_config.yaml")
     return best
@@ -288,7 +292,16 @@ def trial_row(result, cfg: Config) -> dict:
     return {"trial": out.name, "k": k, "beta": beta, "status": status, "steps": steps, "evals": len(validations),
             "final": final, "best": min((v for v in validations + [final] if not math.isnan(v)), default=math.nan),
             "student": str(out / "student") if completed else "",
-            "error": str(result.error).splitlines()[0] if result.error is not None else ""}
+            "error": trial_error_line(result.error)}
+
+
+def trial_error_line(error: Optional[BaseException]) -> str:
+    """A trial's error in one line: our own message when a ``TailKDError`` is behind Ray's wrappers, else the
+    first line of what Ray reports."""
+    if error is None:
+        return ""
+    ours = find_tailkd_error(error)
+    return str(ours if ours is not None else error).splitlines()[0]
 
 
 def write_results_csv(rows: list[dict], path: Path, metric: str) -> None:
