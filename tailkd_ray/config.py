@@ -276,6 +276,37 @@ class TuneConfig:
 
 
 @dataclass
+class GenerationConfig:
+    data: Optional[str] = doc(None, "Records `tailkd eval` decodes for task accuracy: jsonl or parquet with `prompt` "
+                                    "and `completion` (the reference), or `messages` (a chat: the prompt is the chat "
+                                    "template over the turns before the last assistant turn, the reference that "
+                                    "turn). null = no generation metrics.")
+    examples: int = doc(200, "Records decoded: the first N usable ones, in file order (malformed ones are skipped "
+                             "and counted).")
+    max_new_tokens: int = doc(256, "Tokens generated per prompt at most; greedy decoding stops earlier at an EOS "
+                                   "(the tokenizer's, or the model's generation_config eos_token_id).")
+    batch_size: int = doc(8, "Prompts decoded together (left-padded; longest prompts first).")
+    answer_regex: str = doc(r"####\s*(-?[\d,]*\.?\d+)",
+                            "Final answer for exact match: the first match in the reference and in the generated "
+                            "text (its group 1, or the whole match without a group), compared after removing "
+                            "whitespace and thousands commas and writing numbers in their plain form (1,000.50 = "
+                            "1000.5). The default reads GSM8K's `#### N`.")
+    teacher: bool = doc(True, "Decode the teacher too, as the reference line (teacher_exact_match, teacher_rouge_l; "
+                              "reused from OUT/teacher_generations.json while teacher, prompts and these settings "
+                              "are the same).")
+    log_every: int = doc(50, "Examples between progress lines (done / total, examples/s, ETA).")
+
+    def validate(self) -> None:
+        for name in ("examples", "max_new_tokens", "batch_size", "log_every"):
+            _positive("generation", name, getattr(self, name))
+        try:
+            re.compile(self.answer_regex)
+        except re.error as error:
+            raise ConfigError(f"generation.answer_regex {self.answer_regex!r} is not a valid regular expression: "
+                              f"{error}") from None
+
+
+@dataclass
 class ExportConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = doc(
         "float32", "Weight dtype of the exported student (`OUT/student/` safetensors): `bfloat16` or `float16` halve "
@@ -302,6 +333,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"doc": "Ray Train student training."})
     tune: TuneConfig = field(default_factory=TuneConfig, metadata={"doc": "Ray Tune K/β search."})
     export: ExportConfig = field(default_factory=ExportConfig, metadata={"doc": "The exported student."})
+    generation: GenerationConfig = field(default_factory=GenerationConfig,
+                                         metadata={"doc": "Task accuracy in `tailkd eval` (greedy decoding)."})
 
     def validate(self) -> "Config":
         if self.teacher.tokens_per_batch is not None and self.teacher.tokens_per_batch < self.data.seq_len:
@@ -511,7 +544,7 @@ def _row(key: str, f: dataclasses.Field) -> str:
 # Keys holding local paths. Ray workers do not share the driver's working directory, so relative paths are
 # made absolute in the driver; values that name nothing here (hub ids, URIs such as s3://...) are kept.
 PATH_KEYS = ("output_dir", "teacher.model", "student.model", "data.train", "data.val", "data.tokenizer",
-             "summary.cache_dir")
+             "summary.cache_dir", "generation.data")
 _OUTPUT_KEYS = ("output_dir", "summary.cache_dir")
 
 

@@ -1,0 +1,158 @@
+"""Task accuracy (DESIGN §7): core/generation.py against hand-computed values and a hand loop of argmax steps,
+data/prompts.py on jsonl / Parquet / chat records, and `tailkd eval` end to end on a tiny jsonl."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from tailkd_ray.cli import main
+from tailkd_ray.config import DataConfig, GenerationConfig
+from tailkd_ray.core.generation import Completion, extract_answer, greedy_decode, score_example, summarize_scores
+from tailkd_ray.data.prompts import read_prompts
+from tailkd_ray.errors import DataError
+from tailkd_ray.models import load_model, load_tokenizer
+
+GSM8K = re.compile(GenerationConfig().answer_regex)
+
+
+@pytest.mark.parametrize("text, answer", [
+    ("so she pays 3 * 4 = 12 dollars.\n#### 12", "12"),
+    ("#### 1,234", "1234"),
+    ("####1,000.50.", "1000.5"),  # no space, thousands comma, trailing zero, sentence period
+    ("#### -7\n#### 9", "-7"),  # the first match
+    ("the answer is 12", None),
+])
+def test_final_answer_is_the_first_match_normalised(text, answer):
+    assert extract_answer(text, GSM8K) == answer
+
+
+def test_answer_regex_without_a_group_takes_the_whole_match():
+    assert extract_answer("Answer: B.", re.compile(r"\b[A-D]\b")) == "B"
+    assert extract_answer("x = 0012.0", re.compile(r"[\d.]+")) == "12"
+
+
+def test_exact_match_and_rouge_l_on_known_strings():
+    # ROUGE-L by hand: reference "the cat sat on the mat" (6 words), completion "The cat, on a mat." (5 words,
+    # lowercased, punctuation dropped); LCS "the cat on mat" = 4: P = 4/5, R = 4/6, F = 2PR / (P + R) = 8/11.
+    reference = "the cat sat on the mat #### 1,000"
+    right = score_example("The cat, on a mat. #### 1000", reference, GSM8K)
+    assert right["exact_match"] is True and right["answer"] == right["reference_answer"] == "1000"
+    # ROUGE splits "1,000" into the words "1" "000": 8 reference words, 6 completion words ("1000"), LCS 4: F = 4/7.
+    assert right["rouge_l"] == pytest.approx(2 * (4 / 6) * (4 / 8) / ((4 / 6) + (4 / 8))) == pytest.approx(4 / 7)
+    plain = score_example("The cat, on a mat.", "the cat sat on the mat", GSM8K)
+    assert plain["rouge_l"] == pytest.approx(8 / 11) and plain["exact_match"] is None
+    wrong = score_example("the cat #### 999", reference, GSM8K)
+    assert wrong["exact_match"] is False and wrong["answer"] == "999"
+    silent = score_example("no answer here", reference, GSM8K)
+    assert silent["exact_match"] is False and silent["answer"] is None
+    assert score_example("", reference, GSM8K)["rouge_l"] == 0
+
+
+def test_summary_counts_each_kind_of_example():
+    reference = "#### 4"
+    scores = [score_example(text, ref, GSM8K) for text, ref in
+              [("#### 4", reference), ("#### 5", reference), ("nothing", reference), ("#### 4", "no answer")]]
+    completions = [Completion([1], True), Completion([1], False), Completion([1], False), Completion([], True)]
+    got = summarize_scores(scores, completions)
+    assert got["exact_match"] == pytest.approx(1 / 3)  # the fourth reference has no answer: not judged
+    assert (got["examples"], got["with_answer"], got["no_answer"], got["hit_max_new_tokens"]) == (4, 3, 1, 2)
+    assert got["rouge_l"] == pytest.approx(sum(s["rouge_l"] for s in scores) / 4)
+    assert summarize_scores([], [])["exact_match"] is None
+
+
+def _argmax_loop(model, prompt: list[int], steps: int) -> list[int]:
+    """Greedy decoding by hand: the whole sequence through the model at every step, no cache, no padding."""
+    ids = list(prompt)
+    for _ in range(steps):
+        logits = model(input_ids=torch.tensor([ids])).logits
+        ids.append(int(logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_gpt2_dir"])
+def test_batched_greedy_decoding_equals_a_hand_loop_of_argmax_steps(request, fixture):
+    model = load_model(request.getfixturevalue(fixture), trust_remote_code=False)
+    prompts = [[5, 17, 42, 9, 100, 7, 64], [3], [250, 11, 12], [8, 8, 8, 8]]  # lengths 7, 1, 3, 4: left padding
+    steps = 6
+    expected = [_argmax_loop(model, p, steps) for p in prompts]
+    got = greedy_decode(model, prompts, max_new_tokens=steps, eos_ids=[], pad_id=0, batch_size=3)
+    assert [c.ids for c in got] == expected and not any(c.stopped_at_eos for c in got)
+    # An EOS ends a completion (and is not part of it): the third token of the first prompt's completion.
+    eos = expected[0][2]
+    got = greedy_decode(model, prompts, max_new_tokens=steps, eos_ids=[eos], pad_id=0, batch_size=2)
+    for completion, want in zip(got, expected):
+        end = want.index(eos) if eos in want else None
+        assert completion.ids == want[:end] and completion.stopped_at_eos == (end is not None)
+    assert got[0].ids == expected[0][:expected[0].index(eos)]
+
+
+def test_prompt_records_from_jsonl_parquet_and_chat(tmp_path, tiny_tokenizer_dir):
+    tokenizer = load_tokenizer(tiny_tokenizer_dir)
+    tokenizer.chat_template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}<assistant>{% endif %}")
+    lines = [{"prompt": "Q: 2 + 2?\nA: ", "completion": "2 + 2 = 4\n#### 4"},
+             {"prompt": "Q: 1?", "completion": 7},  # malformed: skipped and counted
+             {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                           {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "3 + 4?"},
+                           {"role": "assistant", "content": "#### 7"}]},
+             {"messages": [{"role": "user", "content": "no reply"}]}]  # malformed: no assistant turn
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n\n")
+    pq.write_table(pa.table({"prompt": ["Q: 5?"], "completion": ["#### 5"]}), tmp_path / "b.parquet")
+    found = read_prompts(str(tmp_path), tokenizer, DataConfig(), limit=10)
+    chat_prompt = "<system>Be brief.\n<user>Hi\n<assistant>Hello\n<user>3 + 4?\n<assistant>"
+    assert found.prompts == ["Q: 2 + 2?\nA: ", chat_prompt, "Q: 5?"]
+    assert found.references == ["2 + 2 = 4\n#### 4", "#### 7", "#### 5"]
+    assert found.prompt_ids == [tokenizer(p, add_special_tokens=False)["input_ids"] for p in found.prompts]
+    assert found.sources == [f"{tmp_path}/a.jsonl:1", f"{tmp_path}/a.jsonl:3", f"{tmp_path}/b.parquet:1"]
+    assert found.skipped == {"malformed": 2}
+    assert found.first_skipped["malformed"].startswith(f"{tmp_path}/a.jsonl:2 ('completion' is 7")
+    assert read_prompts(str(tmp_path), tokenizer, DataConfig(), limit=2).sources == found.sources[:2]
+    (tmp_path / "c.jsonl").write_text('{"text": "plain text"}\n')
+    with pytest.raises(DataError, match=r"c.jsonl:1: a generation record holds 'messages', or 'prompt' and "
+                                        r"'completion'; it has text"):
+        read_prompts(str(tmp_path), tokenizer, DataConfig(), limit=10)
+
+
+@pytest.mark.ray
+def test_eval_reports_task_accuracy_of_student_and_teacher(ray_session, tiny_llama_dir, tmp_path, capsys, caplog):
+    """`tailkd eval` with generation.data only: one reference is the model's own greedy completion (exact match,
+    ROUGE-L 1), the other shares no word with the model's (answer zzz, ROUGE-L 0); the student is the teacher, so
+    both lines agree; a second evaluation reuses the teacher's completions."""
+    tokenizer = load_tokenizer(tiny_llama_dir)
+    prompts = ["def main(", "import os\n"]
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    model = load_model(tiny_llama_dir, trust_remote_code=False)
+    own = greedy_decode(model, ids, max_new_tokens=6, eos_ids=[tokenizer.eos_token_id], pad_id=0, batch_size=2)[0]
+    own_text = tokenizer.decode(own.ids, skip_special_tokens=True)
+    assert re.search(r"[a-z0-9]", own_text.lower()), own_text  # words for ROUGE-L and the answer regex
+    records = [{"prompt": prompts[0], "completion": own_text}, {"prompt": prompts[1], "completion": "zzz qqq"}]
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    shutil.copytree(tiny_llama_dir, tmp_path / "student")
+    (tmp_path / "none.yaml").write_text("{}\n")
+    args = ["eval", "--config", str(tmp_path / "none.yaml"), f"teacher.model={tiny_llama_dir}",
+            f"generation.data={tmp_path / 'val.jsonl'}", "generation.max_new_tokens=6", "generation.batch_size=2",
+            r"generation.answer_regex='([a-z0-9]+)'", f"output_dir={tmp_path / 'out'}", "--student",
+            str(tmp_path / "student")]
+    assert main(args) == 0
+    printed = json.loads(capsys.readouterr().out)
+    written = json.loads((tmp_path / "student_eval.json").read_text())
+    assert printed["eval_json"] == str(tmp_path / "student_eval.json")
+    assert written["exact_match"] == written["teacher_exact_match"] == 0.5
+    assert written["rouge_l"] == written["teacher_rouge_l"] == pytest.approx(0.5)
+    lines = [json.loads(line) for line in (tmp_path / "student_generations.jsonl").read_text().splitlines()]
+    assert lines[0]["student"]["completion"] == own_text and lines[1]["student"]["reference_answer"] == "zzz"
+    assert "zzz" not in lines[1]["student"]["completion"] and "qqq" not in lines[1]["student"]["completion"]
+    assert lines[0]["student"] == lines[0]["teacher"] and lines[0]["source"].endswith("val.jsonl:1")
+    assert "val_loss" not in written  # no val data: no token metrics
+    teacher_file = tmp_path / "out" / "teacher_generations.json"
+    stamp = teacher_file.stat().st_mtime_ns
+    caplog.clear()
+    assert main(args) == 0
+    assert teacher_file.stat().st_mtime_ns == stamp and "generation (teacher): reusing" in caplog.text
