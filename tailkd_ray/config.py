@@ -88,12 +88,21 @@ class StudentConfig:
             raise ConfigError("set either student.model or student.config, not both")
 
 
+SUPERVISED_FORMATS = ("chat", "prompt_completion")  # samples with a prompt and a completion
+
+
 @dataclass
 class DataConfig:
     train: Optional[str] = doc(None, "Training corpus: a path, directory or glob (any pyarrow filesystem URI).")
     val: Optional[str] = doc(None, "Validation corpus; null = hold out `data.val_fraction` of the train blocks.")
-    format: Literal["text", "jsonl", "parquet", "tokens"] = doc(
-        "text", "`text` files, `jsonl` / `parquet` with a text column, or `tokens` (pre-tokenized ids).")
+    format: Literal["text", "jsonl", "parquet", "tokens", "chat", "prompt_completion"] = doc(
+        "text", "`text` files, `jsonl` / `parquet` with a text column, `tokens` (pre-tokenized ids), `chat` (jsonl or "
+                "parquet with a `messages` column: lists of {role, content}, rendered with the data tokenizer's chat "
+                "template) or `prompt_completion` (jsonl or parquet with `prompt` and `completion` text columns).")
+    train_on: Optional[Literal["completion", "all"]] = doc(
+        None, "Which tokens of a `chat` / `prompt_completion` sample the losses and metrics cover: `completion` (the "
+              "assistant turns, or the completion and the EOS after it) or `all`. null = completion for those "
+              "formats, all for the others (which have no completion).")
     text_document: Literal["line", "file"] = doc(
         "file", "For `text`: is a document one line or one whole file?")
     text_column: str = doc("text", "Text column of jsonl / parquet corpora.")
@@ -112,6 +121,13 @@ class DataConfig:
         _positive("data", "tokenizer_actors", self.tokenizer_actors)
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction!r}")
+        if self.train_on == "completion" and self.format not in SUPERVISED_FORMATS:
+            raise ConfigError(f"data.train_on = completion needs data.format chat or prompt_completion (a {self.format} "
+                              f"corpus has no completion): set data.train_on to all or null")
+
+    def completion_mask(self) -> bool:
+        """Whether blocks carry a ``loss_mask`` (DESIGN §1): losses and metrics over the completion tokens only."""
+        return self.format in SUPERVISED_FORMATS and self.train_on != "all"
 
 
 @dataclass

@@ -83,3 +83,30 @@ def tiny_gpt2_dir(tiny_tokenizer_dir, tmp_path_factory):
     config = GPT2Config(vocab_size=TINY_VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=256,
                         bos_token_id=0, eos_token_id=0, pad_token_id=0)
     return save_random_model(config, tmp_path_factory.mktemp("tiny_gpt2"), seed=0, tokenizer=tiny_tokenizer_dir)
+
+
+CHAT_TEMPLATES = ("qwen2.5", "llama3")  # tests/fixtures/chat/<name>_tokenizer_config.json
+
+
+def chat_tokenizer(base_dir, name: str, out_dir):
+    """The tokenizer of ``base_dir`` with a published chat template (tests/fixtures/chat) and the special tokens the
+    template uses added (at the end of its vocabulary), saved to ``out_dir``; returns ``out_dir``."""
+    import json
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    spec = json.loads((Path(__file__).parent / "fixtures" / "chat" / f"{name}_tokenizer_config.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    tokenizer.add_special_tokens({key: spec[key] for key in ("bos_token", "eos_token", "additional_special_tokens")
+                                  if key in spec})
+    tokenizer.chat_template = spec["chat_template"]
+    tokenizer.save_pretrained(str(out_dir))
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer_dirs(tiny_tokenizer_dir, tmp_path_factory):
+    """{template name: the tiny tokenizer with that chat template and its special tokens}."""
+    return {name: chat_tokenizer(tiny_tokenizer_dir, name, tmp_path_factory.mktemp(f"chat_{name}"))
+            for name in CHAT_TEMPLATES}

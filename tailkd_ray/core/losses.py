@@ -750,8 +750,8 @@ def distill_objective(hidden: Tensor, lm_head_weight: Tensor, targets: Tensor, t
     if tuple(targets.shape) != (b, t):
         raise ValueError(f"targets shape {tuple(targets.shape)} does not match [B, T] = {(b, t)}")
     index = _valid_index(mask, b, t, hidden.device)
-    if index.numel() == 0:
-        zero = hidden.sum() * 0.0
+    if index.numel() == 0:  # every target masked (a block of prompt): zero gradients, the LM head's too (DDP)
+        zero = sum(t.sum() * 0.0 for t in (hidden, lm_head_weight, lm_head_bias) if t is not None)
         return ObjectiveOutput(loss=zero, clm=zero.detach(), div=zero.detach(), tokens=0)
     n = index.numel()
     plan = _ChunkPlan(targets=targets.reshape(-1)[index].long(), teacher=None if kind == "clm" else _flatten(teacher),

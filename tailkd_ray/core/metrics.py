@@ -103,10 +103,18 @@ def finalize_metrics(sums: Tensor, *, bins: int = 10, with_teacher: bool = True)
     }
 
 
-def _split(batch: Mapping[str, Tensor], device) -> tuple[Tensor, Tensor, Optional[TeacherSummary]]:
+def target_mask(batch: Mapping[str, Tensor], device) -> Optional[Tensor]:
+    """[B, T] bool: which targets ``input_ids[:, 1:]`` the losses and metrics cover, from a block's ``loss_mask``
+    (aligned with ``input_ids``; data.train_on: completion), or None: all of them."""
+    if "loss_mask" not in batch:
+        return None
+    return torch.as_tensor(batch["loss_mask"])[:, 1:].to(device=device, dtype=torch.bool)
+
+
+def _split(batch: Mapping[str, Tensor], device) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[TeacherSummary]]:
     ids = torch.as_tensor(batch["input_ids"]).to(device).long()
     summary = TeacherSummary.from_batch(batch).to(device) if all(f in batch for f in FIELDS) else None
-    return ids[:, :-1], ids[:, 1:], summary
+    return ids[:, :-1], ids[:, 1:], target_mask(batch, device), summary
 
 
 @torch.no_grad()
@@ -114,7 +122,8 @@ def evaluate(student: Callable, batches: Iterable[Mapping[str, Tensor]], *,
              teacher: Optional[Callable[[Tensor], Tensor]] = None, k: int = 10, bins: int = 10,
              chunk_tokens: int = 512, device: Union[str, torch.device] = "cpu",
              reduce: Optional[Callable[[Tensor], Tensor]] = None) -> dict:
-    """Evaluate ``student`` on ``batches`` of ``input_ids`` [B, T+1] (plus summary columns, if any).
+    """Evaluate ``student`` on ``batches`` of ``input_ids`` [B, T+1] (plus summary columns, if any), over the
+    targets a ``loss_mask`` column keeps (``target_mask``; all of them without one).
 
     ``student(input_ids, head_fn)`` must run the decoder and return ``head_fn(hidden, lm_head_weight, bias)``
     (``models.StudentWithHead``, possibly wrapped by DDP / FSDP2 / DeepSpeed): metrics are computed chunk by
@@ -125,35 +134,35 @@ def evaluate(student: Callable, batches: Iterable[Mapping[str, Tensor]], *,
     total = torch.zeros(len(SCALARS) + 2 * bins, dtype=torch.float64, device=device)
     with_teacher = teacher is not None
     for batch in batches:
-        inputs, targets, summary = _split(batch, device)
+        inputs, targets, mask, summary = _split(batch, device)
         reference = teacher(inputs) if teacher is not None else summary
         with_teacher = with_teacher or summary is not None
-        head_fn = _chunked_metrics(targets, reference, k=k, bins=bins, chunk_tokens=chunk_tokens)
+        head_fn = _chunked_metrics(targets, reference, mask, k=k, bins=bins, chunk_tokens=chunk_tokens)
         total += student(inputs, head_fn)
     if reduce is not None:
         total = reduce(total)
     return finalize_metrics(total.cpu(), bins=bins, with_teacher=with_teacher)
 
 
-def _chunked_metrics(targets: Tensor, reference: Union[Tensor, TeacherSummary, None], *, k: int, bins: int,
-                     chunk_tokens: int):
-    """A ``head_fn`` accumulating ``metric_sums`` over chunks of ``chunk_tokens`` positions."""
+def _chunked_metrics(targets: Tensor, reference: Union[Tensor, TeacherSummary, None], mask: Optional[Tensor], *,
+                     k: int, bins: int, chunk_tokens: int):
+    """A ``head_fn`` accumulating ``metric_sums`` over chunks of ``chunk_tokens`` positions (those ``mask`` keeps)."""
 
     def head_fn(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         flat_hidden = hidden.reshape(-1, hidden.shape[-1])
         flat_targets = targets.reshape(-1)
         flat_reference = _flatten(reference)
-        total = 0
+        if mask is not None:
+            index = mask.reshape(-1).nonzero().squeeze(-1)
+            flat_hidden, flat_targets = flat_hidden[index], flat_targets[index]
+            flat_reference = _rows(flat_reference, index)
+        total = torch.zeros(len(SCALARS) + 2 * bins, dtype=torch.float64, device=hidden.device)  # if no position
         for start in range(0, flat_hidden.shape[0], chunk_tokens):
             part = slice(start, start + chunk_tokens)
             logits = flat_hidden[part].float() @ weight.float().t()
             if bias is not None:
                 logits = logits + bias.float()
-            chunk_reference = None
-            if flat_reference is not None:
-                chunk_reference = (flat_reference.map(lambda t: t[part]) if isinstance(flat_reference, TeacherSummary)
-                                   else flat_reference[part])
-            total = total + metric_sums(logits, flat_targets[part], chunk_reference, k=k, bins=bins)
+            total = total + metric_sums(logits, flat_targets[part], _rows(flat_reference, part), k=k, bins=bins)
         return total
 
     return head_fn
@@ -163,3 +172,10 @@ def _flatten(reference: Union[Tensor, TeacherSummary, None]):
     if reference is None or isinstance(reference, TeacherSummary):
         return None if reference is None else reference.flatten_positions()
     return reference.reshape(-1, reference.shape[-1])
+
+
+def _rows(reference: Union[Tensor, TeacherSummary, None], index):
+    """Rows ``index`` (a slice or indices) of a flattened reference."""
+    if reference is None or isinstance(reference, Tensor):
+        return None if reference is None else reference[index]
+    return reference.map(lambda t: t[index])

@@ -42,7 +42,7 @@ def held_out_mask(blocks: np.ndarray, seed: int, fraction: float) -> np.ndarray:
 def select_split(batch: dict, *, seed: int, fraction: float, held_out: bool) -> dict:
     """Ray Data map: the rows of ``batch`` on one side of the held-out split (``held_out_mask``)."""
     keep = held_out_mask(batch["input_ids"], seed, fraction) == held_out
-    return {"input_ids": batch["input_ids"][keep]}
+    return {name: values[keep] for name, values in batch.items()}  # a loss_mask goes with its ids
 
 
 def row_generator_seed(seed: int, block_hash: int) -> int:

@@ -54,7 +54,10 @@ logger = logging.getLogger(__name__)
 _DOCS_PER_BATCH = {"line": 8192, "file": 64, "rows": 512}
 _SLICE_CHARS = 1 << 20
 _EXAMPLES_PER_REASON = 3
-_STAT_COLUMNS = ("documents", "tokens", "blocks") + tuple(f"skip_{r}" for r in SKIP_REASONS)
+# A block's columns: its ids and, with data.train_on: completion, which of them the losses cover (1) or not (0),
+# aligned with the ids: the target input_ids[t + 1] counts where loss_mask[t + 1] is 1.
+BLOCK_COLUMNS = ("input_ids", "loss_mask")
+_STAT_COLUMNS = ("documents", "tokens", "completion_tokens", "blocks") + tuple(f"skip_{r}" for r in SKIP_REASONS)
 
 
 @dataclass
@@ -65,6 +68,7 @@ class IngestReport:
     skipped: dict = field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
     skipped_examples: list = field(default_factory=list)  # "reason: file[:line]", the first few per reason
     tokens: int = 0  # ids of the kept documents, one EOS (and BOS, data.add_bos) each included
+    completion_tokens: int = 0  # of those, the ids the losses cover (all of them but with a loss_mask)
     blocks: int = 0  # packed blocks of seq_len + 1 ids
     dropped_tokens: int = 0  # ids of each corpus's final partial block
     train_blocks: int = 0
@@ -72,7 +76,8 @@ class IngestReport:
 
     def summary(self) -> str:
         skipped = ", ".join(f"{n} {reason}" for reason, n in self.skipped.items() if n) or "none"
-        head = (f"ingest: {self.documents} documents read (skipped: {skipped}); {self.tokens} tokens -> "
+        trained = f" ({self.completion_tokens} of them completion)" if self.completion_tokens != self.tokens else ""
+        head = (f"ingest: {self.documents} documents read (skipped: {skipped}); {self.tokens} tokens{trained} -> "
                 f"{self.blocks} blocks ({self.train_blocks} train, {self.val_blocks} val); "
                 f"{self.dropped_tokens} tokens dropped in final partial blocks")
         return "\n".join([head] + [f"  skipped {example}" for example in self.skipped_examples])
@@ -88,26 +93,31 @@ def tokenize_and_pack(docs: ray.data.Dataset, tokenizer, data_cfg: DataConfig, *
     bos_id = document_bos_id(tokenizer, data_cfg)
     block_len = data_cfg.seq_len + 1
     per_batch = _DOCS_PER_BATCH[_batch_kind(data_cfg)]
+    columns = BLOCK_COLUMNS if data_cfg.completion_mask() else BLOCK_COLUMNS[:1]
     docs.context.execution_options.preserve_order = True  # batches = fixed ranges of documents
     rows = docs.repartition(target_num_rows_per_block=per_batch, strict=True).map_batches(
         _TokenizeAndPack,
         fn_constructor_kwargs={"tokenizer_json": tokenizer.backend_tokenizer.to_str(),
                                "eos_id": tokenizer.eos_token_id, "bos_id": bos_id, "vocab_size": len(tokenizer),
-                               "block_len": block_len},
+                               "block_len": block_len, "loss_mask": len(columns) > 1,
+                               "eos_trained": data_cfg.format == "prompt_completion"},
         batch_size=per_batch, batch_format="pyarrow", num_cpus=1,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=data_cfg.tokenizer_actors))
     rows = _execute(rows)
     tails = rows.filter(expr=f"length < {block_len}").take_all()
     report = stats if stats is not None else IngestReport()
     _add_batch_counts(report, tails)
-    stream = np.concatenate([t["input_ids"][: t["length"]] for t in tails] or [np.zeros(0, np.int32)])
-    n_tail_blocks = len(stream) // block_len
+    streams = {name: np.concatenate([t[name][: t["length"]] for t in tails] or [np.zeros(0, np.int32)])
+               for name in columns}
+    n_tail_blocks = len(streams["input_ids"]) // block_len
     report.blocks += n_tail_blocks
-    report.dropped_tokens += len(stream) - n_tail_blocks * block_len
-    blocks = rows.filter(expr=f"length == {block_len}").select_columns(["input_ids"])
+    report.dropped_tokens += len(streams["input_ids"]) - n_tail_blocks * block_len
+    blocks = rows.filter(expr=f"length == {block_len}").select_columns(list(columns))
     if n_tail_blocks:
-        tail_blocks = stream[: n_tail_blocks * block_len].reshape(n_tail_blocks, block_len)
-        blocks = blocks.union(ray.data.from_numpy(tail_blocks).rename_columns({"data": "input_ids"}))
+        tail_blocks = {name: stream[: n_tail_blocks * block_len].reshape(n_tail_blocks, block_len)
+                       for name, stream in streams.items()}
+        blocks = blocks.union(ray.data.from_items([{name: values[i] for name, values in tail_blocks.items()}
+                                                   for i in range(n_tail_blocks)]))
     return blocks
 
 
@@ -126,9 +136,9 @@ def check_packing_tokenizer(tokenizer) -> None:
 def document_bos_id(tokenizer, data_cfg: DataConfig) -> Optional[int]:
     """The id every document starts with, or None: ``data.add_bos``, where null follows the tokenizer (BOS when its
     ``add_special_tokens=True`` encoding starts with its BOS token and the plain one does not) for text, and keeps
-    ``tokens`` corpora as given. A DataError when BOS is asked for but the tokenizer has none."""
+    ``tokens`` corpora as given and chat samples as their template renders them (Llama 3's starts with BOS). A DataError when BOS is asked for but the tokenizer has none."""
     if data_cfg.add_bos is None:
-        if data_cfg.format == "tokens" or tokenizer.bos_token_id is None:
+        if data_cfg.format in ("tokens", "chat") or tokenizer.bos_token_id is None:  # chat: the template's own
             return None
         with_special, plain = (tokenizer("a", add_special_tokens=flag)["input_ids"] for flag in (True, False))
         adds = with_special[:1] == [tokenizer.bos_token_id] and plain[:1] != [tokenizer.bos_token_id]
@@ -152,7 +162,8 @@ class _TokenizeAndPack:
     It runs the fast tokenizer's own Rust tokenizer (``backend_tokenizer``, what ``tokenizer(texts,
     add_special_tokens=False)`` calls), rebuilt from its JSON (see the module doc)."""
 
-    def __init__(self, tokenizer_json: str, eos_id: int, bos_id: Optional[int], vocab_size: int, block_len: int):
+    def __init__(self, tokenizer_json: str, eos_id: int, bos_id: Optional[int], vocab_size: int, block_len: int,
+                 loss_mask: bool = False, eos_trained: bool = False):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one CPU per actor: no Rust thread pool
         self._tokenizer = Tokenizer.from_str(tokenizer_json)
         self._tokenizer.no_truncation()  # as the HF wrapper does when no max_length is asked for
@@ -161,18 +172,24 @@ class _TokenizeAndPack:
         self._bos = np.array([] if bos_id is None else [bos_id], np.int32)  # before each document
         self._vocab_size = vocab_size
         self._block_len = block_len
+        self._loss_mask = loss_mask  # emit the loss_mask column (data.train_on: completion)
+        self._eos_mask = np.array([eos_trained], np.uint8)  # a completion ending the sample: learn to stop
+        self._bos_mask = np.zeros(len(self._bos), np.uint8)
 
     def __call__(self, batch) -> dict:
         sources = batch["source"].to_pylist()
         skips = batch["skip"].to_pylist()
+        masks = None
         if "text" in batch.column_names:
             texts = batch["text"].to_pylist()
             skips = [skip or ("control_chars" if mostly_control(text) else "") for text, skip in zip(texts, skips)]
             ids = self._tokenize(texts, skips)
+        elif "segments" in batch.column_names:
+            ids, masks = self._tokenize_segments(batch["segments"].to_pylist(), batch["trained"].to_pylist(), skips)
         else:
             ids, skips, sources = self._checked_ids(batch["input_ids"], skips, sources)
-        counts, examples, stream = Counter(), [], []
-        for doc_ids, skip, source in zip(ids, skips, sources):
+        counts, examples, stream, mask = Counter(), [], [], []
+        for i, (doc_ids, skip, source) in enumerate(zip(ids, skips, sources)):
             skip = skip or ("empty" if len(doc_ids) == 0 else "")
             if skip:
                 counts[skip] += 1
@@ -180,9 +197,26 @@ class _TokenizeAndPack:
                     examples.append(f"{skip}: {source}")
                 continue
             stream += [self._bos, doc_ids, self._eos]
+            if self._loss_mask:
+                mask += [self._bos_mask, masks[i], self._eos_mask]
         stream = np.concatenate(stream) if stream else np.zeros(0, np.int32)
-        counts.update(documents=len(sources), tokens=len(stream), blocks=len(stream) // self._block_len)
-        return _blocks_and_tail(stream, self._block_len, counts, examples)
+        mask = (np.concatenate(mask) if mask else np.zeros(0, np.uint8)) if self._loss_mask else None
+        counts.update(documents=len(sources), tokens=len(stream), blocks=len(stream) // self._block_len,
+                      completion_tokens=len(stream) if mask is None else int(mask.sum()))
+        return _blocks_and_tail(stream, mask, self._block_len, counts, examples)
+
+    def _tokenize_segments(self, segments: list, trained: list, skips: list) -> tuple[list, list]:
+        """(ids, completion mask) per supervised sample: each segment tokenized on its own (``samples.py``)."""
+        texts = [text for pieces in segments for text in pieces]
+        kept = [skip for pieces, skip in zip(segments, skips) for _ in pieces]
+        pieces_ids = iter(self._tokenize(texts, kept))
+        ids, masks = [], []
+        for pieces, flags in zip(segments, trained):
+            parts = [next(pieces_ids) for _ in pieces]
+            ids.append(np.concatenate(parts) if parts else np.zeros(0, np.int32))
+            masks.append(np.concatenate([np.full(len(p), flag, np.uint8) for p, flag in zip(parts, flags)])
+                         if parts else np.zeros(0, np.uint8))
+        return ids, masks
 
     def _tokenize(self, texts: list, skips: list) -> list:
         """Token ids per document (empty for skipped ones); long texts are encoded slice by slice."""
@@ -245,14 +279,22 @@ def split_text(text: str, max_chars: int) -> list[str]:
 _WHITESPACE_RUN_START = re.compile(r"(?<=\S)\s")
 
 
-def _blocks_and_tail(stream: np.ndarray, block_len: int, counts: Counter, examples: list) -> dict:
+def _rows(stream: np.ndarray, block_len: int) -> np.ndarray:
+    """``stream`` cut into rows of ``block_len``: its full blocks, then the zero-padded rest."""
     n = len(stream) // block_len
-    rows = np.zeros((n + 1, block_len), np.int32)
+    rows = np.zeros((n + 1, block_len), stream.dtype)
     rows[:n] = stream[: n * block_len].reshape(n, block_len)
-    tail = stream[n * block_len:]
-    rows[n, : len(tail)] = tail
-    out = {"input_ids": rows, "length": np.full(n + 1, block_len, np.int64)}
-    out["length"][n] = len(tail)
+    rows[n, : len(stream) - n * block_len] = stream[n * block_len:]
+    return rows
+
+
+def _blocks_and_tail(stream: np.ndarray, mask: Optional[np.ndarray], block_len: int, counts: Counter,
+                     examples: list) -> dict:
+    n = len(stream) // block_len
+    out = {"input_ids": _rows(stream, block_len), "length": np.full(n + 1, block_len, np.int64)}
+    if mask is not None:
+        out["loss_mask"] = _rows(mask, block_len)
+    out["length"][n] = len(stream) - n * block_len
     for name in _STAT_COLUMNS:
         out[name] = np.zeros(n + 1, np.int64)
         out[name][n] = counts[name.removeprefix("skip_")]
@@ -268,6 +310,7 @@ def _add_batch_counts(report: IngestReport, tails: list) -> None:
     for row in tails:
         report.documents += int(row["documents"])
         report.tokens += int(row["tokens"])
+        report.completion_tokens += int(row["completion_tokens"])
         report.blocks += int(row["blocks"])
         for reason in SKIP_REASONS:
             report.skipped[reason] += int(row[f"skip_{reason}"])

@@ -15,6 +15,7 @@ from __future__ import annotations
 import glob
 import json
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -22,10 +23,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray.data
 
-from tailkd_ray.config import DataConfig
+from tailkd_ray.config import SUPERVISED_FORMATS, DataConfig
+from tailkd_ray.data.samples import ChatTemplate, MalformedSample, completion_columns, sample_segments
 from tailkd_ray.errors import DataError
 
-SKIP_REASONS = ("empty", "null", "invalid_utf8", "control_chars", "out_of_vocab")
+SKIP_REASONS = ("empty", "null", "invalid_utf8", "control_chars", "out_of_vocab", "malformed")
 
 
 def expand_paths(pattern: str) -> list[str]:
@@ -46,13 +48,17 @@ def expand_paths(pattern: str) -> list[str]:
     return sorted(str(f.resolve()) for f in files)
 
 
-def read_documents(pattern: str, data_cfg: DataConfig) -> ray.data.Dataset:
-    """One row per document: ``text`` (or ``input_ids`` for the tokens format), ``source`` (file or
+def read_documents(pattern: str, data_cfg: DataConfig, chat_template: Optional[ChatTemplate] = None
+                   ) -> ray.data.Dataset:
+    """One row per document: ``text`` (``input_ids`` for the tokens format; ``segments`` and ``trained`` for the
+    supervised formats, ``samples.py``, whose chat conversations ``chat_template`` renders), ``source`` (file or
     file:line, for messages) and ``skip`` (a reason from SKIP_REASONS found while reading, else "")."""
     paths = expand_paths(pattern)
     if data_cfg.format == "text":
         return ray.data.read_binary_files(paths, include_paths=True).map_batches(
             _text_documents, batch_format="pyarrow", fn_kwargs={"by_line": data_cfg.text_document == "line"})
+    if data_cfg.format in SUPERVISED_FORMATS:
+        return _read_samples(pattern, paths, data_cfg.format, chat_template)
     tokens = data_cfg.format == "tokens"
     column = data_cfg.tokens_column if tokens else data_cfg.text_column
     if data_cfg.format == "parquet" or (tokens and all(p.endswith(".parquet") for p in paths)):
@@ -69,6 +75,60 @@ def read_documents(pattern: str, data_cfg: DataConfig) -> ray.data.Dataset:
             fn_kwargs={"column": column, "tokens": tokens, "scheme": scheme})
     return ray.data.read_binary_files(paths, include_paths=True).map_batches(
         _jsonl_documents, batch_format="pyarrow", fn_kwargs={"column": column, "tokens": tokens})
+
+
+def _read_samples(pattern: str, paths: list[str], fmt: str, chat_template: Optional[ChatTemplate]) -> ray.data.Dataset:
+    """Supervised samples (jsonl, or parquet when every file is): one row of segments each."""
+    kwargs = {"fmt": fmt, "chat_template": chat_template}
+    if not all(p.endswith(".parquet") for p in paths):
+        return ray.data.read_binary_files(paths, include_paths=True).map_batches(
+            _jsonl_samples, batch_format="pyarrow", fn_kwargs=kwargs)
+    columns = list(completion_columns(fmt))
+    remote = "://" in pattern
+    scheme = pattern.split("://")[0] + "://" if remote else ""
+    for path in paths:
+        for column in columns:
+            _check_parquet_column(scheme + path, column, f"data.format = {fmt}")
+    ds = ray.data.read_parquet(paths, include_paths=True, **({} if remote else {"file_extensions": None}))
+    return ds.select_columns([*columns, "path"]).map_batches(_parquet_samples, batch_format="pyarrow",
+                                                              fn_kwargs=kwargs)
+
+
+def _jsonl_samples(batch, *, fmt: str, chat_template: Optional[ChatTemplate]):
+    records, sources = [], []
+    for data, path in zip(batch["bytes"].to_pylist(), batch["path"].to_pylist()):
+        for number, raw in enumerate(data.splitlines(), start=1):
+            if raw.strip():  # blank lines are not records
+                text, skip, where = _decode(raw, f"{path}:{number}")
+                records.append(None if skip else _json_record(text, where))
+                sources.append(where)
+    return _samples_table(records, sources, fmt, chat_template)
+
+
+def _parquet_samples(batch, *, fmt: str, chat_template: Optional[ChatTemplate]):
+    columns = completion_columns(fmt)
+    records = [dict(zip(columns, values)) for values in zip(*(batch[c].to_pylist() for c in columns))]
+    return _samples_table(records, batch["path"].to_pylist(), fmt, chat_template)
+
+
+def _samples_table(records: list, sources: list, fmt: str, chat_template: Optional[ChatTemplate]):
+    """Segments of each record (None: undecodable, skipped as invalid_utf8); a malformed one is skipped, its
+    source naming the reason."""
+    segments, trained, located, skips = [], [], [], []
+    for record, source in zip(records, sources):
+        pieces, flags, skip = [], [], "invalid_utf8" if record is None else ""
+        if record is not None:
+            try:
+                pieces, flags = sample_segments(record, fmt, chat_template)
+            except MalformedSample as error:
+                skip, source = "malformed", f"{source} ({error})"
+        segments.append(pieces)
+        trained.append(flags)
+        located.append(source)
+        skips.append(skip)
+    return pa.table({"segments": pa.array(segments, pa.list_(pa.string())),
+                     "trained": pa.array(trained, pa.list_(pa.bool_())),
+                     "source": pa.array(located, pa.string()), "skip": pa.array(skips, pa.string())})
 
 
 def _documents_table(values, sources: list, skips: list, *, tokens: bool):
@@ -114,13 +174,18 @@ def _jsonl_documents(batch, *, column: str, tokens: bool):
         raise DataError(f"{batch['path'][0]}: field '{column}' must hold lists of integer token ids ({error})")
 
 
-def _json_field(text: str, column: str, where: str, tokens: bool):
+def _json_record(text: str, where: str) -> dict:
     try:
         record = json.loads(text)
     except json.JSONDecodeError as error:
         raise DataError(f"{where}: invalid JSON ({error.msg} at column {error.colno}); fix or remove the line")
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object per line, got {type(record).__name__}")
+    return record
+
+
+def _json_field(text: str, column: str, where: str, tokens: bool):
+    record = _json_record(text, where)
     if column not in record:
         raise DataError(f"{where}: no field '{column}'; fields: {', '.join(record) or 'none'} "
                         f"(set {_column_key(tokens)})")
@@ -134,11 +199,11 @@ def _json_field(text: str, column: str, where: str, tokens: bool):
 def _parquet_documents(batch, *, column: str, tokens: bool, scheme: str):
     paths = batch["path"]
     if column not in batch.column_names:  # no file of this batch has it
-        _check_parquet_column(scheme + paths[0].as_py(), column, tokens)
+        _check_parquet_column(scheme + paths[0].as_py(), column, f"set {_column_key(tokens)}")
     values = batch[column]
     nulls = pc.is_null(values).to_numpy(zero_copy_only=False)
     for path in sorted(set(np.asarray(paths.to_pylist(), dtype=object)[nulls])):
-        _check_parquet_column(scheme + path, column, tokens)  # Ray fills a column a file lacks with nulls
+        _check_parquet_column(scheme + path, column, f"set {_column_key(tokens)}")  # Ray fills a column a file lacks with nulls
     kind = values.type
     if tokens:
         expected = (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and pa.types.is_integer(kind.value_type)
@@ -151,10 +216,11 @@ def _parquet_documents(batch, *, column: str, tokens: bool, scheme: str):
     return _documents_table(values, paths.to_pylist(), skips, tokens=tokens)
 
 
-def _check_parquet_column(path: str, column: str, tokens: bool) -> None:
+def _check_parquet_column(path: str, column: str, setting: str) -> None:
+    """A DataError naming the file when it lacks ``column``, which ``setting`` asks for."""
     names = pq.read_schema(path).names
     if column not in names:
-        raise DataError(f"{path} has no column '{column}'; columns: {', '.join(names)} (set {_column_key(tokens)})")
+        raise DataError(f"{path} has no column '{column}'; columns: {', '.join(names)} ({setting})")
 
 
 def _column_key(tokens: bool) -> str:

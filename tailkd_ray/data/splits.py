@@ -17,6 +17,7 @@ from tailkd_ray.config import Config
 from tailkd_ray.data.hashing import select_split
 from tailkd_ray.data.pack import IngestReport, tokenize_and_pack
 from tailkd_ray.data.read import expand_paths, read_documents
+from tailkd_ray.data.samples import ChatTemplate
 from tailkd_ray.errors import DataError
 from tailkd_ray.models import data_tokenizer_path, load_tokenizer
 
@@ -60,7 +61,8 @@ def _packed(cfg: Config, pattern: str, report: IngestReport) -> ray.data.Dataset
     tokenizer = data_tokenizer(cfg)
     log.info("tokenizing %s: %d file(s) with %s, blocks of data.seq_len + 1 = %d ids", pattern,
              len(expand_paths(pattern)), tokenizer.name_or_path, cfg.data.seq_len + 1)
-    blocks = tokenize_and_pack(read_documents(pattern, cfg.data), tokenizer, cfg.data, stats=report)
+    chat_template = ChatTemplate.of(tokenizer) if cfg.data.format == "chat" else None
+    blocks = tokenize_and_pack(read_documents(pattern, cfg.data, chat_template), tokenizer, cfg.data, stats=report)
     if report.blocks == before:
         raise DataError(f"{pattern!r} gives no complete block of data.seq_len + 1 = {cfg.data.seq_len + 1} "
                         f"ids ({report.summary()}); add documents or lower data.seq_len")

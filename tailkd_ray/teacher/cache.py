@@ -5,7 +5,8 @@ missing with the teacher pool, ``pool.score_dataset``), resuming an interrupted 
 
 Layout of ``summary.cache_dir/<split>/`` (split = ``train`` or ``val``):
 
-- ``part-<hash>.parquet``: scored rows with fixed-size-list columns ``input_ids`` (seq_len + 1),
+- ``part-<hash>.parquet``: scored rows with fixed-size-list columns ``input_ids`` (seq_len + 1; and ``loss_mask``,
+  uint8, with data.train_on: completion),
   ``top_ids``/``top_logp`` (seq_len·M), ``rest_logmass`` (seq_len), ``tail_ids``/``tail_logp`` (seq_len·S)
   and ``block_hash`` (int64 content hash of the row's ids). A shard's name is a hash of the set of blocks
   it holds, so a retried write task replaces its own file instead of duplicating rows.
@@ -50,7 +51,7 @@ from tailkd_ray import __version__
 from tailkd_ray.config import Config, differing_fields
 from tailkd_ray.core.summary import FIELDS, TeacherSummary, bytes_per_position
 from tailkd_ray.data.hashing import block_hashes, stream_sha256
-from tailkd_ray.data.pack import document_bos_id
+from tailkd_ray.data.pack import BLOCK_COLUMNS, document_bos_id
 from tailkd_ray.data.read import expand_paths
 from tailkd_ray.data.splits import data_tokenizer
 from tailkd_ray.errors import CacheError, ConfigError, DataError
@@ -317,7 +318,8 @@ def write_shard(batch: dict[str, np.ndarray], *, root: str, temperature: float) 
     """Ray Data task: write one batch of scored rows as a Parquet shard; returns its name and row count.
     ``temperature`` (the scoring τ) goes into the shard's schema metadata, so a shard read alone knows it."""
     hashes = block_hashes(batch["input_ids"])
-    record = TeacherSummary.from_batch(batch, temperature=temperature).to_arrow(extra={"input_ids": batch["input_ids"]})
+    extra = {name: batch[name] for name in BLOCK_COLUMNS if name in batch}
+    record = TeacherSummary.from_batch(batch, temperature=temperature).to_arrow(extra=extra)
     table = pa.Table.from_batches([record]).append_column("block_hash", pa.array(hashes))
     name = f"part-{hashlib.blake2b(np.sort(hashes).tobytes(), digest_size=10).hexdigest()}.parquet"
     fs, base = _filesystem(root)
@@ -328,7 +330,8 @@ def write_shard(batch: dict[str, np.ndarray], *, root: str, temperature: float) 
 def drop_cached(batch: dict[str, np.ndarray], *, cached: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
     """Ray Data task: keep only the blocks whose content hash is not among the cached ones."""
     ids = input_ids_matrix(batch, seq_len)
-    return {"input_ids": ids[~np.isin(block_hashes(ids), cached)].astype(np.int32)}
+    keep = ~np.isin(block_hashes(ids), cached)
+    return {name: (ids if name == "input_ids" else batch[name])[keep] for name in BLOCK_COLUMNS if name in batch}
 
 
 def rows_per_shard(cfg: Config) -> int:
@@ -433,7 +436,8 @@ def open_cache(cfg: Config, *, split: str = "train", teacher_id: Optional[dict] 
     root = split_dir(cfg, split)
     manifest = check_cache(cfg, split=split, teacher_id=teacher_id, hashes=hashes)
     paths = [f"{root}/{name}" for name in manifest["shards"]]
-    return ray.data.read_parquet(paths, columns=["input_ids", *FIELDS]).map_batches(
+    blocks = BLOCK_COLUMNS if cfg.data.completion_mask() else BLOCK_COLUMNS[:1]  # the identity pins data.train_on
+    return ray.data.read_parquet(paths, columns=[*blocks, *FIELDS]).map_batches(
         restore_shapes, fn_kwargs={"seq_len": manifest["seq_len"]}, batch_format="pyarrow")
 
 
@@ -465,6 +469,7 @@ def check_cache(cfg: Config, *, split: str = "train", teacher_id: Optional[dict]
 
 
 def restore_shapes(table: pa.Table, *, seq_len: int) -> dict[str, np.ndarray]:
-    """Ray Data task: flat fixed-size-list columns -> [B, T+1] ids and [B, T, ...] summary arrays."""
-    ids = table.column("input_ids").combine_chunks().flatten().to_numpy().reshape(len(table), seq_len + 1)
-    return {"input_ids": ids, **TeacherSummary.from_arrow(table, tokens_per_row=seq_len).to_numpy()}
+    """Ray Data task: flat fixed-size-list columns -> [B, T+1] ids (and loss_mask) and [B, T, ...] summary arrays."""
+    blocks = {name: table.column(name).combine_chunks().flatten().to_numpy().reshape(len(table), seq_len + 1)
+              for name in BLOCK_COLUMNS if name in table.column_names}
+    return {**blocks, **TeacherSummary.from_arrow(table, tokens_per_row=seq_len).to_numpy()}

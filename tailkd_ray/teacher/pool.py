@@ -69,7 +69,8 @@ class TeacherScorer:
     """Ray Data callable class: ``{"input_ids": [B, T+1]}`` -> ``input_ids`` + the five summary columns.
 
     Output shapes: ``top_ids``/``top_logp`` [B, T, M], ``rest_logmass`` [B, T], ``tail_ids``/``tail_logp``
-    [B, T, S]. Other input columns are not passed on (they only serve to name a row in errors).
+    [B, T, S]. A ``loss_mask`` column is passed on; other input columns are not (they only serve to name a row
+    in errors).
     """
 
     def __init__(self, *, model_path: str, seq_len: int, top_m: int, tail_samples: int, temperature: float,
@@ -107,7 +108,10 @@ class TeacherScorer:
                                            f"{describe_row(batch, row, hashes[row])}") from err
         if self.progress is not None:
             ray.get(self.progress.add.remote(len(ids)))  # counted before the batch leaves: exact at the end
-        return {"input_ids": ids.astype(np.int32), **summary.to_numpy()}
+        out = {"input_ids": ids.astype(np.int32), **summary.to_numpy()}
+        if "loss_mask" in batch:  # every position is scored; the mask travels on to the loss (DESIGN §1)
+            out["loss_mask"] = np.asarray(batch["loss_mask"], np.uint8)
+        return out
 
     def _summarize(self, tokens: torch.Tensor, lean: Optional[LeanHead], **args) -> TeacherSummary:
         """The summary (``summarize`` arguments ``args``) of the teacher on ``tokens`` [B, T]: from the decoder's

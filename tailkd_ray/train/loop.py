@@ -3,7 +3,8 @@
 ``run_training`` builds a ``TorchTrainer`` (Ray Train V2) whose workers run ``train_loop_per_worker``:
 
 - data: ``ray.train.get_dataset_shard("train").iter_torch_batches``; each row holds ``input_ids`` (seq_len + 1
-  tokens) and, in summary mode, the five teacher-summary columns for positions 0..seq_len-1;
+  tokens), with data.train_on: completion a ``loss_mask`` (the losses cover the targets where it is 1) and, in
+  summary mode, the five teacher-summary columns for positions 0..seq_len-1;
 - objective: ``core.losses.distill_objective`` on the student's final hidden states and LM head (chunked over
   tokens; never a [B·T, V] float32 tensor): mean over tokens of CLM + λ·L_DIV;
 - AdamW, linear warmup + cosine decay to 0, gradient clipping, gradient accumulation (``strategies.py``);
@@ -50,7 +51,7 @@ from torch import nn
 
 from tailkd_ray.config import Config, ConfigError, from_dict, to_dict
 from tailkd_ray.core.losses import distill_objective, teacher_logits_over
-from tailkd_ray.core.metrics import evaluate
+from tailkd_ray.core.metrics import evaluate, target_mask
 from tailkd_ray.core.summary import FIELDS, TeacherSummary
 from tailkd_ray.errors import NonFiniteLossError
 from tailkd_ray.models import build_student, inference_dtype, load_teacher, shared_vocab_size, student_config
@@ -303,10 +304,11 @@ def _forward_backward(worker: _Worker, batches: Iterator[dict]) -> torch.Tensor:
         sums[4] += time.perf_counter() - waiting
         ids = batch["input_ids"].to(worker.device).long()
         inputs, targets = ids[:, :-1], ids[:, 1:]
+        mask = target_mask(batch, worker.device)
         teacher = None if cfg.loss.kind == "clm" else _teacher_for_batch(worker, inputs, batch)
 
         def head_fn(hidden, weight, bias):
-            out = distill_objective(hidden, weight, targets, teacher, lm_head_bias=bias, **kwargs)
+            out = distill_objective(hidden, weight, targets, teacher, lm_head_bias=bias, mask=mask, **kwargs)
             # The loss leaves the module's forward as a plain tensor so that DeepSpeed ZeRO-3 / FSDP2 hook it
             # (they re-gather the LM head for backward through hooks on forward outputs; a dataclass hides it).
             return out.loss, out

@@ -1,0 +1,308 @@
+"""Supervised data (issue 15): chat and prompt/completion samples, their completion-only loss mask from tokenizing
+through packing, the teacher pool, the cache, training and evaluation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tailkd_ray.config import ConfigError, DataConfig, load_config
+from tailkd_ray.data.pack import IngestReport, tokenize_and_pack
+from tailkd_ray.data.read import read_documents
+from tailkd_ray.data.samples import (ChatTemplate, MalformedSample, chat_segments, prompt_completion_segments)
+from tailkd_ray.errors import DataError
+from tailkd_ray.models import load_tokenizer
+
+SEQ_LEN = 24
+CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},
+                {"role": "assistant", "content": "It is 4."}, {"role": "user", "content": "And 3+3?"},
+                {"role": "assistant", "content": "6"}]
+# What each template renders as the assistant turns: the content and the end-of-turn text.
+ASSISTANT_TURNS = {"qwen2.5": ["It is 4.<|im_end|>\n", "6<|im_end|>\n"], "llama3": ["It is 4.<|eot_id|>", "6<|eot_id|>"]}
+
+
+@pytest.mark.parametrize("name", sorted(ASSISTANT_TURNS))
+def test_chat_segments_are_the_rendered_conversation_cut_at_the_assistant_turns(chat_tokenizer_dirs, name):
+    tokenizer = load_tokenizer(chat_tokenizer_dirs[name])
+    segments, trained = chat_segments(CONVERSATION, ChatTemplate.of(tokenizer))
+    assert "".join(segments) == tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
+    assert [s for s, t in zip(segments, trained) if t] == ASSISTANT_TURNS[name]
+    assert trained == [False, True, False, True]
+
+
+def test_a_template_with_generation_marks_gives_its_own_assistant_spans(chat_tokenizer_dirs):
+    tokenizer = load_tokenizer(chat_tokenizer_dirs["qwen2.5"])
+    marked = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.role == 'assistant' %}{% generation %}"
+              "{{ m.content }}<|im_end|>{% endgeneration %}{% else %}{{ m.content }}<|im_end|>{% endif %}\n"
+              "{% endfor %}")
+    template = ChatTemplate(template=marked, special_tokens={}, tokenizer="marked")
+    segments, trained = chat_segments(CONVERSATION, template)
+    assert [s for s, t in zip(segments, trained) if t] == ["It is 4.<|im_end|>", "6<|im_end|>"]
+    # the same spans transformers' assistant-token mask covers
+    out = tokenizer.apply_chat_template(CONVERSATION, chat_template=marked, return_assistant_tokens_mask=True,
+                                        return_dict=True, tokenize=True)
+    masked = [i for i, m in zip(out["input_ids"], out["assistant_masks"]) if m]
+    assert tokenizer.decode(masked) == "It is 4.<|im_end|>6<|im_end|>"
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused():
+    rewriting = "{% for m in messages %}{{ m.role }}{% if loop.last %}!{% endif %}: {{ m.content }}\n{% endfor %}"
+    with pytest.raises(DataError, match="does not render a conversation prefix by prefix"):
+        chat_segments(CONVERSATION, ChatTemplate(template=rewriting, special_tokens={}, tokenizer="t"))
+
+
+@pytest.mark.parametrize("messages, reason", [
+    ("hello", "'messages' is str"), ([], "'messages' is list"),
+    ([{"role": "user", "content": "hi"}], "no assistant turn"),
+    ([{"role": "user", "content": "hi"}, {"role": "robot", "content": "x"}], "message 1 has role 'robot'"),
+    ([{"role": "user", "content": None}, {"role": "assistant", "content": "x"}], "message 0 is dict"),
+    ([{"role": "assistant", "content": "x"}], "starts with an assistant turn"),
+])
+def test_malformed_conversations_say_what_is_wrong(chat_tokenizer_dirs, messages, reason):
+    template = ChatTemplate.of(load_tokenizer(chat_tokenizer_dirs["qwen2.5"]))
+    with pytest.raises(MalformedSample, match=reason):
+        chat_segments(messages, template)
+
+
+def test_prompt_completion_segments():
+    assert prompt_completion_segments("Q: 2+2?\nA:", " 4") == (["Q: 2+2?\nA:", " 4"], [False, True])
+    with pytest.raises(MalformedSample, match="'completion' is int"):
+        prompt_completion_segments("Q", 4)
+    with pytest.raises(MalformedSample, match="empty completion"):
+        prompt_completion_segments("Q", "")
+
+
+def test_train_on_completion_needs_a_supervised_format():
+    with pytest.raises(ConfigError, match="data.train_on = completion needs data.format chat or prompt_completion"):
+        load_config(None, ["data.format=jsonl", "data.train_on=completion"])
+    assert DataConfig(format="chat").completion_mask() and not DataConfig(format="chat", train_on="all").completion_mask()
+    assert not DataConfig(format="jsonl").completion_mask()
+
+
+# --- through Ray: reading and packing ------------------------------------------------------------------------------
+def _pack(pattern, tokenizer_dir, **fields):
+    data_cfg = DataConfig(seq_len=SEQ_LEN, tokenizer_actors=1, **fields)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    template = ChatTemplate.of(tokenizer) if data_cfg.format == "chat" else None
+    report = IngestReport()
+    rows = tokenize_and_pack(read_documents(str(pattern), data_cfg, template), tokenizer, data_cfg,
+                             stats=report).take_all()
+    return rows, report
+
+
+def _expected(tokenizer, samples):
+    """(ids, mask) of the packed stream: each sample's segments tokenized on their own, then EOS."""
+    ids, mask = [], []
+    for segments, trained, eos_trained in samples:
+        for text, flag in zip(segments, trained):
+            piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids += piece
+            mask += [int(flag)] * len(piece)
+        ids.append(tokenizer.eos_token_id)
+        mask.append(int(eos_trained))
+    return np.array(ids), np.array(mask)
+
+
+def _stacked(rows, column):
+    return np.concatenate([np.asarray(row[column]) for row in rows])
+
+
+@pytest.mark.parametrize("name", sorted(ASSISTANT_TURNS))
+def test_chat_jsonl_packs_with_its_assistant_mask_and_counts_malformed_lines(ray_session, chat_tokenizer_dirs,
+                                                                             tmp_path, name):
+    tokenizer_dir = chat_tokenizer_dirs[name]
+    tokenizer = load_tokenizer(tokenizer_dir)
+    good = [CONVERSATION, CONVERSATION[1:3], [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there, friend."}]] * 4
+    lines = [json.dumps({"messages": m}) for m in good]
+    lines[2:2] = [json.dumps({"text": "no messages"}), json.dumps({"messages": [{"role": "user", "content": "?"}]})]
+    (tmp_path / "chat.jsonl").write_text("\n".join(lines) + "\n")
+    rows, report = _pack(tmp_path / "chat.jsonl", tokenizer_dir, format="chat")
+    template = ChatTemplate.of(tokenizer)
+    ids, mask = _expected(tokenizer, [(*chat_segments(m, template), False) for m in good])
+    n = len(rows) * (SEQ_LEN + 1)
+    assert n == len(ids) // (SEQ_LEN + 1) * (SEQ_LEN + 1)
+    np.testing.assert_array_equal(_stacked(rows, "input_ids"), ids[:n])
+    np.testing.assert_array_equal(_stacked(rows, "loss_mask"), mask[:n])
+    assert report.skipped["malformed"] == 2 and report.documents == len(good) + 2
+    assert report.completion_tokens == mask.sum() and report.tokens == len(ids)
+    assert report.skipped_examples == [f"malformed: {tmp_path / 'chat.jsonl'}:3 (no field 'messages'; fields: text)",
+                                       f"malformed: {tmp_path / 'chat.jsonl'}:4 (no assistant turn (nothing to train on))"]
+
+
+def test_prompt_completion_parquet_trains_the_completion_and_its_eos(ray_session, tiny_tokenizer_dir, tmp_path):
+    tokenizer = load_tokenizer(tiny_tokenizer_dir)
+    pairs = [(f"Question {i}: what is {i} plus {i}?\nAnswer:", f" {2 * i}. Done") for i in range(12)]
+    pq.write_table(pa.table({"prompt": [p for p, _ in pairs] + ["no completion"],
+                             "completion": [c for _, c in pairs] + [None]}), tmp_path / "pc.parquet")
+    rows, report = _pack(tmp_path / "pc.parquet", tiny_tokenizer_dir, format="prompt_completion")
+    ids, mask = _expected(tokenizer, [([p, c], [False, True], True) for p, c in pairs])
+    n = len(rows) * (SEQ_LEN + 1)
+    np.testing.assert_array_equal(_stacked(rows, "input_ids"), ids[:n])
+    np.testing.assert_array_equal(_stacked(rows, "loss_mask"), mask[:n])
+    assert report.skipped["malformed"] == 1
+    all_rows, _ = _pack(tmp_path / "pc.parquet", tiny_tokenizer_dir, format="prompt_completion", train_on="all")
+    assert "loss_mask" not in all_rows[0]
+    np.testing.assert_array_equal(_stacked(all_rows, "input_ids"), ids[:n])
+
+
+def test_a_parquet_file_without_the_column_is_named(ray_session, tiny_tokenizer_dir, tmp_path):
+    pq.write_table(pa.table({"prompt": ["a"], "answer": ["b"]}), tmp_path / "pc.parquet")
+    with pytest.raises(DataError, match=r"pc.parquet has no column 'completion'.*data.format = prompt_completion"):
+        _pack(tmp_path / "pc.parquet", tiny_tokenizer_dir, format="prompt_completion")
+
+
+def test_chat_needs_a_tokenizer_with_a_template(tiny_tokenizer_dir):
+    with pytest.raises(DataError, match="has none: set data.tokenizer to a tokenizer with a chat_template"):
+        ChatTemplate.of(load_tokenizer(tiny_tokenizer_dir))
+
+
+# --- the loss mask through the teacher pool, the cache, the loss and the metrics -----------------------------------
+def _masked_blocks():
+    """Two blocks differing only in their last id, a masked target (1 marks completion; the first id is no target)."""
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, 320, (2, SEQ_LEN + 1)).astype(np.int32)
+    ids[1, :-1] = ids[0, :-1]
+    ids[1, -1] = (ids[0, -1] + 1) % 320
+    mask = np.zeros((2, SEQ_LEN + 1), np.uint8)
+    mask[:, 5:12] = mask[:, 15:SEQ_LEN] = 1  # two completions; the last target is prompt
+    return ids, mask
+
+
+def _objective(student, batch, kind):
+    import torch
+
+    from tailkd_ray.core.losses import distill_objective
+    from tailkd_ray.core.metrics import target_mask
+    from tailkd_ray.core.summary import TeacherSummary
+
+    ids = torch.as_tensor(batch["input_ids"]).long()
+    teacher = TeacherSummary.from_batch(batch)
+    student.zero_grad()
+    out = student(ids[:, :-1], lambda h, w, b: distill_objective(
+        h, w, ids[:, 1:], teacher, kind=kind, k=4, mask=target_mask(batch, "cpu")))
+    out.loss.backward()
+    return out, [p.grad.clone() for p in student.parameters()]
+
+
+@pytest.mark.parametrize("kind", ["tad", "kd", "clm"])
+def test_a_masked_position_changes_nothing_from_the_teacher_pool_to_the_metrics(tiny_llama_dir, tmp_path, kind):
+    """Flip a masked target: the teacher's summaries (scored over every position), the cached rows, the loss, its
+    gradient and the eval metrics are unchanged, and the loss and metrics count only the completion targets. (The
+    far-tail samples are drawn with a seed of the whole block's content, so a block with another last id draws
+    others: an equally valid estimate, but not the same numbers: the loss compares both blocks with the first one's.)"""
+    import torch
+
+    from tailkd_ray.core.metrics import evaluate
+    from tailkd_ray.models import StudentWithHead, load_model
+    from tailkd_ray.teacher.cache import restore_shapes, write_shard
+    from tailkd_ray.teacher.pool import TeacherScorer, scorer_kwargs
+
+    cfg = load_config(None, [f"teacher.model={tiny_llama_dir}", f"data.seq_len={SEQ_LEN}", "summary.top_m=8",
+                             "summary.tail_samples=4", "loss.k=4", "data.format=chat"])
+    ids, mask = _masked_blocks()
+    scored = TeacherScorer(**scorer_kwargs(cfg))({"input_ids": ids, "loss_mask": mask})
+    np.testing.assert_array_equal(scored["loss_mask"], mask)
+    write_shard(scored, root=str(tmp_path), temperature=1.0)
+    (shard,) = tmp_path.glob("part-*.parquet")
+    cached = restore_shapes(pq.read_table(shard), seq_len=SEQ_LEN)
+    np.testing.assert_array_equal(cached["loss_mask"], mask)
+    np.testing.assert_array_equal(cached["input_ids"], ids)
+    for name in ("top_ids", "top_logp", "rest_logmass"):
+        np.testing.assert_array_equal(cached[name][0], cached[name][1])  # the teacher never sees the last id
+    tails = ("tail_ids", "tail_logp")
+    rows = [{name: values[0 if name in tails else i][None] for name, values in cached.items()} for i in range(2)]
+    student = StudentWithHead(load_model(str(tiny_llama_dir), device=torch.device("cpu"), dtype=torch.float32,
+                                          trust_remote_code=False)).requires_grad_(True)
+    (out_a, grads_a), (out_b, grads_b) = (_objective(student, row, kind) for row in rows)
+    assert out_a.tokens == mask[0, 1:].sum() == 16
+    torch.testing.assert_close(out_a.loss, out_b.loss, rtol=0, atol=0)
+    for grad_a, grad_b in zip(grads_a, grads_b):
+        torch.testing.assert_close(grad_a, grad_b, rtol=0, atol=0)
+    unmasked = [{k: v for k, v in row.items() if k != "loss_mask"} for row in rows]
+    assert _objective(student, unmasked[0], kind)[0].loss != _objective(student, unmasked[1], kind)[0].loss
+    metrics_a, metrics_b = (evaluate(student, [row], k=4) for row in rows)
+    assert metrics_a == metrics_b and metrics_a["tokens"] == 16
+    assert evaluate(student, [unmasked[0]], k=4)["val_loss"] != evaluate(student, [unmasked[1]], k=4)["val_loss"]
+
+
+def test_beta_averages_the_teacher_tail_mass_over_the_completion_tokens_of_each_sequence():
+    """TAD with a mask equals TAD on the completion tokens alone, sequence by sequence (β(X) = β / mean α_K over
+    the sequence's completion tokens), weighted by their counts."""
+    import torch
+
+    from tailkd_ray.core.losses import distill_objective
+
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(2, 10, 8, dtype=torch.float64), torch.randn(30, 8, dtype=torch.float64)
+    teacher, targets = torch.randn(2, 10, 30, dtype=torch.float64) * 3, torch.randint(0, 30, (2, 10))
+    mask = torch.zeros(2, 10, dtype=torch.bool)
+    mask[0, 2:5] = mask[1, 4:10] = True
+    args = dict(kind="tad", k=3, beta=1.5, chunk_tokens=4)
+    masked = distill_objective(hidden, weight, targets, teacher, mask=mask, **args)
+    parts = [distill_objective(hidden[i, mask[i]][None], weight, targets[i, mask[i]][None], teacher[i, mask[i]][None],
+                               **args) for i in range(2)]
+    expected = sum(p.loss * p.tokens for p in parts) / sum(p.tokens for p in parts)
+    torch.testing.assert_close(masked.loss, expected)
+    assert masked.tokens == 9
+
+
+# --- end to end: chat data through tokenizing, the summary cache, Ray Train and validation -------------------------
+def _conversations(n: int, offset: int) -> list[str]:
+    return [json.dumps({"messages": [{"role": "user", "content": f"What is {i} plus {i + 1}?"},
+                                     {"role": "assistant", "content": f"{i} plus {i + 1} is {2 * i + 1}."}]})
+            for i in range(offset, offset + n)]
+
+
+@pytest.mark.ray
+def test_chat_distillation_trains_and_evaluates_on_the_completion_tokens(ray_session, chat_tokenizer_dirs,
+                                                                         tmp_path_factory):
+    from tailkd_ray.config import from_dict
+    from tailkd_ray.models import llama_config, save_random_model
+    from tailkd_ray.pipelines.distill import distill
+    from tailkd_ray.train.runlog import read_records
+
+    tokenizer_dir = chat_tokenizer_dirs["qwen2.5"]
+    teacher = save_random_model(
+        llama_config(vocab=len(load_tokenizer(tokenizer_dir)), layers=1, width=32, heads=2, kv_heads=1,
+                     intermediate=64, max_positions=64), tmp_path_factory.mktemp("chat_teacher"), seed=0,
+        tokenizer=tokenizer_dir)
+    data = tmp_path_factory.mktemp("chat_data")
+    (data / "train.jsonl").write_text("\n".join(_conversations(40, 0)) + "\n")
+    (data / "val.jsonl").write_text("\n".join(_conversations(8, 100)) + "\n")
+    out = tmp_path_factory.mktemp("chat_run")
+    cfg = from_dict({
+        "output_dir": str(out / "run"), "teacher": {"model": str(teacher)},
+        "student": {"config": {"num_hidden_layers": 1}, "init": "random"},
+        "data": {"train": str(data / "train.jsonl"), "val": str(data / "val.jsonl"), "format": "chat",
+                 "seq_len": 32, "tokenizer_actors": 1},
+        "summary": {"top_m": 16, "tail_samples": 2, "cache_dir": str(out / "cache")},
+        "loss": {"kind": "tad", "k": 4, "chunk_tokens": 32},
+        "train": {"num_workers": 1, "strategy": "ddp", "max_steps": 3, "batch_size": 2, "warmup_steps": 1,
+                  "eval_every": 100, "checkpoint_every": 100, "loggers": []},
+    })
+    metrics = distill(cfg)
+    report = json.loads((out / "run" / "data_report.json").read_text())
+    assert 0 < report["completion_tokens"] < report["tokens"] / 2  # the prompts (and system prompt) are longer
+    val_mask = np.concatenate([np.stack(pq.read_table(shard).column("loss_mask").to_numpy(zero_copy_only=False))
+                               .reshape(-1, 33) for shard in (out / "cache" / "val").glob("part-*.parquet")])
+    assert metrics["tokens"] == val_mask[:, 1:].sum() > 0
+    steps = read_records(out / "run", "step")
+    assert len(steps) == 3 and all(r["tokens"] < 2 * 32 for r in steps) and sum(r["tokens"] for r in steps) > 0
+
+
+def test_a_batch_without_completion_tokens_gives_zero_gradients_everywhere():
+    """A micro-batch of prompt only still reaches every parameter (DDP requires it), with zero gradients."""
+    import torch
+
+    from tailkd_ray.core.losses import distill_objective
+
+    hidden = torch.randn(1, 4, 8, requires_grad=True)
+    weight, bias = torch.randn(30, 8, requires_grad=True), torch.randn(30, requires_grad=True)
+    out = distill_objective(hidden, weight, torch.zeros(1, 4, dtype=torch.long), None, kind="clm",
+                            mask=torch.zeros(1, 4, dtype=torch.bool), lm_head_bias=bias)
+    out.loss.backward()
+    assert out.tokens == 0 and all(t.grad is not None and not t.grad.any() for t in (hidden, weight, bias))
