@@ -115,6 +115,11 @@ class DataConfig:
     seq_len: int = doc(512, "Tokens per training sequence (blocks are packed with seq_len + 1 tokens).")
     val_fraction: float = doc(0.02, "Fraction of packed blocks held out when `data.val` is null.")
     tokenizer_actors: int = doc(4, "Maximum tokenizer actors (1 CPU each); the pool autoscales from 1.")
+    shuffle: bool = doc(True, "Shuffle the training blocks: one permutation seeded by train.seed on the driver, "
+                              "before the teacher (a summary cache holds its rows in that order), then each epoch a "
+                              "local shuffle buffer of train.shuffle_buffer rows per worker seeded by (train.seed, "
+                              "epoch, rank). false = corpus order (sorted files) every epoch. Validation data is "
+                              "never shuffled.")
 
     def validate(self) -> None:
         _positive("data", "seq_len", self.seq_len)
@@ -220,9 +225,13 @@ class TrainConfig:
                                    "(0 = none). Raising it can help when metrics.jsonl shows data_wait_s > 0, but "
                                    "workers then request blocks out of step, so which worker trains on which block "
                                    "(and a resume's skipped rows) varies more between runs.")
+    shuffle_buffer: int = doc(128, "Rows in each worker's local shuffle buffer, reseeded every epoch so that epochs "
+                                   "differ (with data.shuffle). Memory: that many rows, summaries included "
+                                   "(~250 KB a row at seq_len 512, top_m 64, tail_samples 16).")
 
     def validate(self) -> None:
-        for name in ("num_workers", "max_steps", "batch_size", "grad_accum", "checkpoint_every", "eval_every"):
+        for name in ("num_workers", "max_steps", "batch_size", "grad_accum", "checkpoint_every", "eval_every",
+                     "shuffle_buffer"):
             _positive("train", name, getattr(self, name))
         for name in ("lr", "weight_decay", "warmup_steps", "grad_clip", "max_failures", "prefetch_batches",
                      "max_nonfinite_steps", "log_every"):

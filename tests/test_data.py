@@ -19,7 +19,7 @@ from tailkd_ray.data.pack import IngestReport, check_packing_tokenizer, split_te
 from tailkd_ray.data.read import read_documents
 from tailkd_ray.data.splits import train_val_datasets
 from tailkd_ray.errors import DataError
-from tailkd_ray.models import load_tokenizer
+from tailkd_ray.models import load_tokenizer, tokenizer_size
 
 pytestmark = pytest.mark.ray
 
@@ -49,9 +49,9 @@ def _stream(tokenizer, docs) -> np.ndarray:
 
 def _pack(pattern, tokenizer_dir, *, fmt="text", **data_fields):
     data_cfg = DataConfig(format=fmt, seq_len=SEQ_LEN, tokenizer_actors=1, **data_fields)
-    report = IngestReport()
-    blocks = tokenize_and_pack(read_documents(str(pattern), data_cfg), load_tokenizer(tokenizer_dir), data_cfg,
-                               stats=report)
+    report, tokenizer = IngestReport(), load_tokenizer(tokenizer_dir)
+    blocks = tokenize_and_pack(read_documents(str(pattern), data_cfg), tokenizer, data_cfg,
+                               vocab_size=tokenizer_size(tokenizer), stats=report)
     rows = [row["input_ids"] for row in blocks.take_all()]
     return (np.stack(rows) if rows else np.zeros((0, SEQ_LEN + 1), np.int32)), report
 
@@ -123,6 +123,41 @@ def test_split_is_deterministic_disjoint_and_sized(ray_session, builtin_corpus, 
     assert len(train) + len(val) == report.blocks > 4000
     assert abs(len(val) / report.blocks - 0.2) < 0.03
     assert report.tokens == report.blocks * 64 + report.dropped_tokens
+
+
+def test_train_blocks_are_shuffled_by_the_seed_and_val_blocks_are_not(ray_session, builtin_corpus,
+                                                                      tiny_tokenizer_dir):
+    _, val_dir = builtin_corpus  # the same files as train and val corpus: val keeps the corpus order
+
+    def blocks(*overrides):
+        cfg = load_config(None, [f"data.train={val_dir}", f"data.val={val_dir}", f"data.tokenizer={tiny_tokenizer_dir}",
+                                 "data.seq_len=31", *overrides])
+        train, val, _ = train_val_datasets(cfg)
+        return [r["input_ids"].tobytes() for r in train.take_all()], [r["input_ids"].tobytes() for r in val.take_all()]
+
+    corpus_order, _ = blocks("data.shuffle=false")
+    shuffled, val = blocks()
+    assert len(shuffled) > 100 and sorted(shuffled) == sorted(corpus_order) and shuffled != corpus_order
+    assert val == corpus_order
+    assert blocks()[0] == shuffled  # the same seed, the same order
+    other_seed = blocks("train.seed=1")[0]
+    assert sorted(other_seed) == sorted(shuffled) and other_seed != shuffled
+
+
+def test_pretokenized_ids_are_checked_against_the_largest_id(ray_session, tmp_path):
+    """The offline Qwen2.5 tokenizer keeps its special tokens at the published ids (from 151,643) above a gap:
+    ids in the gap are below the shared vocabulary (largest id + 1 = 151,665) and kept; from there on skipped."""
+    qwen = Path(__file__).parent / "fixtures" / "configs" / "qwen2.5-0.5b"
+    assert len(load_tokenizer(qwen)) < 1000 < tokenizer_size(load_tokenizer(qwen)) == 151_665
+    docs = [[5, 1000, 6] * 6, [7, 151_665, 8] * 6, [151_664, 9] * 10]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"input_ids": doc}) + "\n" for doc in docs))
+    cfg = load_config(None, [f"data.train={tmp_path / 't.jsonl'}", "data.format=tokens", f"data.tokenizer={qwen}",
+                             "data.seq_len=15", "data.val_fraction=0", "data.shuffle=false"])
+    train, _, report = train_val_datasets(cfg)
+    assert report.skipped["out_of_vocab"] == 1 and report.documents == 3
+    assert report.skipped_examples == [f"out_of_vocab: {tmp_path / 't.jsonl'}:2 (id 151665, vocabulary 151665)"]
+    kept = np.concatenate([row["input_ids"] for row in train.take_all()]).tolist()
+    assert kept[:20] == docs[0] + [load_tokenizer(qwen).eos_token_id] + [151_664]
 
 
 def test_separate_val_corpus(ray_session, builtin_corpus, tiny_tokenizer_dir):

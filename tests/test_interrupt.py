@@ -86,3 +86,6 @@ def test_sigint_exits_130_and_the_relaunch_has_one_record_per_step(ray_session, 
     redone = [r for r in raw if r["kind"] == "step" and r.get(SUPERSEDED)]
     assert started == max(finished)  # resumed from the newest finished checkpoint
     assert len(redone) == before - started  # the interrupted attempt's steps after the resumed one, marked
+    # the relaunch (another Ray, the train blocks shuffled again) redid them on the same rows
+    final = {r["step"]: r["rows_fingerprint"] for r in read_records(out, "step")}
+    assert [r["rows_fingerprint"] for r in redone] == [final[r["step"]] for r in redone]

@@ -1,10 +1,13 @@
-"""Content hashes of packed blocks: a block's identity, its train/val side and its tail-sampling seed.
+"""Content hashes of packed blocks: a block's identity, its train/val side and its tail-sampling seed; the
+seeds and fingerprints of the training data order.
 
 Everything that must not depend on where or in which batch a block is processed keys off its content: the
 summary cache recognises scored blocks by ``block_hashes`` (resume), the held-out split is a keyed hash of the
 ids (``held_out_mask``), and the teacher seeds a block's tail samples from its hash (``row_generator_seed``).
-One routine, ``_digests`` (BLAKE2b, 8 bytes, little-endian), serves all three. ``stream_sha256`` is the
-integrity checksum of whole files (checkpoint manifests, cache shards).
+One routine, ``_digests`` (BLAKE2b, 8 bytes, little-endian), serves all three. A training worker seeds each
+epoch's shuffle from (seed, epoch, rank) (``epoch_shuffle_seed``) and fingerprints the rows of every step
+(``rows_fingerprint``). ``stream_sha256`` is the integrity checksum of whole files (checkpoint manifests, cache
+shards).
 """
 
 from __future__ import annotations
@@ -47,8 +50,26 @@ def select_split(batch: dict, *, seed: int, fraction: float, held_out: bool) -> 
 
 def row_generator_seed(seed: int, block_hash: int) -> int:
     """Seed of a block's tail-sampling generator: a hash of (train.seed, block content hash)."""
-    key = int(seed).to_bytes(8, "little", signed=True) + int(block_hash).to_bytes(8, "little", signed=True)
-    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1  # < 2**63
+    return _seed_of(seed, block_hash)
+
+
+def epoch_shuffle_seed(seed: int, epoch: int, rank: int) -> int:
+    """Seed of a training worker's local shuffle buffer in one epoch: a hash of (train.seed, epoch, rank), so every
+    epoch is shuffled differently and a resumed worker reshuffles its epoch exactly as before."""
+    return _seed_of(seed, epoch, rank)
+
+
+def _seed_of(*numbers: int) -> int:
+    """A generator seed < 2**63: the 64-bit BLAKE2b hash of the numbers (8 bytes each, signed little-endian)."""
+    key = b"".join(int(n).to_bytes(8, "little", signed=True) for n in numbers)
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+
+
+def rows_fingerprint(input_ids: np.ndarray) -> int:
+    """A 52-bit hash of a batch of rows (int32 ids, in order): what a training step trained on, small enough to
+    travel exactly as a float64 in the step's all-gather."""
+    digest = hashlib.blake2b(np.ascontiguousarray(input_ids, dtype=np.int32).tobytes(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 12
 
 
 def stream_sha256(stream, chunk_bytes: int = 2**22) -> str:

@@ -13,8 +13,9 @@ batch order and packs them too, so only the final partial block of a corpus is d
 
 Determinism: batches are fixed ranges of documents in file order (sorted paths, rows/lines in file order,
 ``preserve_order``), independent of read parallelism and cluster size, so a corpus always gives the same
-blocks in the same order (the train/val split, ``splits.py``, is a hash of seed and ids). Shuffling is left to
-the trainer (e.g. ``random_shuffle(seed=train.seed)`` or a seeded local shuffle buffer).
+blocks in the same order (the train/val split, ``splits.py``, is a hash of seed and ids). The train blocks are
+shuffled after packing (``splits.shuffled_blocks``, seeded by train.seed) and again per epoch by each training
+worker.
 
 Bad input: documents the reader marked (empty, null, invalid UTF-8), text documents that are mostly control
 characters (a file of NUL bytes, binary data read as text: ``mostly_control``) and pre-tokenized documents holding
@@ -83,12 +84,14 @@ class IngestReport:
         return "\n".join([head] + [f"  skipped {example}" for example in self.skipped_examples])
 
 
-def tokenize_and_pack(docs: ray.data.Dataset, tokenizer, data_cfg: DataConfig, *,
+def tokenize_and_pack(docs: ray.data.Dataset, tokenizer, data_cfg: DataConfig, *, vocab_size: int,
                       stats: IngestReport | None = None) -> ray.data.Dataset:
     """Tokenize ``docs`` (from ``read.read_documents``) with a pool of tokenizer actors and pack them into blocks
     of ``seq_len + 1`` ids: a Dataset with one column ``input_ids`` (int32). ``tokenizer`` is a Hugging Face fast
-    tokenizer with an EOS token (``check_packing_tokenizer``). The work is executed here; its exact counts are
-    added to ``stats`` when given."""
+    tokenizer with an EOS token (``check_packing_tokenizer``); ``vocab_size`` is the shared vocabulary
+    (``models.tokenizer_size``: its largest id + 1, computed by the caller, since this module imports no
+    transformers), beyond which pre-tokenized ids are out of vocabulary. The work is executed here; its exact
+    counts are added to ``stats`` when given."""
     check_packing_tokenizer(tokenizer)
     bos_id = document_bos_id(tokenizer, data_cfg)
     block_len = data_cfg.seq_len + 1
@@ -98,7 +101,7 @@ def tokenize_and_pack(docs: ray.data.Dataset, tokenizer, data_cfg: DataConfig, *
     rows = docs.repartition(target_num_rows_per_block=per_batch, strict=True).map_batches(
         _TokenizeAndPack,
         fn_constructor_kwargs={"tokenizer_json": tokenizer.backend_tokenizer.to_str(),
-                               "eos_id": tokenizer.eos_token_id, "bos_id": bos_id, "vocab_size": len(tokenizer),
+                               "eos_id": tokenizer.eos_token_id, "bos_id": bos_id, "vocab_size": vocab_size,
                                "block_len": block_len, "loss_mask": len(columns) > 1,
                                "eos_trained": data_cfg.format == "prompt_completion"},
         batch_size=per_batch, batch_format="pyarrow", num_cpus=1,

@@ -12,14 +12,18 @@
   worker (``colocated``, exact loss), or none (``none``: CLM only, no teacher metrics);
 - checkpoints and resume (``checkpoint.py``); a relaunch after completion returns without training or writing.
 
-Data position. Each worker records (epoch, micro-batches consumed in that epoch) of its own shard; on
-resume it re-reads its shard and discards that many micro-batches before training. This resumes at the
-same rows when the dataset order is deterministic (``from_items``/Parquet reads and the packers here
-are; a ``random_shuffle`` without a seed is not) and the streaming split hands blocks to the workers in the
-same way, which Ray does not guarantee: the number of rows skipped per worker is exact, but which rows a
-worker received before the failure may differ by whole blocks from what it receives now. The skipped
-micro-batches are still read (and, in streamed summary mode, scored by the teacher) — resume costs I/O,
-not training steps.
+Data order and position. The train blocks arrive in one seeded permutation (``data.shuffle``: the driver
+shuffles them once, before any teacher, ``data.splits.shuffled_blocks``); each worker reshuffles its stream every
+epoch in a local buffer of ``train.shuffle_buffer`` rows seeded by (train.seed, epoch, rank)
+(``data.hashing.epoch_shuffle_seed``), so epochs differ and the same seed gives the same order. Each worker
+records (epoch, micro-batches consumed in that epoch) of its own shard; on resume it re-reads its shard,
+reshuffles the epoch with the same seed and discards that many micro-batches before training. This resumes at
+the same rows when the dataset order is deterministic (the packers, the seeded shuffle, ``from_items`` and
+Parquet reads are) and the streaming split hands blocks to the workers in the same way, which Ray does not
+guarantee: the number of rows skipped per worker is exact, but which rows a worker received before the failure
+may differ by whole blocks from what it receives now (with one worker it cannot). Every step record carries a
+fingerprint of the rows each rank trained on (``rows_fingerprint``) to check it. The skipped micro-batches are
+still read (and, in streamed summary mode, scored by the teacher) — resume costs I/O, not training steps.
 
 Validation runs on every worker's share of the val set (Ray splits it equally, dropping up to
 num_workers − 1 rows to do so) and sums the metric accumulators across workers with one all-reduce.
@@ -40,6 +44,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
+import numpy as np
 import ray.train
 import ray.train.torch
 import torch
@@ -53,6 +58,7 @@ from tailkd_ray.config import Config, ConfigError, from_dict, to_dict
 from tailkd_ray.core.losses import distill_objective, teacher_logits_over
 from tailkd_ray.core.metrics import evaluate, target_mask
 from tailkd_ray.core.summary import FIELDS, TeacherSummary
+from tailkd_ray.data.hashing import epoch_shuffle_seed, rows_fingerprint
 from tailkd_ray.errors import NonFiniteLossError
 from tailkd_ray.models import build_student, inference_dtype, load_teacher, shared_vocab_size, student_config
 from tailkd_ray.placement import require_train_placement, train_worker_resources
@@ -169,7 +175,9 @@ def train_loop_per_worker(config: dict) -> None:
     if progress is None:
         return  # a relaunch of a finished run: nothing new
     cfg, train_shard = worker.cfg, ray.train.get_dataset_shard("train")
-    batches = micro_batches(train_shard, cfg.train.batch_size, progress, prefetch_batches=cfg.train.prefetch_batches)
+    batches = micro_batches(train_shard, cfg.train.batch_size, progress, prefetch_batches=cfg.train.prefetch_batches,
+                            shuffle_buffer=cfg.train.shuffle_buffer if cfg.data.shuffle else 0,
+                            seed=cfg.train.seed, rank=worker.rank)
     worker.log.open()
     dist.barrier()  # every rank starts its first step (and pulls data) together, after rank 0's trackers started
     attempt = _Attempt(started=time.perf_counter(), first_step=progress.step)
@@ -234,13 +242,19 @@ def _restore(worker: _Worker, resume_from: Optional[str]) -> Optional[Progress]:
     return progress
 
 
-def micro_batches(shard, batch_size: int, progress: Progress, *, prefetch_batches: int = 1) -> Iterator[dict]:
+def micro_batches(shard, batch_size: int, progress: Progress, *, prefetch_batches: int = 1, shuffle_buffer: int = 0,
+                  seed: int = 0, rank: int = 0) -> Iterator[dict]:
     """Endless micro-batches of a worker's shard, epoch after epoch, resuming at ``progress``: the first
-    ``progress.batches_in_epoch`` batches of the current epoch are read and discarded (see module doc)."""
+    ``progress.batches_in_epoch`` batches of the current epoch are read and discarded (see module doc). With a
+    ``shuffle_buffer`` (rows; 0 = none) every epoch is reshuffled locally with ``epoch_shuffle_seed(seed, epoch,
+    rank)``."""
     skip = progress.batches_in_epoch
     while True:
         produced = 0
-        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True, prefetch_batches=prefetch_batches):
+        shuffle = {} if not shuffle_buffer else {"local_shuffle_buffer_size": shuffle_buffer,
+                                                 "local_shuffle_seed": epoch_shuffle_seed(seed, progress.epoch, rank)}
+        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True, prefetch_batches=prefetch_batches,
+                                              **shuffle):
             produced += 1
             if produced <= skip:
                 continue
@@ -285,23 +299,26 @@ def _optimizer_step(worker: _Worker, batches: Iterator[dict], progress: Progress
               "epoch": progress.epoch, "step_time_s": finished - started,
               "data_wait_s": float(sums[4]) / worker.world_size, "compute_s": optimizing - started - float(local[4]),
               "optimizer_s": finished - optimizing, "elapsed_s": finished - attempt.started,
-              "peak_memory_mb": peak_memory_mb(worker.device)}
+              "peak_memory_mb": peak_memory_mb(worker.device),
+              "rows_fingerprint": [f"{int(rows):013x}" for rows in per_rank[:, 5].tolist()]}
     worker.log.write("step", record)
     if worker.rank == 0 and progress_due(progress.step, cfg.train):
         print(progress_line(record, cfg.train.max_steps, steps_done=progress.step - attempt.first_step), flush=True)
 
 
 def _forward_backward(worker: _Worker, batches: Iterator[dict]) -> torch.Tensor:
-    """Forward and backward over ``grad_accum`` micro-batches; returns [loss, clm, div] token sums, the token count
-    and the seconds spent waiting for input (data pipeline, teacher pool) — a step starved of teacher summaries
-    shows there, not in the compute time."""
+    """Forward and backward over ``grad_accum`` micro-batches; returns [loss, clm, div] token sums, the token count,
+    the seconds spent waiting for input (data pipeline, teacher pool) — a step starved of teacher summaries
+    shows there, not in the compute time — and the fingerprint of the rows trained on (``rows_fingerprint``)."""
     cfg = worker.cfg
     kwargs = asdict(cfg.loss)  # kind, k, beta, normalize, temperature, weight, chunk_tokens
-    sums = torch.zeros(5, dtype=torch.float64)
+    sums = torch.zeros(6, dtype=torch.float64)
+    rows = []
     for micro in range(cfg.train.grad_accum):
         waiting = time.perf_counter()
         batch = next(batches)
         sums[4] += time.perf_counter() - waiting
+        rows.append(batch["input_ids"].cpu().numpy())
         ids = batch["input_ids"].to(worker.device).long()
         inputs, targets = ids[:, :-1], ids[:, 1:]
         mask = target_mask(batch, worker.device)
@@ -318,6 +335,7 @@ def _forward_backward(worker: _Worker, batches: Iterator[dict]) -> torch.Tensor:
             worker.strategy.backward(loss)
         sums[:4] += torch.tensor([out.loss.item() * out.tokens, float(out.clm) * out.tokens,
                                   float(out.div) * out.tokens, out.tokens], dtype=torch.float64)
+    sums[5] = rows_fingerprint(np.concatenate(rows))  # < 2**52: exact in float64
     return sums
 
 
@@ -366,9 +384,10 @@ def eval_line(metrics: dict, max_steps: int) -> str:
 
 def nonfinite_problem(step: int, per_rank: torch.Tensor, grad_norm: Optional[float]) -> Optional[str]:
     """None when the step is finite, else what was not: the ranks, the term (CLM or divergence) and the values.
-    ``per_rank`` [world, 5] holds each rank's (loss, clm, div) token sums, token count and data wait."""
+    ``per_rank`` [world, 6] holds each rank's (loss, clm, div) token sums, token count, data wait and rows
+    fingerprint."""
     bad = []
-    for rank, (loss, clm, div, tokens, _) in enumerate(per_rank.tolist()):
+    for rank, (loss, clm, div, tokens, *_) in enumerate(per_rank.tolist()):
         terms = [name for name, value in (("CLM", clm), ("divergence", div)) if not math.isfinite(value)]
         if terms or not math.isfinite(loss):
             tokens = max(tokens, 1.0)
