@@ -3,18 +3,13 @@ for the same seed, and a resumed run trains the rows an uninterrupted one does, 
 
 from __future__ import annotations
 
-import os
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
-from ray import cloudpickle
+from test_train import KillOnce  # pickled by value: the fault-injection hook travels to workers
 
 from tailkd_ray.train.runlog import read_records
 
 pytestmark = pytest.mark.ray
-cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the fault-injection hooks travel to workers
 
 ROWS, BATCH = 24, 2
 
@@ -44,22 +39,10 @@ def test_each_epoch_is_reshuffled_by_seed_epoch_and_rank_and_resumes_at_the_same
     assert firsts(Progress(epoch=1, batches_in_epoch=5), 2 * per_epoch - 5, **shuffle) == whole[per_epoch + 5:]
 
 
-class KillOnce:
-    """Fault injection: worker ``rank`` exits hard after optimizer step ``step``, on the first attempt only."""
-
-    def __init__(self, marker: str, step: int, rank: int = 1):
-        self.marker, self.step, self.rank = marker, step, rank
-
-    def __call__(self, step: int, rank: int) -> None:
-        if step == self.step and rank == self.rank and not os.path.exists(self.marker):
-            Path(self.marker).touch()
-            os._exit(1)
-
-
 STEPS = 8
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1200)
 def test_resumed_runs_train_the_rows_of_an_uninterrupted_run_streamed_and_cached(ray_session, tiny_llama_dir,
                                                                                  builtin_corpus, tmp_path):
     """Three runs on one corpus with 2 workers and 4 micro-batches per worker and epoch: streamed uninterrupted (the
@@ -90,13 +73,13 @@ def test_resumed_runs_train_the_rows_of_an_uninterrupted_run_streamed_and_cached
     assert [epoch for epoch, _ in reference] == [0] * 4 + [1] * 4
     assert [rows for _, rows in reference[4:]] != [rows for _, rows in reference[:4]]  # epoch 1 is reshuffled
 
-    distill(config("killed"), step_hook=KillOnce(str(tmp_path / "killed.marker"), step=7))
+    distill(config("killed"), step_hook=KillOnce(str(tmp_path / "killed.marker"), step=7, rank=1))
     assert [(r["resumed_from_step"], r["epoch"], r["batches_in_epoch"])
             for r in read_records(tmp_path / "killed", "resume")] == [(6, 1, 2)]
     assert fingerprints("killed") == reference
 
     distill(config("cached", f"summary.cache_dir={tmp_path / 'cache'}"),
-            step_hook=KillOnce(str(tmp_path / "cached.marker"), step=3))
+            step_hook=KillOnce(str(tmp_path / "cached.marker"), step=3, rank=1))
     assert [(r["resumed_from_step"], r["epoch"], r["batches_in_epoch"])
             for r in read_records(tmp_path / "cached", "resume")] == [(2, 0, 2)]
     assert len(list((tmp_path / "cache" / "train").glob("*.parquet"))) == 1
