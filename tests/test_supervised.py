@@ -15,7 +15,7 @@ from tailkd_ray.data.pack import IngestReport, tokenize_and_pack
 from tailkd_ray.data.read import read_documents
 from tailkd_ray.data.samples import (ChatTemplate, MalformedSample, chat_segments, prompt_completion_segments)
 from tailkd_ray.errors import DataError
-from tailkd_ray.models import load_tokenizer
+from tailkd_ray.models import load_tokenizer, tokenizer_size
 
 SEQ_LEN = 24
 CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},
@@ -90,7 +90,7 @@ def _pack(pattern, tokenizer_dir, **fields):
     template = ChatTemplate.of(tokenizer) if data_cfg.format == "chat" else None
     report = IngestReport()
     rows = tokenize_and_pack(read_documents(str(pattern), data_cfg, template), tokenizer, data_cfg,
-                             stats=report).take_all()
+                             vocab_size=tokenizer_size(tokenizer), stats=report).take_all()
     return rows, report
 
 
