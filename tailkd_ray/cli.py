@@ -40,7 +40,7 @@ COMMANDS = {
     "score": "Teacher pass: write the summary cache to summary.cache_dir.",
     "distill": "Score (streamed or cached) and train the student end to end.",
     "tune": "Ray Tune search over loss.k and loss.beta sharing one teacher pass.",
-    "eval": "Evaluate any student on data.val; writes eval.json.",
+    "eval": "Evaluate any student (data.val, generation.data, lm_eval.tasks); writes <student>_eval.json.",
 }
 
 
@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", required=name != "config", help="YAML config file")
         if name == "eval":
             p.add_argument("--student", required=True, help="HF directory of the student to evaluate")
+            p.add_argument("--lm-eval", metavar="TASKS", help="comma-separated lm-evaluation-harness tasks to run on "
+                                                               "the student too (same as lm_eval.tasks=[...])")
         if name == "config":
             p.add_argument("--reference", action="store_true", help="print the config reference (Markdown)")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. loss.beta=2")
@@ -105,7 +107,11 @@ def run(args: argparse.Namespace) -> Optional[dict]:
     if args.command == "demo":
         demo.run_demo(args.out, args.overrides)  # prints its own table; its JSON would repeat it
         return None
-    config = resolve_local_paths(load_config(args.config, args.overrides))
+    overrides = list(args.overrides)
+    if getattr(args, "lm_eval", None):
+        tasks = [task.strip() for task in args.lm_eval.split(",") if task.strip()]
+        overrides.append(f"lm_eval.tasks={json.dumps(tasks)}")
+    config = resolve_local_paths(load_config(args.config, overrides))
     if args.command == "score":
         return score.score(config)
     if args.command == "distill":

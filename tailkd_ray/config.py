@@ -332,6 +332,30 @@ class GenerationConfig:
 
 
 @dataclass
+class LmEvalConfig:
+    tasks: list = doc([], "EleutherAI lm-evaluation-harness tasks `tailkd eval` runs on the student (its `hf` model, "
+                          "float32, on the GPU if there is one), e.g. [gsm8k, hellaswag]; also `tailkd eval --lm-eval "
+                          "gsm8k,hellaswag`. [] = none. Needs `pip install 'tailkd-ray[lm-eval]'`.")
+    include_path: Optional[str] = doc(None, "A directory of your own task YAMLs (found beside the harness's own), "
+                                            "e.g. a task over a local jsonl, which runs offline.")
+    num_fewshot: Optional[int] = doc(None, "Few-shot examples per prompt; null = each task's own setting.")
+    limit: Optional[int] = doc(None, "Examples per task at most; null = all.")
+    batch_size: int = doc(8, "Requests per forward pass of the harness.")
+
+    def validate(self) -> None:
+        if not all(isinstance(t, str) and t for t in self.tasks) or len(set(self.tasks)) != len(self.tasks):
+            raise ConfigError(f"lm_eval.tasks must be a list of distinct task names, got {self.tasks!r}")
+        if self.tasks and importlib.util.find_spec("lm_eval") is None:
+            raise ConfigError("lm_eval.tasks needs EleutherAI's lm-evaluation-harness, which is not installed: "
+                              "pip install 'tailkd-ray[lm-eval]'")
+        if self.num_fewshot is not None:
+            _positive("lm_eval", "num_fewshot", self.num_fewshot, allow_zero=True)
+        if self.limit is not None:
+            _positive("lm_eval", "limit", self.limit)
+        _positive("lm_eval", "batch_size", self.batch_size)
+
+
+@dataclass
 class ExportConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = doc(
         "float32", "Weight dtype of the exported student (`OUT/student/` safetensors): `bfloat16` or `float16` halve "
@@ -360,6 +384,8 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig, metadata={"doc": "The exported student."})
     generation: GenerationConfig = field(default_factory=GenerationConfig,
                                          metadata={"doc": "Task accuracy in `tailkd eval` (greedy decoding)."})
+    lm_eval: LmEvalConfig = field(default_factory=LmEvalConfig,
+                                  metadata={"doc": "lm-evaluation-harness tasks in `tailkd eval`."})
 
     def validate(self) -> "Config":
         if self.teacher.tokens_per_batch is not None and self.teacher.tokens_per_batch < self.data.seq_len:
@@ -569,7 +595,7 @@ def _row(key: str, f: dataclasses.Field) -> str:
 # Keys holding local paths. Ray workers do not share the driver's working directory, so relative paths are
 # made absolute in the driver; values that name nothing here (hub ids, URIs such as s3://...) are kept.
 PATH_KEYS = ("output_dir", "teacher.model", "student.model", "data.train", "data.val", "data.tokenizer",
-             "summary.cache_dir", "generation.data")
+             "summary.cache_dir", "generation.data", "lm_eval.include_path")
 _OUTPUT_KEYS = ("output_dir", "summary.cache_dir")
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tailkd_ray.cli import main
-from tailkd_ray.config import DataConfig, GenerationConfig
+from tailkd_ray.config import ConfigError, DataConfig, GenerationConfig, load_config
 from tailkd_ray.core.generation import Completion, extract_answer, greedy_decode, score_example, summarize_scores
 from tailkd_ray.data.prompts import read_prompts
 from tailkd_ray.errors import DataError
@@ -156,3 +156,58 @@ def test_eval_reports_task_accuracy_of_student_and_teacher(ray_session, tiny_lla
     caplog.clear()
     assert main(args) == 0
     assert teacher_file.stat().st_mtime_ns == stamp and "generation (teacher): reusing" in caplog.text
+
+
+@pytest.mark.ray
+def test_eval_runs_a_local_lm_eval_task_offline(ray_session, tiny_llama_dir, tmp_path, monkeypatch):
+    """`tailkd eval --lm-eval TASK` on a task YAML of lm_eval.include_path over a local jsonl: the harness's greedy
+    completions (until a newline) scored by exact match; one target is the model's own completion."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tokenizer = load_tokenizer(tiny_llama_dir)
+    model = load_model(tiny_llama_dir, trust_remote_code=False)
+    prompt = "def main("
+    own = greedy_decode(model, [tokenizer(prompt, add_special_tokens=False)["input_ids"]], max_new_tokens=4,
+                        eos_ids=[tokenizer.eos_token_id], pad_id=0, batch_size=1)[0]
+    own_text = tokenizer.decode(own.ids, skip_special_tokens=True)
+    assert "\n" not in own_text and own_text.strip(), own_text  # the harness stops at "\n" and strips nothing
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "tiny.jsonl").write_text(json.dumps({"prompt": prompt, "target": own_text}) + "\n"
+                                      + json.dumps({"prompt": "import os", "target": "zzz qqq"}) + "\n")
+    (tasks / "tiny.yaml").write_text(f"""task: tailkd_tiny
+dataset_path: json
+dataset_kwargs: {{data_files: {{test: {tasks / 'tiny.jsonl'}}}}}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{prompt}}}}"
+doc_to_target: "{{{{target}}}}"
+generation_kwargs: {{until: ["\\n"], max_gen_toks: 4, do_sample: false}}
+metric_list: [{{metric: exact_match, aggregation: mean, higher_is_better: true}}]
+""")
+    shutil.copytree(tiny_llama_dir, tmp_path / "student")
+    (tmp_path / "none.yaml").write_text("{}\n")
+    assert main(["eval", "--config", str(tmp_path / "none.yaml"), f"teacher.model={tiny_llama_dir}",
+                 f"lm_eval.include_path={tasks}", "lm_eval.batch_size=2", "--lm-eval", "tailkd_tiny", "--student",
+                 str(tmp_path / "student")]) == 0
+    written = json.loads((tmp_path / "student_eval.json").read_text())
+    assert written["lm_eval"]["tailkd_tiny"]["exact_match,none"] == 0.5
+
+
+@pytest.mark.parametrize("override, message", [
+    ("generation.answer_regex='(#### '", r"generation.answer_regex '\(#### ' is not a valid regular expression"),
+    ("generation.examples=0", r"generation.examples must be > 0"),
+    ("generation.max_new_tokens=-1", r"generation.max_new_tokens must be > 0"),
+    ("lm_eval.tasks=[gsm8k, gsm8k]", r"lm_eval.tasks must be a list of distinct task names"),
+])
+def test_bad_generation_settings_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_lm_eval_tasks_without_the_harness_say_what_to_install(monkeypatch):
+    import tailkd_ray.config
+
+    monkeypatch.setattr(tailkd_ray.config.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match=r"pip install 'tailkd-ray\[lm-eval\]'"):
+        load_config(None, ["lm_eval.tasks=[gsm8k]"])

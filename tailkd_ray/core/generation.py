@@ -22,6 +22,7 @@ generation config (sampling, penalties, forced tokens) set aside: the metrics me
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import re
@@ -30,7 +31,6 @@ from decimal import Decimal, InvalidOperation
 from typing import Callable, Optional, Sequence
 
 import torch
-from rouge_score.rouge_scorer import RougeScorer
 
 DEFAULT_ANSWER_REGEX = r"####\s*(-?[\d,]*\.?\d+)"  # GSM8K's final line: "#### 1,234"
 
@@ -115,7 +115,11 @@ def extract_answer(text: str, pattern: re.Pattern) -> Optional[str]:
     return format(number.normalize(), "f") if number.is_finite() else answer
 
 
-_ROUGE = RougeScorer(["rougeL"], use_stemmer=False)
+@functools.cache
+def _rouge_l():
+    from rouge_score.rouge_scorer import RougeScorer  # deferred: it imports nltk (seconds); only tailkd eval needs it
+
+    return RougeScorer(["rougeL"], use_stemmer=False)
 
 
 def score_example(completion: str, reference: str, pattern: re.Pattern) -> dict:
@@ -123,7 +127,7 @@ def score_example(completion: str, reference: str, pattern: re.Pattern) -> dict:
     answer) and ``rouge_l`` of one completion."""
     answer, wanted = extract_answer(completion, pattern), extract_answer(reference, pattern)
     return {"answer": answer, "reference_answer": wanted, "exact_match": None if wanted is None else answer == wanted,
-            "rouge_l": _ROUGE.score(reference, completion)["rougeL"].fmeasure}
+            "rouge_l": _rouge_l().score(reference, completion)["rougeL"].fmeasure}
 
 
 def summarize_scores(scores: Sequence[dict], completions: Sequence[Completion]) -> dict:

@@ -1,5 +1,5 @@
-"""``tailkd eval``: any Hugging Face student against the co-located teacher (exact KL) on the held-out data, and its
-task accuracy on prompts (DESIGN §7), in this process.
+"""``tailkd eval``: any Hugging Face student against the co-located teacher (exact KL) on the held-out data, its
+task accuracy on prompts and lm-evaluation-harness tasks (DESIGN §7), in this process.
 
     _setup_models        the student and the teacher, on the GPU if there is one
     _token_metrics       the metrics of core.metrics on the val blocks (data.val, else the held-out share of
@@ -7,7 +7,8 @@ task accuracy on prompts (DESIGN §7), in this process.
     _generation_metrics  greedy completions of generation.data's prompts by the student (and the teacher, once per
                          teacher, prompts and settings: OUT/teacher_generations.json): core.generation's exact match
                          and ROUGE-L; every completion in <student>_generations.jsonl
-    evaluate_student     both -> <student>_eval.json beside the student
+    _lm_eval_results     EleutherAI's lm-evaluation-harness on the student's directory, for lm_eval.tasks
+    evaluate_student     all of them -> <student>_eval.json beside the student
 
 The metrics go beside the student evaluated (``runs/x/student`` -> ``runs/x/student_eval.json``), never to
 ``output_dir/eval.json``: pointed at a run's output_dir, an evaluation would otherwise overwrite that run's own
@@ -33,7 +34,7 @@ from tailkd_ray.core.losses import teacher_logits_over
 from tailkd_ray.core.metrics import evaluate
 from tailkd_ray.data.prompts import PromptSet, read_prompts
 from tailkd_ray.data.splits import data_tokenizer, validation_dataset
-from tailkd_ray.errors import DataError
+from tailkd_ray.errors import ConfigError, DataError
 from tailkd_ray.models import StudentWithHead, load_model, load_teacher, shared_vocab_size
 from tailkd_ray.runtime import init_ray
 from tailkd_ray.teacher.cache import teacher_identity
@@ -52,14 +53,16 @@ def evaluate_student(cfg: Config, student_path: Union[str, Path]) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     student, teacher = _setup_models(cfg, student_path, device)
     token_data = cfg.data.val is not None or cfg.data.train is not None
-    if not token_data and cfg.generation.data is None:
+    if not token_data and cfg.generation.data is None and not cfg.lm_eval.tasks:
         raise DataError("nothing to evaluate: set data.val (or data.train with data.val_fraction > 0) for the token "
-                        "metrics, and/or generation.data for task accuracy")
+                        "metrics, generation.data for task accuracy, or lm_eval.tasks")
     metrics = {"student": str(student_path)}
     if token_data:
         metrics.update(_token_metrics(cfg, student, teacher, device))
     if cfg.generation.data is not None:
         metrics.update(_generation_metrics(cfg, student_path, student, teacher))
+    if cfg.lm_eval.tasks:
+        metrics["lm_eval"] = _lm_eval_results(cfg, student_path, device)
     target = student_eval_path(student_path)
     log.info("eval of %s written to %s", student_path, write_eval_json(metrics, target.parent, target.name))
     return {**metrics, "eval_json": str(target)}
@@ -183,6 +186,31 @@ def _write_generations(path: Path, prompts: PromptSet, runs: dict) -> None:
             for name, run in runs.items():
                 line[name] = {"completion": run["completions"][i], **run["scores"][i]}
             f.write(json.dumps(line) + "\n")
+
+
+def _lm_eval_results(cfg: Config, student_path: Union[str, Path], device: str) -> dict:
+    """Task -> its metrics (``name,filter`` keys, as the harness reports them) from ``lm_eval.simple_evaluate`` on the
+    student's directory; a task the harness does not know is a ConfigError naming it."""
+    import lm_eval  # deferred: an optional extra, slow to import, needed by this path only
+    from lm_eval.tasks import TaskManager
+
+    settings = cfg.lm_eval
+    # Indexing the harness's own ~14,700 task YAMLs takes a minute: skipped when include_path holds every task.
+    tasks = TaskManager(include_path=settings.include_path, include_defaults=False) if settings.include_path else None
+    if tasks is None or any(task not in tasks.all_tasks for task in settings.tasks):
+        tasks = TaskManager(include_path=settings.include_path)
+    unknown = [task for task in settings.tasks if task not in tasks.all_tasks]
+    if unknown:
+        where = f" nor in lm_eval.include_path {settings.include_path}" if settings.include_path else ""
+        raise ConfigError(f"lm_eval.tasks: {', '.join(unknown)} is not a task of the harness{where}; "
+                          f"`lm-eval ls tasks` lists them, or set lm_eval.include_path to a directory of task YAMLs")
+    log.info("lm-eval: %s on %s", ", ".join(settings.tasks), student_path)
+    results = lm_eval.simple_evaluate(
+        model="hf", model_args={"pretrained": str(student_path), "dtype": "float32",
+                                "trust_remote_code": cfg.student.trust_remote_code},
+        tasks=list(settings.tasks), task_manager=tasks, num_fewshot=settings.num_fewshot, limit=settings.limit,
+        batch_size=settings.batch_size, device=device, log_samples=False)
+    return results["results"]
 
 
 def _percent(value: Optional[float]) -> str:
