@@ -305,7 +305,8 @@ class GenerationConfig:
     data: Optional[str] = doc(None, "Records `tailkd eval` decodes for task accuracy: jsonl or parquet with `prompt` "
                                     "and `completion` (the reference), or `messages` (a chat: the prompt is the chat "
                                     "template over the turns before the last assistant turn, the reference that "
-                                    "turn). null = no generation metrics.")
+                                    "turn). null = data.val when data.format is chat or prompt_completion, else no "
+                                    "generation metrics.")
     examples: int = doc(200, "Records decoded: the first N usable ones, in file order (malformed ones are skipped "
                              "and counted).")
     max_new_tokens: int = doc(256, "Tokens generated per prompt at most; greedy decoding stops earlier at an EOS "
@@ -320,6 +321,10 @@ class GenerationConfig:
                               "reused from OUT/teacher_generations.json while teacher, prompts and these settings "
                               "are the same).")
     log_every: int = doc(50, "Examples between progress lines (done / total, examples/s, ETA).")
+
+    def records(self, data: DataConfig) -> Optional[str]:
+        """The records decoded: generation.data, else the val corpus of a supervised format (else none)."""
+        return self.data or (data.val if data.format in SUPERVISED_FORMATS else None)
 
     def validate(self) -> None:
         for name in ("examples", "max_new_tokens", "batch_size", "log_every"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -18,6 +19,8 @@ from tailkd_ray.core.generation import Completion, extract_answer, greedy_decode
 from tailkd_ray.data.prompts import read_prompts
 from tailkd_ray.errors import DataError
 from tailkd_ray.models import load_model, load_tokenizer
+
+LLAMA3 = Path(__file__).parent / "fixtures" / "configs" / "meta-llama-3-8b"
 
 GSM8K = re.compile(GenerationConfig().answer_regex)
 
@@ -112,12 +115,36 @@ def test_prompt_records_from_jsonl_parquet_and_chat(tmp_path, tiny_tokenizer_dir
     assert found.prompt_ids == [tokenizer(p, add_special_tokens=False)["input_ids"] for p in found.prompts]
     assert found.sources == [f"{tmp_path}/a.jsonl:1", f"{tmp_path}/a.jsonl:3", f"{tmp_path}/b.parquet:1"]
     assert found.skipped == {"malformed": 2}
-    assert found.first_skipped["malformed"].startswith(f"{tmp_path}/a.jsonl:2 ('completion' is 7")
+    assert found.first_skipped["malformed"] == f"{tmp_path}/a.jsonl:2 ('completion' is int, expected a string)"
     assert read_prompts(str(tmp_path), tokenizer, DataConfig(), limit=2).sources == found.sources[:2]
     (tmp_path / "c.jsonl").write_text('{"text": "plain text"}\n')
     with pytest.raises(DataError, match=r"c.jsonl:1: a generation record holds 'messages', or 'prompt' and "
                                         r"'completion'; it has text"):
         read_prompts(str(tmp_path), tokenizer, DataConfig(), limit=10)
+
+
+@pytest.mark.parametrize("name", ["llama3", "qwen2.5"])
+def test_chat_prompts_are_the_template_before_the_last_assistant_turn(chat_tokenizer_dirs, tmp_path, name):
+    """Prompt ids = the chat template's text (Llama 3's starting with its BOS, once) tokenized without special tokens."""
+    tokenizer = load_tokenizer(chat_tokenizer_dirs[name])
+    messages = [{"role": "user", "content": "2 + 3?"}, {"role": "assistant", "content": "#### 5"},
+                {"role": "user", "content": "And 4 + 4?"}, {"role": "assistant", "content": "#### 8"}]
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": messages}) + "\n")
+    found = read_prompts(str(tmp_path / "chat.jsonl"), tokenizer, DataConfig(format="chat"), limit=5)
+    text = tokenizer.apply_chat_template(messages[:3], add_generation_prompt=True, tokenize=False)
+    assert found.references == ["#### 8"] and found.prompts == [text]
+    assert found.prompt_ids == [tokenizer(text, add_special_tokens=False)["input_ids"]]
+    ids, bos = found.prompt_ids[0], tokenizer.bos_token_id
+    assert (ids.count(bos), ids[0] == bos) == ((1, True) if name == "llama3" else (0, False))
+
+
+def test_prompt_completion_prompts_start_with_the_bos_the_packer_gives(tmp_path):
+    tokenizer = load_tokenizer(LLAMA3)  # adds BOS: so does the packer, to every prompt_completion sample
+    (tmp_path / "pc.jsonl").write_text(json.dumps({"prompt": "Q: 1 + 1?", "completion": "#### 2"}) + "\n")
+    plain = tokenizer("Q: 1 + 1?", add_special_tokens=False)["input_ids"]
+    for add_bos, first in ((None, [tokenizer.bos_token_id]), (False, [])):
+        found = read_prompts(str(tmp_path / "pc.jsonl"), tokenizer, DataConfig(add_bos=add_bos), limit=1)
+        assert found.prompt_ids == [first + plain]
 
 
 @pytest.mark.ray
@@ -211,3 +238,10 @@ def test_lm_eval_tasks_without_the_harness_say_what_to_install(monkeypatch):
     monkeypatch.setattr(tailkd_ray.config.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ConfigError, match=r"pip install 'tailkd-ray\[lm-eval\]'"):
         load_config(None, ["lm_eval.tasks=[gsm8k]"])
+
+
+def test_generation_records_default_to_the_val_corpus_of_a_supervised_format():
+    for overrides, records in ((["data.format=prompt_completion"], "v.jsonl"), (["data.format=chat"], "v.jsonl"),
+                               (["data.format=jsonl"], None), (["generation.data=g.jsonl"], "g.jsonl")):
+        cfg = load_config(None, ["data.val=v.jsonl", *overrides])
+        assert cfg.generation.records(cfg.data) == records, overrides

@@ -9,14 +9,14 @@ are tokenized as the packer tokenizes a sample's text (no special tokens added),
 format starts with (``pack.document_bos_id``: a chat starts as its template renders it).
 
 A record without those fields stops the read with a ``DataError`` naming it (the file is not such data); a record
-whose fields are malformed (not strings, no assistant turn, a template that refuses the conversation) or whose line
-is not UTF-8 is skipped and counted (``PromptSet.skipped``, with the first location per reason).
+whose fields are malformed (the checks of training's ``samples.py``: not strings, an empty completion, an unknown
+role, no assistant turn, a template that refuses the conversation; here also an empty prompt) or whose line is not
+UTF-8 is skipped and counted (``PromptSet.skipped``, with the first location per reason).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
@@ -26,7 +26,8 @@ import pyarrow.parquet as pq
 
 from tailkd_ray.config import DataConfig
 from tailkd_ray.data.pack import document_bos_id
-from tailkd_ray.data.read import expand_paths
+from tailkd_ray.data.read import expand_paths, json_record
+from tailkd_ray.data.samples import ChatTemplate, MalformedSample, check_messages, check_prompt_completion
 from tailkd_ray.errors import DataError
 
 _PARQUET_BATCH_ROWS = 256
@@ -48,29 +49,31 @@ class PromptSet:
         self.first_skipped.setdefault(reason, where)
 
 
-class _Malformed(ValueError):
-    """A record to skip as ``malformed``; the message says why."""
-
-
 def read_prompts(pattern: str, tokenizer, data_cfg: DataConfig, *, limit: int) -> PromptSet:
     """The first ``limit`` usable records of the files ``pattern`` names (sorted; ``read.expand_paths``)."""
     found = PromptSet()
     bos = {fmt: document_bos_id(tokenizer, dataclasses.replace(data_cfg, format=fmt))
            for fmt in ("chat", "prompt_completion")}
+    template = None  # the data tokenizer's chat template, once a chat record needs it
     for record, where in _records(pattern):
         if record is None:
             found.skip("invalid_utf8", where)
             continue
         fmt = _record_format(record, where)
+        if fmt == "chat" and template is None:
+            template = ChatTemplate.of(tokenizer)
         try:
-            prompt, reference = _chat_prompt(record["messages"], tokenizer) if fmt == "chat" else \
+            prompt, reference = _chat_prompt(record["messages"], template) if fmt == "chat" else \
                 _prompt_completion(record["prompt"], record["completion"])
-        except _Malformed as reason:
+        except MalformedSample as reason:
             found.skip("malformed", f"{where} ({reason})")
             continue
-        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ids = ([] if bos[fmt] is None else [bos[fmt]]) + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if not ids:
+            found.skip("malformed", f"{where} (empty prompt)")
+            continue
         found.prompts.append(prompt)
-        found.prompt_ids.append(([] if bos[fmt] is None else [bos[fmt]]) + ids)
+        found.prompt_ids.append(ids)
         found.references.append(reference)
         found.sources.append(where)
         if len(found.references) == limit:
@@ -96,17 +99,12 @@ def _records(pattern: str) -> Iterator[tuple[Optional[dict], str]]:
 
 
 def _json_record(raw: bytes, where: str) -> Optional[dict]:
+    """The record of a jsonl line, None when it is not UTF-8."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         return None
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise DataError(f"{where}: invalid JSON ({error.msg} at column {error.colno}); fix or remove the line")
-    if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object per line, got {type(record).__name__}")
-    return record
+    return json_record(text, where)
 
 
 def _record_format(record: dict, where: str) -> str:
@@ -119,26 +117,13 @@ def _record_format(record: dict, where: str) -> str:
 
 
 def _prompt_completion(prompt, completion) -> tuple[str, str]:
-    for name, value in (("prompt", prompt), ("completion", completion)):
-        if not isinstance(value, str) or not value:
-            raise _Malformed(f"'{name}' is {value!r:.40}, expected a non-empty string")
+    check_prompt_completion(prompt, completion)
     return prompt, completion
 
 
-def _chat_prompt(messages, tokenizer) -> tuple[str, str]:
+def _chat_prompt(messages, template: ChatTemplate) -> tuple[str, str]:
     """(the prompt before the last assistant turn, that turn's content)."""
-    if not isinstance(messages, list) or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages):
-        raise _Malformed("'messages' is not a list of {role, content} with string values")
-    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=0)
-    if last == 0:
-        raise _Malformed("no assistant turn after a prompt")
-    if not tokenizer.chat_template:
-        raise DataError(f"chat records are prompted through the data tokenizer's chat template, but tokenizer "
-                        f"{tokenizer.name_or_path} has none: set data.tokenizer to one with a chat_template")
-    try:
-        prompt = tokenizer.apply_chat_template(messages[:last], add_generation_prompt=True, tokenize=False)
-    except Exception as error:  # the template's raise_exception(...) or a jinja error on this conversation
-        raise _Malformed(f"the chat template refuses it: {' '.join(str(error).split())[:200]}") from None
+    check_messages(messages)
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    prompt, _ = template.render(messages[:last], add_generation_prompt=True)
     return prompt, messages[last]["content"]

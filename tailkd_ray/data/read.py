@@ -100,7 +100,7 @@ def _jsonl_samples(batch, *, fmt: str, chat_template: Optional[ChatTemplate]):
         for number, raw in enumerate(data.splitlines(), start=1):
             if raw.strip():  # blank lines are not records
                 text, skip, where = _decode(raw, f"{path}:{number}")
-                records.append(None if skip else _json_record(text, where))
+                records.append(None if skip else json_record(text, where))
                 sources.append(where)
     return _samples_table(records, sources, fmt, chat_template)
 
@@ -174,7 +174,8 @@ def _jsonl_documents(batch, *, column: str, tokens: bool):
         raise DataError(f"{batch['path'][0]}: field '{column}' must hold lists of integer token ids ({error})")
 
 
-def _json_record(text: str, where: str) -> dict:
+def json_record(text: str, where: str) -> dict:
+    """The JSON object of one jsonl line; a DataError naming ``where`` when it is not one."""
     try:
         record = json.loads(text)
     except json.JSONDecodeError as error:
@@ -185,7 +186,7 @@ def _json_record(text: str, where: str) -> dict:
 
 
 def _json_field(text: str, column: str, where: str, tokens: bool):
-    record = _json_record(text, where)
+    record = json_record(text, where)
     if column not in record:
         raise DataError(f"{where}: no field '{column}'; fields: {', '.join(record) or 'none'} "
                         f"(set {_column_key(tokens)})")

@@ -68,7 +68,7 @@ class ChatTemplate:
 
 def chat_segments(messages: Any, template: ChatTemplate) -> tuple[list[str], list[bool]]:
     """(segments, trained) of a conversation: its rendered text cut at the assistant turns."""
-    _check_messages(messages)
+    check_messages(messages)
     if _GENERATION_TAG.search(template.template):
         text, spans = template.render(messages, assistant_spans=True)
     else:
@@ -88,15 +88,21 @@ def chat_segments(messages: Any, template: ChatTemplate) -> tuple[list[str], lis
 
 def prompt_completion_segments(prompt: Any, completion: Any) -> tuple[list[str], list[bool]]:
     """(segments, trained) of a prompt/completion pair."""
+    check_prompt_completion(prompt, completion)
+    return _cut(prompt + completion, [(len(prompt), len(prompt) + len(completion))])
+
+
+def check_prompt_completion(prompt: Any, completion: Any) -> None:
+    """``MalformedSample`` unless both are strings and the completion is not empty."""
     for name, value in (("prompt", prompt), ("completion", completion)):
         if not isinstance(value, str):
             raise MalformedSample(f"'{name}' is {type(value).__name__}, expected a string")
     if not completion:
         raise MalformedSample("empty completion")
-    return _cut(prompt + completion, [(len(prompt), len(prompt) + len(completion))])
 
 
-def _check_messages(messages: Any) -> None:
+def check_messages(messages: Any) -> None:
+    """``MalformedSample`` unless ``messages`` is a conversation of known roles with a prompt and an assistant turn."""
     if not isinstance(messages, list) or not messages:
         raise MalformedSample(f"'messages' is {_describe(messages)}, expected a non-empty list of {{role, content}}")
     for number, message in enumerate(messages):

@@ -53,14 +53,15 @@ def evaluate_student(cfg: Config, student_path: Union[str, Path]) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     student, teacher = _setup_models(cfg, student_path, device)
     token_data = cfg.data.val is not None or cfg.data.train is not None
-    if not token_data and cfg.generation.data is None and not cfg.lm_eval.tasks:
+    prompts = cfg.generation.records(cfg.data)
+    if not token_data and prompts is None and not cfg.lm_eval.tasks:
         raise DataError("nothing to evaluate: set data.val (or data.train with data.val_fraction > 0) for the token "
                         "metrics, generation.data for task accuracy, or lm_eval.tasks")
     metrics = {"student": str(student_path)}
     if token_data:
         metrics.update(_token_metrics(cfg, student, teacher, device))
-    if cfg.generation.data is not None:
-        metrics.update(_generation_metrics(cfg, student_path, student, teacher))
+    if prompts is not None:
+        metrics.update(_generation_metrics(cfg, prompts, student_path, student, teacher))
     if cfg.lm_eval.tasks:
         metrics["lm_eval"] = _lm_eval_results(cfg, student_path, device)
     target = student_eval_path(student_path)
@@ -100,18 +101,20 @@ def _token_metrics(cfg: Config, student, teacher, device: str) -> dict:
     return {**metrics, "kl_source": "exact"}
 
 
-def _generation_metrics(cfg: Config, student_path: Union[str, Path], student, teacher) -> dict:
-    """``exact_match``, ``rouge_l`` (and ``teacher_exact_match``, ``teacher_rouge_l``) on generation.data's prompts,
-    with ``generation``: the counts behind them, the records skipped and where the completions went."""
+def _generation_metrics(cfg: Config, records: str, student_path: Union[str, Path], student, teacher) -> dict:
+    """``exact_match``, ``rouge_l`` (and ``teacher_exact_match``, ``teacher_rouge_l``) on the prompts of ``records``
+    (``GenerationConfig.records``), with ``generation``: the counts behind them, the records skipped and where the
+    completions went."""
     gen = cfg.generation
     tokenizer = data_tokenizer(cfg)
-    prompts = read_prompts(gen.data, tokenizer, cfg.data, limit=gen.examples)
+    prompts = read_prompts(records, tokenizer, cfg.data, limit=gen.examples)
     skipped = ", ".join(f"{n} {reason} (first: {prompts.first_skipped[reason]})"
                         for reason, n in prompts.skipped.items()) or "none"
     if not prompts.references:
-        raise DataError(f"generation.data {gen.data} holds no usable record (skipped: {skipped})")
+        raise DataError(f"generation records {records} hold no usable one (skipped: {skipped}); check generation.data "
+                        f"(null: data.val)")
     log.info("generation: %d prompts of %s (skipped: %s), greedy, at most %d new tokens", len(prompts.references),
-             gen.data, skipped, gen.max_new_tokens)
+             records, skipped, gen.max_new_tokens)
     pattern = re.compile(gen.answer_regex)
     student_run = _scored_completions(student, "student", prompts, tokenizer, cfg, pattern)
     runs = {"student": student_run}
