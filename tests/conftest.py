@@ -21,6 +21,20 @@ os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
 TINY_VOCAB = 320
 
 
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="also run the tests marked slow (minutes each)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked slow (jobs/chaos.py's) are skipped unless --run-slow: minutes each on 2 cores."""
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 def start_shared_ray() -> None:
     """Start the session's local Ray: 8 logical CPUs (oversubscribing the 2 real cores), as ``tailkd`` starts one
     (``runtime.start_local_ray``: its own dashboard, whose address only its workers get, so Ray Train's

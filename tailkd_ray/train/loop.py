@@ -19,10 +19,11 @@ epoch in a local buffer of ``train.shuffle_buffer`` rows seeded by (train.seed, 
 records (epoch, micro-batches consumed in that epoch) of its own shard; on resume it re-reads its shard,
 reshuffles the epoch with the same seed and discards that many micro-batches before training. This resumes at
 the same rows when the dataset order is deterministic (the packers, the seeded shuffle, ``from_items`` and
-Parquet reads are) and the streaming split hands blocks to the workers in the same way, which Ray does not
-guarantee: the number of rows skipped per worker is exact, but which rows a worker received before the failure
-may differ by whole blocks from what it receives now (with one worker it cannot). Every step record carries a
-fingerprint of the rows each rank trained on (``rows_fingerprint``) to check it. The skipped micro-batches are
+Parquet reads are) and the streaming split hands blocks to the workers in the same way: it gives each block to the
+worker with the fewest rows so far, in the order the blocks arrive, which is the dataset's order because the
+workers' streams preserve it (``ingest_options``; without it the teacher pool's batches arrive as they finish).
+Every step record carries a fingerprint of the rows each rank trained on (``rows_fingerprint``) to check it;
+``jobs/chaos.py`` compares them with an uninterrupted run's. The skipped micro-batches are
 still read (and, in streamed summary mode, scored by the teacher) — resume costs I/O, not training steps.
 
 Validation runs on every worker's share of the val set (Ray splits it equally, dropping up to
@@ -39,6 +40,7 @@ import logging
 import math
 import resource
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -49,9 +51,10 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from ray.train import (CheckpointConfig, CheckpointConsistencyMode, CheckpointUploadMode, FailureConfig, RunConfig,
-                       ScalingConfig)
+from ray.train import (CheckpointConfig, CheckpointConsistencyMode, CheckpointUploadMode, DataConfig, FailureConfig,
+                       RunConfig, ScalingConfig)
 from ray.train.torch import TorchTrainer
+from ray.util.annotations import RayDeprecationWarning
 from torch import nn
 
 from tailkd_ray.config import Config, ConfigError, from_dict, to_dict
@@ -128,8 +131,21 @@ def run_training(cfg: Config, train_ds, val_ds=None, teacher_mode: Optional[str]
                              checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=list(callbacks or []),
                              logging_config=train_logging_config()),
         datasets=datasets,
+        dataset_config=DataConfig(execution_options=ingest_options()),
     )
     return trainer.fit()
+
+
+def ingest_options():
+    """Ray Data's options for the workers' streams: Ray Train's default (the driver's DataContext), in order.
+    Train applies these, not the datasets' own options, so without ``preserve_order`` the teacher pool's batches
+    reach the streaming split as they finish, and which worker trains which block, and so which blocks a resumed
+    worker skips, changes from run to run: blocks trained twice and others never (DESIGN §10; jobs/chaos.py)."""
+    with warnings.catch_warnings():  # Ray's own: its default passes the deprecated exclude_resources on
+        warnings.simplefilter("ignore", RayDeprecationWarning)
+        options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
 
 
 # --------------------------------------------------------------------------------------------------
@@ -275,7 +291,7 @@ def _optimizer_step(worker: _Worker, batches: Iterator[dict], progress: Progress
     """One optimizer step over ``train.grad_accum`` micro-batches, its records and progress line. A step whose loss
     or gradient is not finite is skipped (no update) while ``train.max_nonfinite_steps`` allows, else the run stops."""
     cfg, strategy, started = worker.cfg, worker.strategy, time.perf_counter()
-    local = _forward_backward(worker, batches)
+    local, trained = _forward_backward(worker, batches)
     per_rank = _all_gather_rows(local.to(worker.device))
     sums = per_rank.sum(0)
     optimizing = time.perf_counter()
