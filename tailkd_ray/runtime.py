@@ -21,6 +21,12 @@ import warnings
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 WORKER_LINES_REGEX = r"^(train|eval) step \d"  # what rank 0 prints (train.loop.progress_line, eval_line)
+# Ray's core worker logs this for every actor whose constructor takes object-store references and may restart. Ray
+# Data passes its map transformer and DataContext that way to every actor pool (whatever our arguments' size) and
+# Ray Train its PreemptionWatcher's; both hold the references while the actors live, so a restart finds them: so
+# the copies that other processes (Train's controller) forward to the driver are dropped in quiet mode; the driver's
+# own, once per process, goes straight to its stderr, where no setting reaches it.
+RAY_ACTOR_ARGS_NOTICE_REGEX = r"has constructor arguments in the object store and max_restarts > 0"
 
 
 def configure_logging(level: str = "info") -> bool:
@@ -34,6 +40,11 @@ def configure_logging(level: str = "info") -> bool:
     logging.getLogger("tailkd_ray").setLevel(numeric)
     quiet = numeric > logging.DEBUG
     os.environ.update(ray_env(quiet))
+    if not os.environ.get("RAY_ADDRESS"):
+        # A local Ray (init_ray) with token authentication asked for outright, which Ray turns on for a new local
+        # cluster anyway, then announces in a warning. Ray reads it when imported; a user's own setting stands, and
+        # a cluster joined through RAY_ADDRESS keeps whatever authentication it has.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     return quiet
 
 
@@ -41,11 +52,13 @@ def ray_env(quiet: bool) -> dict[str, str]:
     """Environment for the driver and every Ray worker. Train's print patch doubles every print of a worker;
     Tune trials keep the workers' working directory (as Train workers do), so that relative data and model
     paths mean the same in a trial as in ``tailkd distill``. Ray's log deduplication would fold rank 0's progress
-    and eval lines into one "[repeated Nx]" line (they differ only in numbers): they are exempt."""
+    and eval lines into one "[repeated Nx]" line (they differ only in numbers): they are exempt. Quiet mode drops
+    Ray's notice about actor constructor arguments (``RAY_ACTOR_ARGS_NOTICE_REGEX``)."""
     env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_CHDIR_TO_TRIAL_DIR": "0",
            "RAY_DEDUP_LOGS_ALLOW_REGEX": WORKER_LINES_REGEX}
     if quiet:
-        env.update(RAY_DATA_LOG_LEVEL="WARNING", RAY_DATA_DISABLE_PROGRESS_BARS="1", HF_HUB_DISABLE_PROGRESS_BARS="1")
+        env.update(RAY_DATA_LOG_LEVEL="WARNING", RAY_DATA_DISABLE_PROGRESS_BARS="1", HF_HUB_DISABLE_PROGRESS_BARS="1",
+                   RAY_DEDUP_LOGS_SKIP_REGEX=RAY_ACTOR_ARGS_NOTICE_REGEX)
     return env
 
 

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from tailkd_ray.pipelines.demo import METRIC_COLUMNS, read_curve, results_table, run_demo
+from tailkd_ray.train.runlog import read_records
 
 TINY = ["corpus_bytes=150000", "vocab_size=300", "seq_len=32", "teacher_layers=1", "teacher_width=64",
         "teacher_steps=6", "student_layers=1", "student_width=32", "student_steps=4", "eval_every=2",
@@ -32,9 +33,21 @@ def test_demo_end_to_end_tiny(ray_session, tmp_path):
                   "train step 6/6  loss ", "eval step 6/6  val_loss ", "training tad: ", "train step 4/4  loss ",
                   "eval step 4/4  val_loss ", "kl_to_teacher ", "outputs: ", "| tad | ", "report: "):
         assert stage in printed, (stage, printed)
+    # the corpus tokenized once for the four runs; a progress line and an eval line at each validation (every 2
+    # steps: 3 for the teacher, 2 per student); Ray's notices that are not the user's business are gone
+    assert printed.count("tokenizing ") == 2 and printed.count("ingest: ") == 1, printed
+    assert printed.count("train step ") == printed.count("eval step ") == 3 + 3 * 2, printed
+    for notice in ("Token authentication is enabled", "PreemptionWatcher", "Traceback"):
+        assert notice not in printed, (notice, printed)
     results = {name: json.loads((out / "students" / name / "eval.json").read_text()) for name in ("clm", "kd", "tad")}
     for name in results:  # each student's last validation, printed
         assert f"eval step 4/4  val_loss {results[name]['val_loss']:.4f}" in printed
+    for run in ("teacher", "students/clm", "students/kd", "students/tad"):  # the fixed costs, split (runlog)
+        setup, = read_records(out / run, "setup")
+        assert {"preflight_s", "ray_start_s", "ingest_s", "val_read_s", "worker_start_s", "student_build_s"} <= set(setup)
+        assert ("summaries_s" in setup) == (run != "teacher"), setup
+        assert all(setup[key] >= 0 for key in setup if key.endswith("_s")), setup
+        assert all(r["eval_s"] > 0 for r in read_records(out / run, "eval"))
     for name, metrics in results.items():
         assert set(METRIC_COLUMNS) <= set(metrics), name
         assert metrics["val_loss"] > 0 and metrics["tokens"] > 0

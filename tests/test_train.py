@@ -166,6 +166,10 @@ def test_eval_json_and_metrics_written(runs):
         assert {r["kind"] for r in read_records(out)} <= {"setup", "step", "eval", "checkpoint", "export", "resume"}
         assert len(fixed["setup"]) >= 1 and len(fixed["export"]) == 1 and len(fixed["checkpoint"]) >= 1, fixed
         assert all(v > 0 for values in fixed.values() for v in values), fixed
+        for setup in read_records(out, "setup"):  # its split: the worker group's start, the build, the val set's read
+            assert min(setup["worker_start_s"], setup["student_build_s"], setup["val_read_s"]) > 0, setup
+            assert setup["student_build_s"] < setup["setup_s"], setup
+        assert all(r["eval_s"] > 0 for r in read_records(out, "eval"))
         # Ray Data's per-stage report of the input pipeline (the scored blocks in summary mode).
         assert "Dataset" in (out / "data_stats.txt").read_text(), strategy
 

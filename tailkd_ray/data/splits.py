@@ -27,8 +27,10 @@ from tailkd_ray.models import data_tokenizer_path, load_tokenizer, tokenizer_siz
 
 log = logging.getLogger(__name__)
 
+Ingest = tuple[ray.data.Dataset, Optional[ray.data.Dataset], IngestReport]  # what train_val_datasets returns
 
-def train_val_datasets(cfg: Config) -> tuple[ray.data.Dataset, Optional[ray.data.Dataset], IngestReport]:
+
+def train_val_datasets(cfg: Config) -> Ingest:
     """(train, val, report): packed ``input_ids`` blocks of ``data.train`` and of ``data.val``, or, when
     ``data.val`` is null, the blocks whose hash(train.seed, ids) falls below ``data.val_fraction``
     (val is None when that fraction is 0). The train blocks are shuffled when ``data.shuffle`` says so

@@ -8,7 +8,9 @@
     report                        OUT/report.md (side-by-side table), OUT/curves.png (validation loss vs step);
                                   the students in HF format under OUT/students/<name>/student
 
-Every stage is reused by a rerun with the same settings (``OUT/settings.json``).
+Every stage is reused by a rerun with the same settings (``OUT/settings.json``). The corpus is tokenized once, for
+every run; each run prints a progress line at each validation (``train.log_every`` = ``eval_every``) and the
+validation's line: a few lines per run, the whole demo under a hundred.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Optional
 
 from tailkd_ray.config import ConfigError, apply_overrides, build_dataclass, from_dict
 from tailkd_ray.data.corpus import train_bpe_tokenizer, write_builtin_corpus
+from tailkd_ray.data.splits import Ingest, train_val_datasets
 from tailkd_ray.models import llama_config, save_random_model
 from tailkd_ray.pipelines.distill import distill
 from tailkd_ray.runtime import init_ray
@@ -72,8 +75,9 @@ def run_demo(out_dir: str = "runs/demo", overrides: Optional[list[str]] = None) 
     init_ray()
     train_dir, val_dir, tokenizer = _setup_corpus_and_tokenizer(out, settings)
     base = _base_config(settings, train_dir, val_dir, tokenizer)
-    teacher = _pretrain_teacher(out, settings, base)
-    results = _train_students(out, settings, base, teacher)
+    ingest = train_val_datasets(from_dict(base))  # every run reads the same data and seed
+    teacher = _pretrain_teacher(out, settings, base, ingest)
+    results = _train_students(out, settings, base, teacher, ingest)
     plot_curves({name: read_curve(out / "students" / name) for name in results}, out / "curves.png")
     report = _write_report(out, settings, results, time.time() - started)
     print(results_table(results))
@@ -113,7 +117,7 @@ def _base_config(settings: DemoSettings, train_dir: Path, val_dir: Path, tokeniz
                  "tokenizer": str(tokenizer), "seq_len": settings.seq_len},
         "train": {"num_workers": settings.num_workers, "strategy": "ddp", "batch_size": settings.batch_size,
                   "lr": 1e-3, "weight_decay": 0.1, "warmup_steps": 20, "eval_every": settings.eval_every,
-                  "checkpoint_every": 10_000, "seed": settings.seed},
+                  "log_every": settings.eval_every, "checkpoint_every": 10_000, "seed": settings.seed},
         "summary": {"top_m": 64, "tail_samples": 16},
     }
 
@@ -126,7 +130,7 @@ def _llama(settings: DemoSettings, layers: int, width: int):
                         intermediate=4 * width, max_positions=settings.seq_len + 1)
 
 
-def _pretrain_teacher(out: Path, settings: DemoSettings, base: dict) -> Path:
+def _pretrain_teacher(out: Path, settings: DemoSettings, base: dict, ingest: Ingest) -> Path:
     """A CLM-only distill run from a random Llama; the exported model becomes the teacher."""
     teacher_dir = out / "teacher"
     if (teacher_dir / "student" / "model.safetensors").exists():
@@ -138,11 +142,11 @@ def _pretrain_teacher(out: Path, settings: DemoSettings, base: dict) -> Path:
     raw.update(output_dir=str(teacher_dir), student={"model": str(init_dir)}, loss={"kind": "clm"},
                summary={"top_m": None})
     raw["train"].update(max_steps=settings.teacher_steps, run_name="teacher")
-    distill(from_dict(raw))
+    distill(from_dict(raw), ingest=ingest)
     return teacher_dir / "student"
 
 
-def _train_students(out: Path, settings: DemoSettings, base: dict, teacher: Path) -> dict[str, dict]:
+def _train_students(out: Path, settings: DemoSettings, base: dict, teacher: Path, ingest: Ingest) -> dict[str, dict]:
     """One distill run per student of ``settings.students``, all on one summary cache (one teacher pass)."""
     architecture = _llama(settings, settings.student_layers, settings.student_width)
     sized = {key: getattr(architecture, key) for key in STUDENT_ARCHITECTURE}
@@ -154,7 +158,7 @@ def _train_students(out: Path, settings: DemoSettings, base: dict, teacher: Path
         raw["summary"]["cache_dir"] = str(out / "summary_cache")
         raw["train"].update(max_steps=settings.student_steps, run_name=name)
         config = from_dict(apply_overrides(raw, [f"{k}={json.dumps(v)}" for k, v in student_overrides.items()]))
-        results[name] = distill(config)
+        results[name] = distill(config, ingest=ingest)
     return results
 
 

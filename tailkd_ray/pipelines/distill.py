@@ -18,39 +18,49 @@ from pathlib import Path
 from typing import Optional
 
 from tailkd_ray.config import Config
-from tailkd_ray.data.splits import train_val_datasets
+from tailkd_ray.data.splits import Ingest, train_val_datasets
 from tailkd_ray.pipelines.preflight import check_inputs, require_resources
 from tailkd_ray.runtime import init_ray
 from tailkd_ray.teacher.cache import open_cache, score_to_cache, teacher_identity
 from tailkd_ray.teacher.pool import ScoringProgress, score_dataset
 from tailkd_ray.train.loop import StepHook, run_training, teacher_mode_for
-from tailkd_ray.train.runlog import EVAL_FILE, METRICS_FILE, STUDENT_DIR, read_eval_json
+from tailkd_ray.train.runlog import EVAL_FILE, METRICS_FILE, STUDENT_DIR, read_eval_json, timed
 
 log = logging.getLogger(__name__)
 
 DATA_REPORT_FILE = "data_report.json"
 
 
-def distill(cfg: Config, *, step_hook: Optional[StepHook] = None) -> dict:
-    """The whole run; returns the eval metrics. ``step_hook``: see ``train.loop.run_training``."""
-    check_inputs(cfg)
-    init_ray()
-    require_resources(cfg, "distill")
-    train_ds, val_ds = _setup_data(cfg)
+def distill(cfg: Config, *, step_hook: Optional[StepHook] = None, ingest: Optional[Ingest] = None) -> dict:
+    """The whole run; returns the eval metrics. ``step_hook``: see ``train.loop.run_training``. ``ingest``: what
+    ``data.splits.train_val_datasets`` gave for this config's data and ``train.seed`` in this Ray session, when the
+    caller already has it (the demo's runs share one corpus), instead of tokenizing again.
+
+    The driver's fixed costs (preflight, Ray start, ingest, summaries) go into the run's ``setup`` records."""
+    seconds = {}
+    with timed(seconds, "preflight_s"):
+        check_inputs(cfg)
+    with timed(seconds, "ray_start_s"):
+        init_ray()
+    with timed(seconds, "preflight_s"):
+        require_resources(cfg, "distill")
+    with timed(seconds, "ingest_s"):
+        train_ds, val_ds = _setup_data(cfg, ingest)
     mode = teacher_mode_for(cfg)
     streamed = mode == "summary" and cfg.summary.cache_dir is None
     with ScoringProgress("teacher pool (streamed)", cfg.data.seq_len) if streamed else nullcontext() as progress:
         if mode == "summary":
-            train_ds, val_ds = _setup_summaries(cfg, train_ds, val_ds, progress)
-        run_training(cfg, train_ds, val_ds, mode, step_hook=step_hook)
+            with timed(seconds, "summaries_s"):
+                train_ds, val_ds = _setup_summaries(cfg, train_ds, val_ds, progress)
+        run_training(cfg, train_ds, val_ds, mode, step_hook=step_hook, driver_seconds=seconds)
     out = Path(cfg.output_dir).resolve()
     log.info("outputs: %s, %s, %s, %s", out / STUDENT_DIR, out / METRICS_FILE, out / EVAL_FILE, out / DATA_REPORT_FILE)
     return read_eval_json(cfg.output_dir)
 
 
-def _setup_data(cfg: Config):
-    """(train, val) blocks; the ingest's counts go to ``OUT/data_report.json``."""
-    train_ds, val_ds, report = train_val_datasets(cfg)
+def _setup_data(cfg: Config, ingest: Optional[Ingest] = None):
+    """(train, val) blocks, ``ingest``'s or tokenized now; the ingest's counts go to ``OUT/data_report.json``."""
+    train_ds, val_ds, report = ingest or train_val_datasets(cfg)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / DATA_REPORT_FILE).write_text(json.dumps(asdict(report), indent=2, default=str) + "\n")

@@ -68,7 +68,7 @@ from tailkd_ray.placement import require_train_placement, train_worker_resources
 from tailkd_ray.runtime import train_logging_config
 from tailkd_ray.train.checkpoint import (Progress, export_student, load_checkpoint, resume_checkpoint,
                                          save_checkpoint)
-from tailkd_ray.train.runlog import RunLog, run_complete, write_eval_json
+from tailkd_ray.train.runlog import RunLog, run_complete, timed, write_eval_json
 from tailkd_ray.train.strategies import STRATEGIES
 
 log = logging.getLogger(__name__)
@@ -91,13 +91,16 @@ def teacher_mode_for(cfg: Config) -> str:
 # The driver side: a TorchTrainer over the workers
 # --------------------------------------------------------------------------------------------------
 def run_training(cfg: Config, train_ds, val_ds=None, teacher_mode: Optional[str] = None, *,
-                 step_hook: Optional[StepHook] = None, callbacks: Optional[list] = None):
+                 step_hook: Optional[StepHook] = None, callbacks: Optional[list] = None,
+                 driver_seconds: Optional[dict] = None):
     """Train the student with Ray Train; returns the ``ray.train.Result``.
 
     ``teacher_mode`` is ``summary`` (rows carry summary columns), ``colocated`` (exact, teacher in every
     worker) or ``none`` (CLM only); None derives it from the config (``teacher_mode_for``). ``step_hook(step,
     rank)`` runs in every worker after each optimizer step (monitoring; fault injection in tests).
     ``callbacks`` go to the trainer's ``RunConfig`` (e.g. a Tune trial's ``TuneReportCallback``).
+    ``driver_seconds``: the caller's stages before this (``runlog``: preflight_s, ...), for the ``setup`` records.
+    The val set is read once, before training (``val_read_s``).
     Checkpoints and Ray's run state live in ``output_dir/ray_train/<train.run_name>``. Workers are placed by
     ``placement.train_worker_resources``; a cluster that cannot host ``train.num_workers`` of them fails here
     (``PlacementError``) instead of waiting forever, unless ``autoscaling`` is set.
@@ -111,7 +114,14 @@ def run_training(cfg: Config, train_ds, val_ds=None, teacher_mode: Optional[str]
     if cfg.student.model is None:
         student_config(cfg)  # a bad student.config fails here, by name, not inside a worker
     shared_vocab = shared_vocab_size(cfg) if mode == "colocated" else None
-    datasets = {"train": train_ds} if val_ds is None else {"train": train_ds, "val": val_ds}
+    seconds = dict(driver_seconds or {})
+    datasets = {"train": train_ds}
+    if val_ds is not None:
+        # Read once, into the object store: every validation reads it there instead of running its pipeline again
+        # (a cache's Parquet listed and read, the teacher pool started and scoring, a held-out split hashed over
+        # the whole corpus, at every validation).
+        with timed(seconds, "val_read_s"):
+            datasets["val"] = val_ds.materialize()
     storage_path = Path(cfg.output_dir).resolve() / "ray_train"
     resume_from = resume_checkpoint(storage_path / cfg.train.run_name)
     train = cfg.train
@@ -123,7 +133,8 @@ def run_training(cfg: Config, train_ds, val_ds=None, teacher_mode: Optional[str]
         train_loop_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "teacher_mode": mode, "step_hook": step_hook,
                            "datasets": sorted(datasets), "shared_vocab": shared_vocab,
-                           "resume_from": resume_from and str(resume_from)},
+                           "resume_from": resume_from and str(resume_from),
+                           "driver_seconds": seconds, "fit_called": time.time()},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker=train_worker_resources(cfg.train)),
         run_config=RunConfig(name=cfg.train.run_name, storage_path=str(storage_path),
@@ -184,9 +195,11 @@ class _Attempt:
 
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train V2 worker entry point; ``config`` = {"cfg": to_dict(Config), "teacher_mode", "step_hook",
-    "datasets": names of the datasets given to the trainer, "resume_from": the driver's checkpoint or None}."""
-    worker_started = time.perf_counter()
-    worker = _setup_worker(config)
+    "datasets": names of the datasets given to the trainer, "resume_from": the driver's checkpoint or None,
+    "driver_seconds": the driver's stages, "fit_called": its time.time() at trainer.fit()}."""
+    worker_started, seconds = time.perf_counter(), {"worker_start_s": time.time() - config["fit_called"]}
+    with timed(seconds, "student_build_s"):
+        worker = _setup_worker(config)
     progress = _restore(worker, config["resume_from"])
     if progress is None:
         return  # a relaunch of a finished run: nothing new
@@ -198,7 +211,10 @@ def train_loop_per_worker(config: dict) -> None:
     dist.barrier()  # every rank starts its first step (and pulls data) together, after rank 0's trackers started
     attempt = _Attempt(started=time.perf_counter(), first_step=progress.step)
     # Fixed costs are records of their own (setup here; checkpoints, export): short runs are dominated by them.
-    worker.log.write("setup", {"step": progress.step, "setup_s": attempt.started - worker_started})
+    # worker_start_s: the driver's trainer.fit() to this worker's start (controller, placement group, worker
+    # processes, imports; a restarted attempt counts the attempts before it too, and clocks of two nodes may differ).
+    worker.log.write("setup", {"step": progress.step, "setup_s": attempt.started - worker_started, **seconds,
+                               **config["driver_seconds"]})
     final = None  # the last step's validation metrics
     while progress.step < cfg.train.max_steps:
         _optimizer_step(worker, batches, progress, attempt)
@@ -207,8 +223,9 @@ def train_loop_per_worker(config: dict) -> None:
         last = progress.step == cfg.train.max_steps
         metrics = {"step": progress.step}
         if worker.has_val and (progress.step % cfg.train.eval_every == 0 or last):
+            started = time.perf_counter()
             metrics.update(_validate(worker))
-            worker.log.write("eval", metrics)
+            worker.log.write("eval", {**metrics, "eval_s": time.perf_counter() - started})
             if worker.rank == 0:
                 print(eval_line(metrics, cfg.train.max_steps), flush=True)
             final = metrics if last else None

@@ -5,7 +5,10 @@ Every ``metrics.jsonl`` line is one JSON record that names its ``kind`` (``KINDS
 - ``step``: one per optimizer step (loss, clm, div, lr, grad_norm, tokens, epoch, and its time split:
   step_time_s, data_wait_s, compute_s, optimizer_s, elapsed_s, peak_memory_mb);
 - ``eval``: one per validation (the eval metrics and kl_source);
-- ``setup`` (setup_s), ``checkpoint`` (checkpoint_s), ``export`` (export_s): the fixed costs;
+- ``setup`` (setup_s, of it student_build_s; worker_start_s; the driver's stages before training, those it timed:
+  preflight_s, ray_start_s, ingest_s, summaries_s from ``pipelines.distill``, val_read_s from
+  ``train.loop.run_training``), ``checkpoint`` (checkpoint_s), ``export`` (export_s), each ``eval``'s eval_s: the
+  fixed costs;
 - ``resume``: a restarted or relaunched attempt (resumed_from_step, epoch, batches_in_epoch);
 - ``nonfinite``: a step skipped for a NaN/inf loss or gradient (problem, skipped).
 
@@ -20,6 +23,8 @@ Rank 0 writes; ``read_records`` is the one reader (Tune's results, the demo's cu
 from __future__ import annotations
 
 import json
+import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Union
 
@@ -108,6 +113,14 @@ def _mark_superseded(path: Path, *, after_step: int) -> None:
     partial = path.with_name(path.name + ".partial")
     partial.write_text("".join(json.dumps(r) + "\n" for r in records))
     partial.replace(path)
+
+
+@contextmanager
+def timed(seconds: dict, name: str):
+    """Add the wall time of the ``with`` block to ``seconds[name]``."""
+    started = time.perf_counter()
+    yield
+    seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - started
 
 
 def write_eval_json(metrics: dict, out_dir: PathLike, name: str = EVAL_FILE) -> Path:
