@@ -30,15 +30,18 @@ RAY_ACTOR_ARGS_NOTICE_REGEX = r"has constructor arguments in the object store an
 
 
 def configure_logging(level: str = "info") -> bool:
-    """Our loggers at ``level`` (the CLI's ``--log-level`` / ``TAILKD_LOG_LEVEL``), once; returns quiet mode
+    """Our loggers at ``level`` (the CLI's ``--log-level`` / ``TAILKD_LOG_LEVEL``), other libraries' at WARNING or
+    above unless ``level`` is debug, once; returns quiet mode
     (True unless ``level`` is debug). Ray's environment settings are exported here, before ray or
     transformers are imported by the command."""
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
         raise ValueError(f"unknown log level {level!r}: use debug, info, warning or error")
-    logging.basicConfig(level=numeric, format=LOG_FORMAT, datefmt="%H:%M:%S")
-    logging.getLogger("tailkd_ray").setLevel(numeric)
     quiet = numeric > logging.DEBUG
+    logging.basicConfig(format=LOG_FORMAT, datefmt="%H:%M:%S")
+    # Other libraries' INFO records (absl's from rouge-score, transformers', ...) only at debug, as Ray's.
+    logging.getLogger().setLevel(max(numeric, logging.WARNING) if quiet else numeric)
+    logging.getLogger("tailkd_ray").setLevel(numeric)
     os.environ.update(ray_env(quiet))
     if not os.environ.get("RAY_ADDRESS"):
         # A local Ray (init_ray) with token authentication asked for outright, which Ray turns on for a new local

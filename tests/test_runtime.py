@@ -20,6 +20,21 @@ def test_quiet_unless_debug(monkeypatch):
     logging.getLogger("tailkd_ray").setLevel(logging.NOTSET)
 
 
+def test_other_libraries_info_only_at_debug():
+    root = logging.getLogger()
+    before = root.level
+    try:
+        configure_logging("info")  # ours at INFO, e.g. absl's "Using default tokenizer." (rouge-score) not
+        assert logging.getLogger("tailkd_ray.pipelines.demo").isEnabledFor(logging.INFO)
+        assert not logging.getLogger("absl").isEnabledFor(logging.INFO)
+        assert logging.getLogger("absl").isEnabledFor(logging.WARNING)
+        configure_logging("debug")
+        assert logging.getLogger("absl").isEnabledFor(logging.DEBUG)
+    finally:
+        root.setLevel(before)
+        logging.getLogger("tailkd_ray").setLevel(logging.NOTSET)
+
+
 def test_unknown_level_is_refused():
     with pytest.raises(ValueError, match="unknown log level"):
         configure_logging("chatty")
