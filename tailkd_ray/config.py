@@ -113,6 +113,14 @@ class DataConfig:
                                         "(Llama 3: BOS; Qwen2.5, GPT-2: none); `tokens` corpora are kept as given "
                                         "unless this is true.")
     seq_len: int = doc(512, "Tokens per training sequence (blocks are packed with seq_len + 1 tokens).")
+    packing: bool = doc(True, "Pack documents into blocks of seq_len + 1 tokens, one after the other (a document may "
+                              "span blocks; attention is causal over the whole block). false: one sample per block, "
+                              "right-padded, the padding masked out of losses and metrics: no sample attends to "
+                              "another (what supervised data wants, at the cost of the padding's compute).")
+    overlong: Literal["truncate", "drop"] = doc(
+        "truncate", "With data.packing false, a sample longer than seq_len + 1 tokens (BOS and EOS included) is cut "
+                    "to its first seq_len + 1 (`truncate`) or skipped (`drop`); both counted in data_report.json "
+                    "(truncated, skipped.overlong).")
     val_fraction: float = doc(0.02, "Fraction of packed blocks held out when `data.val` is null.")
     tokenizer_actors: int = doc(4, "Maximum tokenizer actors (1 CPU each); the pool autoscales from 1.")
     shuffle: bool = doc(True, "Shuffle the training blocks: one permutation seeded by train.seed on the driver, "
@@ -131,8 +139,12 @@ class DataConfig:
                               f"corpus has no completion): set data.train_on to all or null")
 
     def completion_mask(self) -> bool:
-        """Whether blocks carry a ``loss_mask`` (DESIGN §1): losses and metrics over the completion tokens only."""
+        """Whether the losses and metrics cover the completion tokens only."""
         return self.format in SUPERVISED_FORMATS and self.train_on != "all"
+
+    def loss_mask(self) -> bool:
+        """Whether blocks carry a ``loss_mask`` (DESIGN §1): completion only, or padded samples (no packing)."""
+        return self.completion_mask() or not self.packing
 
 
 @dataclass

@@ -201,7 +201,8 @@ def test_bad_text_files_are_counted_and_a_huge_document_packs(ray_session, tiny_
     assert len(blocks) == n > 10_000
     np.testing.assert_array_equal(blocks.reshape(-1), stream[: n * (SEQ_LEN + 1)])
     assert report.documents == 5 and report.skipped == {"empty": 1, "null": 0, "invalid_utf8": 1, "control_chars": 1,
-                                                        "out_of_vocab": 0, "malformed": 0}
+                                                        "out_of_vocab": 0, "malformed": 0,
+                                                        "overlong": 0}
     assert report.skipped_examples == [f"empty: {tmp_path / 'b_empty.txt'}",
                                        f"invalid_utf8: {tmp_path / 'c_bad.txt'} (byte 3)",
                                        f"control_chars: {tmp_path / 'e_nul.txt'}"]
@@ -229,7 +230,7 @@ def test_out_of_vocab_and_null_rows_are_counted(ray_session, tiny_tokenizer_dir,
                    tmp_path / "t.parquet")
     blocks, report = _pack(tmp_path / "t.parquet", tiny_tokenizer_dir, fmt="tokens")
     assert report.skipped == {"empty": 1, "null": 1, "invalid_utf8": 0, "control_chars": 0, "out_of_vocab": 2,
-                              "malformed": 0}
+                              "malformed": 0, "overlong": 0}
     stream = _stream(tokenizer, DOCS)
     assert report.documents == len(DOCS) + 4 and report.tokens == len(stream)
     np.testing.assert_array_equal(blocks.reshape(-1), stream[: blocks.size])

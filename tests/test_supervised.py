@@ -85,7 +85,7 @@ def test_train_on_completion_needs_a_supervised_format():
 
 # --- through Ray: reading and packing ------------------------------------------------------------------------------
 def _pack(pattern, tokenizer_dir, **fields):
-    data_cfg = DataConfig(seq_len=SEQ_LEN, tokenizer_actors=1, **fields)
+    data_cfg = DataConfig(**{"seq_len": SEQ_LEN, "tokenizer_actors": 1, **fields})
     tokenizer = load_tokenizer(tokenizer_dir)
     template = ChatTemplate.of(tokenizer) if data_cfg.format == "chat" else None
     report = IngestReport()
@@ -306,3 +306,63 @@ def test_a_batch_without_completion_tokens_gives_zero_gradients_everywhere():
                             mask=torch.zeros(1, 4, dtype=torch.bool), lm_head_bias=bias)
     out.loss.backward()
     assert out.tokens == 0 and all(t.grad is not None and not t.grad.any() for t in (hidden, weight, bias))
+
+
+# --- data.packing: false: one sample per block, no attention across samples ----------------------------------------
+LONG = 64  # tokens per block: room for the short samples below
+def _pairs(n: int) -> list[tuple[str, str]]:
+    return [(f"Question {i}: what is {i} plus {i}?\nAnswer:", f" {2 * i}." + " Indeed" * (i % 3)) for i in range(n)]
+
+
+@pytest.mark.parametrize("overlong", ["truncate", "drop"])
+def test_without_packing_each_sample_is_one_padded_block(ray_session, tiny_tokenizer_dir, tmp_path, overlong):
+    tokenizer = load_tokenizer(tiny_tokenizer_dir)
+    pairs = _pairs(6) + [("A long prompt " * 20, " and its completion")]
+    (tmp_path / "pc.jsonl").write_text("\n".join(json.dumps({"prompt": p, "completion": c}) for p, c in pairs) + "\n")
+    rows, report = _pack(tmp_path / "pc.jsonl", tiny_tokenizer_dir, format="prompt_completion", packing=False,
+                         overlong=overlong, seq_len=LONG)
+    kept = pairs if overlong == "truncate" else pairs[:-1]
+    assert len(rows) == len(kept) == report.blocks
+    for row, (prompt, completion) in zip(rows, kept):
+        ids, mask = _expected(tokenizer, [([prompt, completion], [False, True], True)])
+        n = min(len(ids), LONG + 1)
+        np.testing.assert_array_equal(row["input_ids"][:n], ids[:n])
+        np.testing.assert_array_equal(row["loss_mask"], np.concatenate([mask[:n], np.zeros(LONG + 1 - n)]))
+        assert (row["input_ids"][n:] == tokenizer.eos_token_id).all()
+    assert (report.truncated, report.skipped["overlong"]) == ((1, 0) if overlong == "truncate" else (0, 1))
+    text_rows, _ = _pack(tmp_path / "pc.jsonl", tiny_tokenizer_dir, format="jsonl", text_column="prompt",
+                         packing=False, seq_len=LONG)
+    length = len(tokenizer(pairs[0][0], add_special_tokens=False)["input_ids"]) + 1
+    assert text_rows[0]["loss_mask"].tolist() == [1] * length + [0] * (LONG + 1 - length)
+
+
+@pytest.mark.parametrize("kind", ["clm", "kd"])
+def test_the_loss_of_a_padded_batch_is_the_loss_of_its_samples_one_by_one(tiny_llama_dir, tiny_tokenizer_dir, kind):
+    """Blocks of one right-padded sample each: the batch's loss (the teacher scoring the same blocks) equals the
+    token-weighted losses of the samples run alone, unpadded."""
+    import torch
+
+    from tailkd_ray.core.losses import distill_objective
+    from tailkd_ray.core.metrics import target_mask
+    from tailkd_ray.models import StudentWithHead, load_model
+
+    tokenizer = load_tokenizer(tiny_tokenizer_dir)
+    samples = [_expected(tokenizer, [([p, c], [False, True], True)]) for p, c in _pairs(4)]
+    ids = np.full((len(samples), LONG + 1), tokenizer.eos_token_id)
+    mask = np.zeros((len(samples), LONG + 1), np.uint8)
+    for row, (sample_ids, sample_mask) in enumerate(samples):
+        ids[row, : len(sample_ids)], mask[row, : len(sample_mask)] = sample_ids, sample_mask
+    model = load_model(str(tiny_llama_dir), device=torch.device("cpu"), dtype=torch.float64, trust_remote_code=False)
+    student = StudentWithHead(model)
+
+    def loss(block, block_mask):
+        block = torch.as_tensor(block).long()
+        teacher = None if kind == "clm" else model(input_ids=block[:, :-1]).logits  # the same blocks
+        return student(block[:, :-1], lambda h, w, b: distill_objective(h, w, block[:, 1:], teacher, kind=kind,
+                                                                         mask=block_mask))
+
+    batch = loss(ids, target_mask({"loss_mask": mask}, "cpu"))
+    alone = [loss(sample_ids[None], torch.as_tensor(sample_mask[1:], dtype=torch.bool)[None])
+             for sample_ids, sample_mask in samples]
+    assert batch.tokens == sum(a.tokens for a in alone) == mask[:, 1:].sum()
+    torch.testing.assert_close(batch.loss, sum(a.loss * a.tokens for a in alone) / batch.tokens)

@@ -5,7 +5,9 @@
           --map_batches(_TokenizeAndPack, ActorPoolStrategy)--> full blocks + one tail row per batch
           --materialize--> the tails, in order, packed into the last blocks
 
-Blocks: ``input_ids`` int32 arrays of ``seq_len + 1`` ids. Documents are tokenized without special tokens, start
+Blocks: ``input_ids`` int32 arrays of ``seq_len + 1`` ids, and a ``loss_mask`` (``BLOCK_COLUMNS``) with
+data.train_on: completion or data.packing: false (then each sample is a block of its own, right-padded, its padding
+masked; data.overlong cuts or skips a longer one). Documents are tokenized without special tokens, start
 with the tokenizer's BOS when ``data.add_bos`` says so (``document_bos_id``: by default when the tokenizer adds one
 itself, as Llama 3's does) and each is followed by EOS; the stream of a batch is cut into blocks and its remainder (the tail,
 < seq_len + 1 ids) travels with the batch's counts on one extra row. The driver concatenates the tails in
@@ -58,7 +60,7 @@ _EXAMPLES_PER_REASON = 3
 # A block's columns: its ids and, with data.train_on: completion, which of them the losses cover (1) or not (0),
 # aligned with the ids: the target input_ids[t + 1] counts where loss_mask[t + 1] is 1.
 BLOCK_COLUMNS = ("input_ids", "loss_mask")
-_STAT_COLUMNS = ("documents", "tokens", "completion_tokens", "blocks") + tuple(f"skip_{r}" for r in SKIP_REASONS)
+_STAT_COLUMNS = ("documents", "tokens", "completion_tokens", "blocks", "truncated") + tuple(f"skip_{r}" for r in SKIP_REASONS)
 
 
 @dataclass
@@ -71,13 +73,15 @@ class IngestReport:
     tokens: int = 0  # ids of the kept documents, one EOS (and BOS, data.add_bos) each included
     completion_tokens: int = 0  # of those, the ids the losses cover (all of them but with a loss_mask)
     blocks: int = 0  # packed blocks of seq_len + 1 ids
+    truncated: int = 0  # data.packing false, data.overlong truncate: samples cut to one block
     dropped_tokens: int = 0  # ids of each corpus's final partial block
     train_blocks: int = 0
     val_blocks: int = 0
 
     def summary(self) -> str:
         skipped = ", ".join(f"{n} {reason}" for reason, n in self.skipped.items() if n) or "none"
-        trained = f" ({self.completion_tokens} of them completion)" if self.completion_tokens != self.tokens else ""
+        trained = f" ({self.completion_tokens} of them trained)" if self.completion_tokens != self.tokens else ""
+        trained += f", {self.truncated} samples truncated to one block" if self.truncated else ""
         head = (f"ingest: {self.documents} documents read (skipped: {skipped}); {self.tokens} tokens{trained} -> "
                 f"{self.blocks} blocks ({self.train_blocks} train, {self.val_blocks} val); "
                 f"{self.dropped_tokens} tokens dropped in final partial blocks")
@@ -96,14 +100,17 @@ def tokenize_and_pack(docs: ray.data.Dataset, tokenizer, data_cfg: DataConfig, *
     bos_id = document_bos_id(tokenizer, data_cfg)
     block_len = data_cfg.seq_len + 1
     per_batch = _DOCS_PER_BATCH[_batch_kind(data_cfg)]
-    columns = BLOCK_COLUMNS if data_cfg.completion_mask() else BLOCK_COLUMNS[:1]
+    columns = BLOCK_COLUMNS if data_cfg.loss_mask() else BLOCK_COLUMNS[:1]
     docs.context.execution_options.preserve_order = True  # batches = fixed ranges of documents
     rows = docs.repartition(target_num_rows_per_block=per_batch, strict=True).map_batches(
         _TokenizeAndPack,
         fn_constructor_kwargs={"tokenizer_json": tokenizer.backend_tokenizer.to_str(),
                                "eos_id": tokenizer.eos_token_id, "bos_id": bos_id, "vocab_size": vocab_size,
                                "block_len": block_len, "loss_mask": len(columns) > 1,
-                               "eos_trained": data_cfg.format == "prompt_completion"},
+                               "completion_only": data_cfg.completion_mask(),
+                               # a chat turn ends with the template's own end-of-turn token: the EOS only separates
+                               "eos_trained": not (data_cfg.completion_mask() and data_cfg.format == "chat"),
+                               "packing": data_cfg.packing, "overlong": data_cfg.overlong},
         batch_size=per_batch, batch_format="pyarrow", num_cpus=1,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=data_cfg.tokenizer_actors))
     rows = _execute(rows)
@@ -166,7 +173,8 @@ class _TokenizeAndPack:
     add_special_tokens=False)`` calls), rebuilt from its JSON (see the module doc)."""
 
     def __init__(self, tokenizer_json: str, eos_id: int, bos_id: Optional[int], vocab_size: int, block_len: int,
-                 loss_mask: bool = False, eos_trained: bool = False):
+                 loss_mask: bool = False, completion_only: bool = False, eos_trained: bool = True,
+                 packing: bool = True, overlong: str = "truncate"):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one CPU per actor: no Rust thread pool
         self._tokenizer = Tokenizer.from_str(tokenizer_json)
         self._tokenizer.no_truncation()  # as the HF wrapper does when no max_length is asked for
@@ -175,8 +183,11 @@ class _TokenizeAndPack:
         self._bos = np.array([] if bos_id is None else [bos_id], np.int32)  # before each document
         self._vocab_size = vocab_size
         self._block_len = block_len
-        self._loss_mask = loss_mask  # emit the loss_mask column (data.train_on: completion)
-        self._eos_mask = np.array([eos_trained], np.uint8)  # a completion ending the sample: learn to stop
+        self._loss_mask = loss_mask  # emit the loss_mask column (data.train_on: completion, or data.packing: false)
+        self._packing = packing
+        self._overlong = overlong  # data.overlong, without packing
+        self._completion_only = completion_only  # mask a supervised sample's prompt (data.train_on: completion)
+        self._eos_mask = np.array([eos_trained], np.uint8)  # the end of a text or completion: learn to stop
         self._bos_mask = np.zeros(len(self._bos), np.uint8)
 
     def __call__(self, batch) -> dict:
@@ -191,21 +202,34 @@ class _TokenizeAndPack:
             ids, masks = self._tokenize_segments(batch["segments"].to_pylist(), batch["trained"].to_pylist(), skips)
         else:
             ids, skips, sources = self._checked_ids(batch["input_ids"], skips, sources)
-        counts, examples, stream, mask = Counter(), [], [], []
+        counts, examples, stream, mask, tokens = Counter(), [], [], [], 0
         for i, (doc_ids, skip, source) in enumerate(zip(ids, skips, sources)):
+            doc = np.concatenate([self._bos, doc_ids, self._eos])
             skip = skip or ("empty" if len(doc_ids) == 0 else "")
+            if not skip and not self._packing and len(doc) > self._block_len:
+                skip = "overlong" if self._overlong == "drop" else ""
+                counts["truncated"] += not skip
             if skip:
                 counts[skip] += 1
                 if counts[skip] <= _EXAMPLES_PER_REASON:
-                    examples.append(f"{skip}: {source}")
+                    examples.append(f"{skip}: {source}" + (f" ({len(doc)} tokens)" if skip == "overlong" else ""))
                 continue
-            stream += [self._bos, doc_ids, self._eos]
-            if self._loss_mask:
-                mask += [self._bos_mask, masks[i], self._eos_mask]
+            trained = masks[i] if self._completion_only else np.ones(len(doc_ids), np.uint8)
+            doc_mask = np.concatenate([self._bos_mask, trained, self._eos_mask])
+            if not self._packing:  # one sample per block, cut to it and right-padded with masked EOS ids
+                doc, doc_mask = doc[: self._block_len], doc_mask[: self._block_len]
+                pad = self._block_len - len(doc)
+                tokens += len(doc)
+                doc = np.concatenate([doc, np.full(pad, self._eos[0], np.int32)])
+                doc_mask = np.concatenate([doc_mask, np.zeros(pad, np.uint8)])
+            else:
+                tokens += len(doc)
+            stream.append(doc)
+            mask.append(doc_mask)
         stream = np.concatenate(stream) if stream else np.zeros(0, np.int32)
         mask = (np.concatenate(mask) if mask else np.zeros(0, np.uint8)) if self._loss_mask else None
-        counts.update(documents=len(sources), tokens=len(stream), blocks=len(stream) // self._block_len,
-                      completion_tokens=len(stream) if mask is None else int(mask.sum()))
+        counts.update(documents=len(sources), tokens=tokens, blocks=len(stream) // self._block_len,
+                      completion_tokens=tokens if mask is None else int(mask.sum()))
         return _blocks_and_tail(stream, mask, self._block_len, counts, examples)
 
     def _tokenize_segments(self, segments: list, trained: list, skips: list) -> tuple[list, list]:
@@ -314,6 +338,7 @@ def _add_batch_counts(report: IngestReport, tails: list) -> None:
         report.documents += int(row["documents"])
         report.tokens += int(row["tokens"])
         report.completion_tokens += int(row["completion_tokens"])
+        report.truncated += int(row["truncated"])
         report.blocks += int(row["blocks"])
         for reason in SKIP_REASONS:
             report.skipped[reason] += int(row[f"skip_{reason}"])

@@ -27,7 +27,7 @@ from tailkd_ray.config import SUPERVISED_FORMATS, DataConfig
 from tailkd_ray.data.samples import ChatTemplate, MalformedSample, completion_columns, sample_segments
 from tailkd_ray.errors import DataError
 
-SKIP_REASONS = ("empty", "null", "invalid_utf8", "control_chars", "out_of_vocab", "malformed")
+SKIP_REASONS = ("empty", "null", "invalid_utf8", "control_chars", "out_of_vocab", "malformed", "overlong")
 
 
 def expand_paths(pattern: str) -> list[str]:

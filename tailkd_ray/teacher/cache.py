@@ -436,7 +436,7 @@ def open_cache(cfg: Config, *, split: str = "train", teacher_id: Optional[dict] 
     root = split_dir(cfg, split)
     manifest = check_cache(cfg, split=split, teacher_id=teacher_id, hashes=hashes)
     paths = [f"{root}/{name}" for name in manifest["shards"]]
-    blocks = BLOCK_COLUMNS if cfg.data.completion_mask() else BLOCK_COLUMNS[:1]  # the identity pins data.train_on
+    blocks = BLOCK_COLUMNS if cfg.data.loss_mask() else BLOCK_COLUMNS[:1]  # the identity pins the data settings
     return ray.data.read_parquet(paths, columns=[*blocks, *FIELDS]).map_batches(
         restore_shapes, fn_kwargs={"seq_len": manifest["seq_len"]}, batch_format="pyarrow")
 

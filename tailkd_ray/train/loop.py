@@ -3,7 +3,8 @@
 ``run_training`` builds a ``TorchTrainer`` (Ray Train V2) whose workers run ``train_loop_per_worker``:
 
 - data: ``ray.train.get_dataset_shard("train").iter_torch_batches``; each row holds ``input_ids`` (seq_len + 1
-  tokens), with data.train_on: completion a ``loss_mask`` (the losses cover the targets where it is 1) and, in
+  tokens), with data.train_on: completion or data.packing: false a ``loss_mask`` (the losses cover the targets where
+  it is 1) and, in
   summary mode, the five teacher-summary columns for positions 0..seq_len-1;
 - objective: ``core.losses.distill_objective`` on the student's final hidden states and LM head (chunked over
   tokens; never a [B·T, V] float32 tensor): mean over tokens of CLM + λ·L_DIV;
