@@ -420,18 +420,51 @@ def _mass_ratio(log_num: Tensor, log_den: Tensor) -> Tensor:
                                                                                          device=log_num.device))
 
 
-def _combine_(q: Tensor, q_coef, p: Tensor, p_coef) -> Tensor:
-    """q ← q_coef·q − p_coef·p in place (scalars or [n, 1] columns); one pass (lerp) when q_coef − p_coef = 1."""
-    if not isinstance(q_coef, Tensor) and not isinstance(p_coef, Tensor) and q_coef - p_coef == 1.0:
+def _row_scale(coef: Tensor, low: Tensor) -> tuple[Tensor, Tensor]:
+    """(s, explicit rows): the per-row factor ``coef`` of q in a gradient, to fold out of the dense pass (the caller
+    scales the matmuls' [n, d] sides by it), and the rows that cannot fold it: the ``low`` rows (a mass below exp
+    range, written explicitly) and rows whose factor is 0 or too small to divide by; s = 1 there."""
+    explicit = coef.abs() < _exp_sum_floor(coef.dtype)
+    explicit[low] = True
+    return torch.where(explicit, torch.ones_like(coef), coef), explicit.nonzero().squeeze(-1)
+
+
+def _combine_(q: Tensor, q_coef: float, p: Tensor, p_coef: float) -> Tensor:
+    """q ← q_coef·q − p_coef·p in place; one pass (lerp) when q_coef − p_coef = 1."""
+    if q_coef - p_coef == 1.0:
         return q.lerp_(p, -p_coef)
-    q.mul_(q_coef)
-    return q.addcmul_(p, p_coef, value=-1.0) if isinstance(p_coef, Tensor) else q.sub_(p, alpha=p_coef)
+    return q.mul_(q_coef).sub_(p, alpha=p_coef)
 
 
 def _scaled_into(out: Tensor, logits: Tensor, temperature: float) -> Tensor:
     """out ← logits / τ in ``out``'s dtype (converted first, as ``_log_softmax`` does)."""
     out.copy_(logits)
     return out if temperature == 1.0 else out.div_(temperature)
+
+
+def _exp_into(out: Tensor, logits: Tensor, temperature: float, shift: Optional[Tensor]) -> Tensor:
+    """out ← exp(logits / τ − shift) in ``out``'s dtype (shift [n, 1] or None for 0), in as few passes as the case
+    allows (one at τ = 1)."""
+    if temperature == 1.0 and shift is not None:
+        return torch.sub(logits, shift, out=out).exp_()
+    if temperature == 1.0 and logits.dtype == out.dtype:
+        return torch.exp(logits, out=out)
+    scaled = _scaled_into(out, logits, temperature)
+    return (scaled if shift is None else scaled.sub_(shift)).exp_()
+
+
+def _exp_floor_log(dtype: torch.dtype) -> float:
+    """Above this largest exponent a row's exp-sum needs no shift at the bottom: members down to √tiny times the
+    largest stay normal floats (those below add < V·√tiny relative)."""
+    return 0.5 * math.log(torch.finfo(dtype).tiny)
+
+
+def _exp_ceiling_log(dtype: torch.dtype, vocab: int) -> float:
+    """Below this largest exponent a row's exp-sum over ``vocab`` members cannot overflow."""
+    return math.log(torch.finfo(dtype).max) - math.log(vocab) - 1.0
+
+
+_CACHE_BLOCK_BYTES = 1 << 20  # a [rows, V] block this size stays in a CPU core's L2 cache between two passes
 
 
 class _Workspace:
@@ -443,11 +476,18 @@ class _Workspace:
         self._buffers: dict[tuple[str, torch.dtype], Tensor] = {}
 
     def get(self, role: str, n: int, dtype: torch.dtype) -> Tensor:
-        """The first ``n`` rows (contiguous) of the ``role`` buffer."""
+        """The first ``n`` rows (contiguous) of the ``role`` buffer (allocated at the first request's size)."""
         buffer = self._buffers.get((role, dtype))
-        if buffer is None:
-            buffer = self._buffers[role, dtype] = torch.empty(self.rows, self.vocab, dtype=dtype, device=self.device)
+        if buffer is None or buffer.shape[0] < n:
+            buffer = self._buffers[role, dtype] = torch.empty(n, self.vocab, dtype=dtype, device=self.device)
         return buffer[:n]
+
+    def block_rows(self, dtype: torch.dtype) -> int:
+        """Rows per block of a pass whose [rows, V] intermediate is written and read back at once: an L2-sized
+        block on CPU (about a third less time than through a [chunk, V] buffer), the whole chunk elsewhere."""
+        if self.device.type != "cpu":
+            return self.rows
+        return max(1, _CACHE_BLOCK_BYTES // (self.vocab * torch.finfo(dtype).bits // 8))
 
 
 @dataclass
@@ -494,26 +534,36 @@ class _ChunkPlan:
         return log_alpha
 
     def _exact_tail_stats(self, part: slice, dtype: torch.dtype):
-        """(T_K, log α_K, log Σ_i exp(z_i/τ)) of a chunk of teacher logits z, α_K from its members: with c the
-        largest logit/τ outside T_K (the (K+1)-th largest), Σ_{i∉T_K} exp(z_i/τ − c) ≥ 1 never underflows."""
+        """(T_K, log α_K, log Σ_i exp(z_i/τ)) of a chunk of teacher logits z, α_K from its members: Σ_{i∉T_K}
+        exp(z_i/τ − c), c = 0 when the largest logit/τ outside T_K (the (K+1)-th largest) keeps that sum inside the
+        float range, else c = that logit/τ (the sum is then ≥ 1: no underflow, no overflow)."""
         rows = self.teacher_rows(part)
         n = rows.shape[0]
         values, ids = _top_k(rows, self.k + 1)
         scaled = values.to(dtype) / self.temperature
         top_ids, rest_max = ids[:, :self.k], scaled[:, self.k]
-        shift = torch.where(rest_max.isfinite(), rest_max, torch.zeros_like(rest_max))[:, None]
-        scratch = self.work.get("logq", n, dtype)
-        if self.temperature == 1.0:
-            exps = torch.sub(rows, shift, out=scratch)
-        else:
-            exps = _scaled_into(scratch, rows, self.temperature).sub_(shift)
-        log_rest = exps.exp_().scatter_(-1, top_ids, 0.0).sum(-1).log() + shift[:, 0]
+        shift = torch.where(rest_max.isfinite(), rest_max, torch.zeros_like(rest_max))
+        # Unshifted when every row's sum is safe without the shift (the usual case): one pass fewer.
+        shifted = not bool(((shift > _exp_floor_log(dtype)) & (shift < _exp_ceiling_log(dtype, rows.shape[-1]))).all())
+        block = self.work.block_rows(dtype)
+        scratch = self.work.get("block", min(block, n), dtype)
+        rest = torch.empty_like(rest_max)
+        for start in range(0, n, block):  # block by block: the exps are summed while still in cache
+            rows_in = slice(start, start + block)
+            exps = _exp_into(scratch[:rows[rows_in].shape[0]], rows[rows_in], self.temperature,
+                             shift[rows_in, None] if shifted else None)
+            torch.sum(exps.scatter_(-1, top_ids[rows_in], 0.0), -1, out=rest[rows_in])
+        log_rest = rest.log()
+        if shifted:
+            log_rest += shift
         log_norm = torch.logaddexp(log_rest, scaled[:, :self.k].logsumexp(-1))
         return top_ids, log_rest - log_norm, log_norm
 
-    def chunk_losses_and_grad(self, logits: Tensor, part: slice) -> tuple[Tensor, Tensor, Tensor]:
+    def chunk_losses_and_grad(self, logits: Tensor, part: slice) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
         """Per-token (CLM, L_DIV) of the chunk ``part`` and d(Σ CLM + weight·Σ L_DIV)/d logits, in closed form (no
-        autograd graph), the gradient in a workspace buffer.
+        autograd graph): (clm, div, X, s), the gradient s[:, None]·X with X in a workspace buffer and s [n] the
+        per-row factor that TAD folds out of the dense pass (None: 1), for the caller to apply to the matmuls'
+        [n, d] sides.
 
         With q = softmax(z/τ), q¹ = softmax(z) and G = ∂L_DIV/∂(z/τ) per token, the gradient is
         q¹ − onehot(y) + (weight/τ)·G. Every G is q − (teacher weights) plus, for TAD, the chain through log b_K and
@@ -537,19 +587,21 @@ class _ChunkPlan:
             q = torch.exp(logq, out=scaled)
         # The logits are spent: their buffer holds the teacher's log-probs next (when the dtypes agree).
         spare = logits if logits.dtype == dtype else self.work.get("teacher", n, dtype)
-        div = self._divergence(logq, q, 1.0 if clm_q is None else 0.0, part, spare)
+        div, row_scale = self._divergence(logq, q, 1.0 if clm_q is None else 0.0, part, spare)
+        unit = torch.ones_like(clm) if row_scale is None else row_scale.reciprocal()  # 1 / s: CLM's share of X
         if clm_q is not None:
-            q.add_(clm_q)
-        q.scatter_add_(-1, targets, torch.full_like(clm[:, None], -1.0))
-        return clm, div, q
+            q.addcmul_(clm_q, unit[:, None])
+        q.scatter_add_(-1, targets, -unit[:, None])
+        return clm, div, q, row_scale
 
-    def _divergence(self, logq: Tensor, q: Tensor, clm_share: float, part: slice, spare: Tensor) -> Tensor:
-        """L_DIV per token; overwrites q with clm_share·q + (weight/τ)·G."""
+    def _divergence(self, logq: Tensor, q: Tensor, clm_share: float, part: slice,
+                    spare: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        """(L_DIV per token, s or None); overwrites q with (clm_share·q + (weight/τ)·G) / s (s = 1 when None)."""
         scale, tau, n = self.weight / self.temperature, self.temperature, q.shape[0]
         if self.kind == "clm":
             if not clm_share:  # τ ≠ 1: the gradient is CLM's own softmax, added by the caller
                 q.zero_()
-            return torch.zeros_like(q[:, 0])
+            return torch.zeros_like(q[:, 0]), None
         teacher = self.teacher_rows(part)
         if isinstance(teacher, TeacherSummary):
             if self.kind == "topk":
@@ -570,25 +622,26 @@ class _ChunkPlan:
             p = torch.exp(logp, out=p_buffer)
             div = _row_dot_(p, logp.sub_(logq))  # Σ p (log p − log q)
             _combine_(q, clm_share + scale, p, scale)  # G = q − p
-            return div
+            return div, None
         # rkl: KL(q‖p) = −Σ q (log p − log q); G = −q (log p − log q + KL(q‖p))
         diff = logp.sub_(logq)
         div = -_row_dot_(q, diff, out=p_buffer)
         q.mul_(diff.add_(div[:, None]).mul_(-scale).add_(clm_share))
-        return div
+        return div, None
 
-    def _topk(self, logq: Tensor, q: Tensor, clm_share: float, logp_top: Tensor, ids: Tensor) -> Tensor:
+    def _topk(self, logq: Tensor, q: Tensor, clm_share: float, logp_top: Tensor, ids: Tensor) -> tuple[Tensor, None]:
         """Top-K renormalised KL; G = q̂ − p̂ on T_K, 0 elsewhere."""
         div, p_hat, q_hat = _renormalised_top(logp_top, logq.gather(-1, ids))
         if not clm_share:
             q.zero_()
         q.scatter_add_(-1, ids, (self.weight / self.temperature) * (q_hat - p_hat))
-        return div
+        return div, None
 
     def _exact_tad(self, logq: Tensor, q: Tensor, clm_share: float, teacher_logits: Tensor, part: slice,
-                   spare: Tensor, p_buffer: Tensor) -> Tensor:
+                   spare: Tensor, p_buffer: Tensor) -> tuple[Tensor, Tensor]:
         """TAD from full teacher logits, T_K, α_K, w and the teacher's normaliser from the pre-pass. With
-        r = α_K/b_K: G = q − p on T_K and q (1 − r (1 − w)) − w p off T_K."""
+        r = α_K/b_K: G = q − p on T_K and q (1 − r (1 − w)) − w p off T_K, so the gradient off T_K is a·q − c·p
+        per row: s = a is folded out (one pass, q − (c/a)·p, as KD's)."""
         scale, tau = self.weight / self.temperature, self.temperature
         ids, w, log_alpha = self.top_ids[part], self.tail_weights[part], self.log_alpha[part]
         lse = self.teacher_lse[part, None]
@@ -607,22 +660,25 @@ class _ChunkPlan:
         bucket = _weighted(alpha, log_alpha - log_b)  # α_K (log α_K − log b_K)
         div = _d_kl1(logp_top, logq_top, log_alpha, log_b) + w * (tail_kl - bucket)
         shrink = (1.0 - w) * _mass_ratio(log_alpha, log_b)  # (1 − w) α_K/b_K
-        _combine_(q, (clm_share + scale * (1.0 - shrink))[:, None], p, (scale * w)[:, None])
-        if low.numel():  # b_K below the float exp range: (α_K/b_K)·q_i from exp(log q_i − log b_K)
-            logq_low = logq[low]
-            q[low] = ((clm_share + scale) * logq_low.exp() - (scale * w[low, None]) * p[low]
-                      - (scale * (1.0 - w[low]) * alpha[low])[:, None] * (logq_low - log_b[low, None]).exp())
-        q.scatter_(-1, ids, (clm_share + scale) * q_top - scale * p_top)
-        return div
+        row_scale, explicit = _row_scale(clm_share + scale * (1.0 - shrink), low)
+        q.addcmul_(p, (-scale * w / row_scale)[:, None])
+        if explicit.numel():  # (α_K/b_K)·q_i from exp(log q_i − log b_K): b_K may be below the float exp range
+            logq_rows = logq[explicit]
+            q[explicit] = ((clm_share + scale) * logq_rows.exp() - (scale * w[explicit, None]) * p[explicit]
+                           - (scale * (1.0 - w[explicit]) * alpha[explicit])[:, None]
+                           * (logq_rows - log_b[explicit, None]).exp())
+        q.scatter_(-1, ids, ((clm_share + scale) * q_top - scale * p_top) / row_scale[:, None])
+        return div, row_scale
 
     def _summary_divergence(self, logq: Tensor, q: Tensor, clm_share: float, summary: TeacherSummary,
-                            part: slice) -> Tensor:
+                            part: slice) -> tuple[Tensor, Optional[Tensor]]:
         """TAD from a summary, or KD from a summary (K = M, w = 1). With ℓ = log q, L = L_DIV depends on ℓ at
         the top-M ids and the samples, on log b_K and on log γ_M (∂ log γ_M/∂ℓ_j = q_j/γ_M off the top M);
         G = ∂L/∂ℓ − q Σ_j ∂L/∂ℓ_j, where Σ_j ∂L/∂ℓ_j = −(P_K + α_K), P_K = Σ_{ranks 1..K} p (1 up to the summary's
         float16 rounding), and ∂L/∂ℓ is
           ranks 1..K: −p_i; ranks K+1..M: −w p_i − (1 − w) α_K q_i/b_K; each sample: −w α_M/S;
-          off the top M: −q_j ((1 − w) α_K/b_K + w α_M/γ_M if S = 0)."""
+          off the top M: −q_j ((1 − w) α_K/b_K + w α_M/γ_M if S = 0),
+        so off the top M the gradient is s·q per row: s is folded out (no pass over [n, V] but the γ_M sum)."""
         scale, vocab, dtype = self.weight / self.temperature, q.shape[-1], q.dtype
         m, samples = summary.top_m, summary.tail_samples
         k = self.k if self.kind == "tad" else m
@@ -642,24 +698,28 @@ class _ChunkPlan:
         far = w * _mass_ratio(log_alpha_m, log_gamma) if not samples else 0.0  # w α_M/γ_M
         p_top_m = summary.top_logp.to(dtype).exp()
         mass = p_top_m[:, :k].sum(-1) + alpha  # −Σ_j ∂L/∂ℓ_j
+        row_scale = None
         if m < vocab:
-            q.mul_((clm_share + scale * (mass - shrink - far))[:, None])
-            if low.numel():  # γ_M below the float exp range: q_j/b_K and q_j/γ_M from exp(log q_j − log mass)
-                logq_low = logq[low]
-                row = (clm_share + scale * mass[low, None]) * logq_low.exp() - (scale * (1.0 - w[low]) * alpha[low])[:, None] * (
-                    logq_low - terms.log_b[low, None]).exp()
+            row_scale, explicit = _row_scale(clm_share + scale * (mass - shrink - far), low)
+            if explicit.numel():  # q_j/b_K and q_j/γ_M from exp(log q_j − log mass): γ_M may be below exp range
+                logq_rows = logq[explicit]
+                row = (clm_share + scale * mass[explicit, None]) * logq_rows.exp() - (
+                    scale * (1.0 - w[explicit]) * alpha[explicit])[:, None] * (
+                    logq_rows - terms.log_b[explicit, None]).exp()
                 if not samples:
-                    row -= (scale * w[low] * log_alpha_m[low].exp())[:, None] * (logq_low - log_gamma[low, None]).exp()
-                q[low] = row
+                    row -= (scale * w[explicit] * log_alpha_m[explicit].exp())[:, None] * (
+                        logq_rows - log_gamma[explicit, None]).exp()
+                q[explicit] = row
         grad_top = -p_top_m  # ∂L/∂ℓ on the top M
         grad_top[:, k:] = -w[:, None] * p_top_m[:, k:] - ((1.0 - w) * alpha)[:, None] * (
             logq_top_m[:, k:] - terms.log_b[:, None]).exp()
         q_top_m = logq_top_m.exp()
-        q.scatter_(-1, top_ids, clm_share * q_top_m + scale * (grad_top + mass[:, None] * q_top_m))
+        unit = torch.ones_like(mass) if row_scale is None else row_scale.reciprocal()
+        q.scatter_(-1, top_ids, (clm_share * q_top_m + scale * (grad_top + mass[:, None] * q_top_m)) * unit[:, None])
         if samples:
-            per_sample = (-scale * w * log_alpha_m.exp() / samples)[:, None]
+            per_sample = (-scale * w * log_alpha_m.exp() / samples * unit)[:, None]
             q.scatter_add_(-1, summary.tail_ids.long(), per_sample.expand(-1, samples).contiguous())
-        return terms.d_kl1 + w * terms.tail
+        return terms.d_kl1 + w * terms.tail, row_scale
 
 
 def _mm_into(out: Tensor, a: Tensor, b: Tensor) -> None:
@@ -707,13 +767,18 @@ class _OnePassObjective(torch.autograd.Function):
                     torch.mm(chunk_hidden, weight.t(), out=logits)
                 else:
                     torch.addmm(bias_mm, chunk_hidden, weight.t(), out=logits)
-                clm, div, grad_logits = plan.chunk_losses_and_grad(logits, part)
+                clm, div, grad_logits, row_scale = plan.chunk_losses_and_grad(logits, part)
                 if grad_logits.dtype != mm_dtype:
                     grad_logits = logits.copy_(grad_logits)
                 _mm_into(grad_hidden[part], grad_logits, weight)
-                _add_mm_(grad_weight, grad_logits.t(), chunk_hidden)
+                if row_scale is None:
+                    _add_mm_(grad_weight, grad_logits.t(), chunk_hidden)
+                else:  # the gradient is row_scale[:, None]·grad_logits: scale the [n, d] sides, not [n, V]
+                    grad_hidden[part] *= row_scale[:, None]
+                    _add_mm_(grad_weight, grad_logits.t(), chunk_hidden * row_scale[:, None].to(mm_dtype))
                 if grad_bias is not None:
-                    grad_bias += grad_logits.sum(0)
+                    grad_bias += (grad_logits.sum(0) if row_scale is None
+                                  else grad_logits.t().mv(row_scale.to(mm_dtype)))
                 sums += torch.stack([clm.sum(), div.sum()]).double()
         ctx.save_for_backward(grad_hidden, grad_weight.to(lm_weight.dtype),
                               None if bias is None else grad_bias.to(bias.dtype))
