@@ -309,7 +309,7 @@ def _optimizer_step(worker: _Worker, batches: Iterator[dict], progress: Progress
     """One optimizer step over ``train.grad_accum`` micro-batches, its records and progress line. A step whose loss
     or gradient is not finite is skipped (no update) while ``train.max_nonfinite_steps`` allows, else the run stops."""
     cfg, strategy, started = worker.cfg, worker.strategy, time.perf_counter()
-    local, trained = _forward_backward(worker, batches)
+    local = _forward_backward(worker, batches)
     per_rank = _all_gather_rows(local.to(worker.device))
     sums = per_rank.sum(0)
     optimizing = time.perf_counter()
