@@ -114,6 +114,18 @@ def test_complete_cache_has_manifest_shards_and_exact_rows(complete_cache, tiny_
 
 
 @pytest.mark.ray
+def test_cache_without_tail_samples_round_trips(tiny_llama_dir, data_file, tmp_path):
+    """summary.tail_samples = 0 (top-M and the rest mass only): the tail columns are empty lists in the shards."""
+    cfg = make_config(tiny_llama_dir, tmp_path / "cache", data_file, **{"summary.tail_samples": 0})
+    info = score_to_cache(cfg, as_dataset(random_blocks()), teacher_id=teacher_identity(str(tiny_llama_dir)),
+                          shard_rows=SHARD_ROWS)
+    assert info.rows == ROWS
+    cached = open_cache(cfg).take_all()
+    assert cached[0]["tail_ids"].shape == cached[0]["tail_logp"].shape == (SEQ_LEN, 0)
+    assert_same_rows(cached, score_dataset(as_dataset(random_blocks()), cfg).take_all())
+
+
+@pytest.mark.ray
 def test_interrupted_cache_is_refused_then_resumed(complete_cache, tiny_llama_dir, tmp_path):
     cfg, info, split_dir = complete_cache
     # Simulate a run killed mid-way: its first manifest (complete: false), one finished shard, and one

@@ -87,10 +87,11 @@ def test_invalid_arguments(kwargs, match):
         summarize(teacher_logits(), **kwargs)
 
 
-@pytest.mark.parametrize("logp_dtype", [torch.float16, torch.float32])
-def test_arrow_and_parquet_round_trip(tmp_path, logp_dtype):
-    s = summarize(teacher_logits(shape=(3, 5, 40)), top_m=6, tail_samples=2, logp_dtype=logp_dtype,
+@pytest.mark.parametrize("logp_dtype, tail_samples", [(torch.float16, 2), (torch.float32, 2), (torch.float16, 0)])
+def test_arrow_and_parquet_round_trip(tmp_path, logp_dtype, tail_samples):
+    s = summarize(teacher_logits(shape=(3, 5, 40)), top_m=6, tail_samples=tail_samples, logp_dtype=logp_dtype,
                   generator=torch.Generator().manual_seed(0))
+    assert s.tail_ids.shape == (3, 5, tail_samples)
     input_ids = torch.randint(0, 40, (3, 6), dtype=torch.int32).numpy()
     pq.write_table(pa.Table.from_batches([s.to_arrow({"input_ids": input_ids})]), tmp_path / "s.parquet")
     table = pq.read_table(tmp_path / "s.parquet")

@@ -109,7 +109,7 @@ class TeacherSummary:
         out = {}
         for name in FIELDS:
             array = _unfixed(batch.column(name), len(batch))
-            trailing = () if name == "rest_logmass" else (-1,)
+            trailing = () if name == "rest_logmass" else (array.shape[1] // tokens_per_row,)  # S may be 0
             with warnings.catch_warnings():  # Arrow buffers are read-only; the losses never write to them
                 warnings.simplefilter("ignore", UserWarning)
                 out[name] = torch.from_numpy(array.reshape(len(batch), tokens_per_row, *trailing))
@@ -118,17 +118,22 @@ class TeacherSummary:
 
 
 def _fixed_list(array: np.ndarray) -> pa.Array:
-    """[rows, ...] numpy -> FixedSizeList column over a flat buffer (zero-copy for contiguous arrays)."""
+    """[rows, ...] numpy -> FixedSizeList column over a flat buffer (zero-copy for contiguous arrays). A row of
+    no values (the tail columns with summary.tail_samples = 0) is an empty variable-size list: Arrow has no
+    fixed-size list of width 0 that Parquet can store."""
     array = np.ascontiguousarray(array)
     flat = pa.array(array.reshape(-1))
     width = int(np.prod(array.shape[1:])) if array.ndim > 1 else 1
+    if width == 0:
+        return pa.ListArray.from_arrays(pa.array(np.zeros(len(array) + 1, dtype=np.int32)), flat)
     return pa.FixedSizeListArray.from_arrays(flat, width)
 
 
 def _unfixed(column: pa.Array | pa.ChunkedArray, rows: int) -> np.ndarray:
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
-    values = column.flatten() if pa.types.is_fixed_size_list(column.type) else column
+    nested = pa.types.is_fixed_size_list(column.type) or pa.types.is_list(column.type)
+    values = column.flatten() if nested else column
     return values.to_numpy(zero_copy_only=False).reshape(rows, -1)
 
 
