@@ -61,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="The embedded default end to end (local Ray, built-in corpus).",
                           epilog=f"example:\n  {EXAMPLES['demo']}", formatter_class=argparse.RawDescriptionHelpFormatter)
-    demo.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
+    demo.add_argument("--task", choices=["pretrain", "math"], default="pretrain",
+                      help="pretrain: built-in text (default); math: supervised, arithmetic word problems")
+    demo.add_argument("--out", help="output directory (default: runs/demo, or runs/demo-math for --task math)")
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the demo's settings")
 
     for name in (*COMMANDS, "config"):
@@ -105,7 +107,8 @@ def run(args: argparse.Namespace) -> Optional[dict]:
         return None
 
     if args.command == "demo":
-        demo.run_demo(args.out, args.overrides)  # prints its own table; its JSON would repeat it
+        out = args.out or ("runs/demo-math" if args.task == "math" else "runs/demo")
+        demo.run_demo(out, [f"task={args.task}", *args.overrides])  # prints its own table; JSON would repeat it
         return None
     overrides = list(args.overrides)
     if getattr(args, "lm_eval", None):

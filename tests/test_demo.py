@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
 import pytest
 
-from tailkd_ray.pipelines.demo import METRIC_COLUMNS, read_curve, results_table, run_demo
+from tailkd_ray.pipelines.demo import METRIC_COLUMNS, TASK_COLUMNS, read_curve, results_table, run_demo
 from tailkd_ray.train.runlog import read_records
 
 TINY = ["corpus_bytes=150000", "vocab_size=300", "seq_len=32", "teacher_layers=1", "teacher_width=64",
@@ -73,6 +74,77 @@ def test_demo_end_to_end_tiny(ray_session, tmp_path):
         run_demo(str(out), TINY[:-3] + ["student_steps=5", "eval_every=2", "batch_size=4"])
 
 
+@pytest.mark.ray
+def test_demo_math_end_to_end_tiny(ray_session, tmp_path):
+    """``--task math`` at a tiny size: the report's table holds the three students with finite numbers, exact match
+    in [0, 1], and the teacher's reference line."""
+    import math
+
+    from tailkd_ray.config import ConfigError
+
+    out = tmp_path / "math"
+    results = run_demo(str(out), ["task=math", "problems=200", "val_problems=12", "max_new_tokens=12",
+                                  *[s for s in TINY if not s.startswith("corpus_bytes")]])
+    assert set(results) == {"clm", "kd", "tad"}
+    report = (out / "report.md").read_text()
+    assert "Arithmetic word problems (200 train, 12 val" in report and results_table(results) in report
+    header, _, *rows = results_table(results).splitlines()
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    assert columns == ["student", *METRIC_COLUMNS, *TASK_COLUMNS]
+    assert [row.split("|")[1].strip() for row in rows] == ["clm", "kd", "tad"]
+    for row in rows:
+        cells = dict(zip(columns, (c.strip() for c in row.strip("|").split("|"))))
+        for column in ("val_loss", "kl_to_teacher", "top1_agreement", *TASK_COLUMNS):
+            assert math.isfinite(float(cells[column])), (column, row)
+        assert 0 <= float(cells["exact_match"]) <= 1 and 0 <= float(cells["rouge_l"]) <= 1
+    assert re.search(r"Teacher \(the reference line\): exact match [0-9.e-]+, ROUGE-L [0-9.e-]+", report)
+    # the students' generations went beside them (12 prompts each), the teacher's decoded once for all three
+    for name in results:
+        assert len((out / "students" / name / "student_generations.jsonl").read_text().splitlines()) == 12
+    assert (out / "teacher_generations.json").is_file()
+    assert (out / "curves.png").stat().st_size > 1000
+    with pytest.raises(ConfigError, match=r"\btask\b.* differ"):  # a math OUT is not reused for the pretrain demo
+        run_demo(str(out), TINY)
+
+
+def test_math_problems_are_seeded_disjoint_and_answered(tmp_path):
+    """The same seed writes the same files, another seed other problems; no val prompt is in train; every completion
+    is its worked arithmetic and ends in `#### N`, which the default answer regex reads."""
+    from tailkd_ray.config import GenerationConfig
+    from tailkd_ray.data.math_problems import write_math_problems
+
+    train, val = write_math_problems(tmp_path / "a", train=300, val=40, seed=3)
+    again = write_math_problems(tmp_path / "b", train=300, val=40, seed=3)
+    other = write_math_problems(tmp_path / "c", train=300, val=40, seed=4)
+    assert [f.read_text() for f in (train, val)] == [f.read_text() for f in again]
+    assert train.read_text() != other[0].read_text()
+    records = {part: [json.loads(line) for line in path.read_text().splitlines()] for part, path in
+               (("train", train), ("val", val))}
+    assert len(records["train"]) == 300 and len(records["val"]) == 40
+    assert not {r["prompt"] for r in records["val"]} & {r["prompt"] for r in records["train"]}
+    answer = re.compile(GenerationConfig().answer_regex)
+    for record in records["train"] + records["val"]:
+        assert record["prompt"].endswith("\nAnswer:")
+        steps = re.findall(r"(\d+) ([-+*]) (\d+) = (\d+)\.", record["completion"])
+        assert steps, record
+        for a, op, b, result in steps:  # every worked step is right
+            assert eval(f"{a} {op} {b}") == int(result), record  # digits and one operator only
+        assert answer.search(record["completion"]).group(1) == steps[-1][3], record
+    assert {"+", "-", "*"} <= {op for r in records["train"] for _, op, _, _ in re.findall(
+        r"(\d+) ([-+*]) (\d+) = (\d+)", r["completion"])}
+
+
+def test_cli_demo_task_math_defaults_its_own_out(monkeypatch):
+    from tailkd_ray import cli
+    from tailkd_ray.pipelines import demo
+
+    calls = []
+    monkeypatch.setattr(demo, "run_demo", lambda out, overrides: calls.append((out, overrides)))
+    assert cli.main(["demo", "--task", "math", "student_steps=5"]) == 0
+    assert cli.main(["demo"]) == 0
+    assert calls == [("runs/demo-math", ["task=math", "student_steps=5"]), ("runs/demo", ["task=pretrain"])]
+
+
 def test_demo_settings_validation():
     from tailkd_ray.config import ConfigError
     from tailkd_ray.pipelines.demo import demo_settings
@@ -81,3 +153,5 @@ def test_demo_settings_validation():
         demo_settings(["nope=1"])
     with pytest.raises(ConfigError, match="student_steps must be int"):
         demo_settings(["student_steps=many"])
+    with pytest.raises(ConfigError, match="task"):
+        demo_settings(["task=poetry"])

@@ -1,12 +1,19 @@
 """The embedded default (``tailkd demo``): no downloads, local Ray, a meaningful result in minutes (DESIGN §6).
 
-    _setup_corpus_and_tokenizer   the running Python's own documentation and standard-library sources, and a
-                                  byte-level BPE tokenizer trained on them (HF ``tokenizers``)
-    _pretrain_teacher             a small random Llama trained with CLM: itself a distill run (OUT/teacher)
+Two tasks share every stage: ``pretrain`` (the default) and ``math`` (``tailkd demo --task math``: supervised
+distillation on seeded arithmetic word problems, ``data.format: prompt_completion``, losses on completions only).
+
+    _setup_corpus_and_tokenizer   pretrain: the running Python's own documentation and standard-library sources;
+                                  math: data/math_problems.py's problems as train/val jsonl; a byte-level BPE
+                                  tokenizer trained on them (HF ``tokenizers``)
+    _pretrain_teacher             a small random Llama trained with CLM (math: on the completions): itself a distill
+                                  run (OUT/teacher)
     _train_students               students of equal size and budget (CLM only, vanilla KD, TAD K = 10, β = 2),
                                   each a distill run on the same teacher summaries (one cache)
-    report                        OUT/report.md (side-by-side table), OUT/curves.png (validation loss vs step);
-                                  the students in HF format under OUT/students/<name>/student
+    _task_accuracy                math only: ``tailkd eval``'s generation metrics of each student (greedy decoding
+                                  of the val prompts: exact match on ``#### N``, ROUGE-L; the teacher's once)
+    report                        OUT/report.md (side-by-side table), OUT/curves.png (validation loss vs step; math:
+                                  and exact match per model); the students in HF format under OUT/students/<name>/student
 
 Every stage is reused by a rerun with the same settings (``OUT/settings.json``). The corpus is tokenized once, for
 every run; each run prints a progress line at each validation (``train.log_every`` = ``eval_every``) and the
@@ -21,13 +28,15 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 from tailkd_ray.config import ConfigError, apply_overrides, build_dataclass, from_dict
 from tailkd_ray.data.corpus import train_bpe_tokenizer, write_builtin_corpus
+from tailkd_ray.data.math_problems import write_math_problems
 from tailkd_ray.data.splits import Ingest, train_val_datasets
 from tailkd_ray.models import llama_config, save_random_model
 from tailkd_ray.pipelines.distill import distill
+from tailkd_ray.pipelines.evaluate import evaluate_student
 from tailkd_ray.runtime import init_ray
 from tailkd_ray.train.runlog import read_records
 
@@ -35,6 +44,7 @@ log = logging.getLogger(__name__)
 
 METRIC_COLUMNS = ("val_loss", "val_ppl", "kl_to_teacher", "top1_agreement", "full_ece",
                   "tail_mass_student", "tail_mass_teacher")
+TASK_COLUMNS = ("exact_match", "rouge_l")  # the math task's generation metrics, after METRIC_COLUMNS
 STUDENT_ARCHITECTURE = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                         "num_key_value_heads")  # the student.config overrides that size a demo student
 
@@ -43,6 +53,7 @@ STUDENT_ARCHITECTURE = ("hidden_size", "intermediate_size", "num_hidden_layers",
 class DemoSettings:
     """What ``tailkd demo`` builds; each field is a ``key=value`` override."""
 
+    task: Literal["pretrain", "math"] = "pretrain"  # pretrain: built-in text; math: arithmetic word problems
     corpus_bytes: int = 1_500_000  # built-in text used (documentation first, then stdlib sources)
     vocab_size: int = 1024  # BPE vocabulary
     seq_len: int = 128  # tokens per training sequence
@@ -59,6 +70,9 @@ class DemoSettings:
         "clm": {"loss.kind": "clm"}, "kd": {"loss.kind": "kd"},
         "tad": {"loss.kind": "tad", "loss.k": 10, "loss.beta": 2.0}})
     seed: int = 0  # seed of everything
+    problems: int = 4000  # math: training problems
+    val_problems: int = 200  # math: validation problems (val loss, KL and the prompts decoded for exact match)
+    max_new_tokens: int = 40  # math: tokens decoded per prompt at most (a worked answer takes ~10-25)
 
 
 def demo_settings(overrides: list[str]) -> DemoSettings:
@@ -78,8 +92,11 @@ def run_demo(out_dir: str = "runs/demo", overrides: Optional[list[str]] = None) 
     ingest = train_val_datasets(from_dict(base))  # every run reads the same data and seed
     teacher = _pretrain_teacher(out, settings, base, ingest)
     results = _train_students(out, settings, base, teacher, ingest)
-    plot_curves({name: read_curve(out / "students" / name) for name in results}, out / "curves.png")
-    report = _write_report(out, settings, results, time.time() - started)
+    teacher_accuracy = _task_accuracy(out, settings, base, teacher, results) if settings.task == "math" else None
+    plot_curves({name: read_curve(out / "students" / name) for name in results}, out / "curves.png",
+                exact_match=teacher_accuracy and {"teacher": teacher_accuracy["exact_match"],
+                                                  **{name: m["exact_match"] for name, m in results.items()}})
+    report = _write_report(out, settings, results, time.time() - started, teacher_accuracy)
     print(results_table(results))
     print(f"report: {report}\ncurves: {out / 'curves.png'}")
     return results
@@ -98,23 +115,28 @@ def _claim_output_dir(out: Path, settings: DemoSettings) -> None:
 
 
 def _setup_corpus_and_tokenizer(out: Path, settings: DemoSettings) -> tuple[Path, Path, Path]:
-    """Write the built-in corpus and train the tokenizer once (reused on later runs)."""
+    """Write the built-in corpus (pretrain) or problems (math) and train the tokenizer once (reused on later runs)."""
     corpus, tokenizer = out / "corpus", out / "tokenizer"
     if not (corpus / "done").exists():
-        write_builtin_corpus(corpus, max_bytes=settings.corpus_bytes)
-        (corpus / "done").write_text(str(settings.corpus_bytes))
+        if settings.task == "math":
+            write_math_problems(corpus, settings.problems, settings.val_problems, seed=settings.seed)
+        else:
+            write_builtin_corpus(corpus, max_bytes=settings.corpus_bytes)
+        (corpus / "done").write_text(settings.task)
     if not (tokenizer / "tokenizer.json").exists():
-        train_bpe_tokenizer(sorted((corpus / "train").glob("*.txt")), settings.vocab_size, tokenizer)
-    log.info("built-in corpus in %s (train/, val/), BPE tokenizer of %d tokens in %s", corpus, settings.vocab_size,
-             tokenizer)
+        train_bpe_tokenizer(sorted((corpus / "train").glob("*.*")), settings.vocab_size, tokenizer)
+    log.info("built-in %s in %s (train/, val/), BPE tokenizer of %d tokens in %s",
+             "math problems" if settings.task == "math" else "corpus", corpus, settings.vocab_size, tokenizer)
     return corpus / "train", corpus / "val", tokenizer
 
 
 def _base_config(settings: DemoSettings, train_dir: Path, val_dir: Path, tokenizer: Path) -> dict:
     """The config values every demo run shares."""
+    data_format = {"format": "prompt_completion"} if settings.task == "math" else {"format": "text",
+                                                                                    "text_document": "file"}
     return {
-        "data": {"train": str(train_dir), "val": str(val_dir), "format": "text", "text_document": "file",
-                 "tokenizer": str(tokenizer), "seq_len": settings.seq_len},
+        "data": {"train": str(train_dir), "val": str(val_dir), **data_format, "tokenizer": str(tokenizer),
+                 "seq_len": settings.seq_len},
         "train": {"num_workers": settings.num_workers, "strategy": "ddp", "batch_size": settings.batch_size,
                   "lr": 1e-3, "weight_decay": 0.1, "warmup_steps": 20, "eval_every": settings.eval_every,
                   "log_every": settings.eval_every, "checkpoint_every": 10_000, "seed": settings.seed},
@@ -162,6 +184,21 @@ def _train_students(out: Path, settings: DemoSettings, base: dict, teacher: Path
     return results
 
 
+def _task_accuracy(out: Path, settings: DemoSettings, base: dict, teacher: Path, results: dict[str, dict]) -> dict:
+    """``tailkd eval``'s generation metrics on the val prompts: each student's exact match and ROUGE-L merged into
+    ``results``; returns the teacher's (decoded once: OUT/teacher_generations.json)."""
+    raw = copy.deepcopy(base)
+    raw.update(output_dir=str(out), teacher={"model": str(teacher)},
+               generation={"examples": settings.val_problems, "max_new_tokens": settings.max_new_tokens})
+    config = from_dict(raw)
+    teacher_metrics = {}
+    for name, metrics in results.items():
+        evaluated = evaluate_student(config, out / "students" / name / "student")
+        metrics.update({key: evaluated[key] for key in TASK_COLUMNS})
+        teacher_metrics = {key: evaluated[f"teacher_{key}"] for key in TASK_COLUMNS}
+    return teacher_metrics
+
+
 # --------------------------------------------------------------------------------------------------
 # The report
 # --------------------------------------------------------------------------------------------------
@@ -171,24 +208,28 @@ def read_curve(run_dir: Path, key: str = "val_loss") -> list[tuple[int, float]]:
 
 
 def results_table(results: dict[str, dict]) -> str:
-    """Markdown table: one row per student, the eval metrics side by side."""
-    header = "| student | " + " | ".join(METRIC_COLUMNS) + " |"
-    rows = [header, "|" + "---|" * (len(METRIC_COLUMNS) + 1)]
+    """Markdown table: one row per student, the eval metrics side by side (and the math task's generation metrics
+    when the students have them)."""
+    columns = METRIC_COLUMNS + tuple(c for c in TASK_COLUMNS if any(c in m for m in results.values()))
+    header = "| student | " + " | ".join(columns) + " |"
+    rows = [header, "|" + "---|" * (len(columns) + 1)]
     for name, metrics in results.items():
-        cells = [f"{metrics[c]:.4g}" if isinstance(metrics.get(c), (int, float)) else "—" for c in METRIC_COLUMNS]
+        cells = [f"{metrics[c]:.4g}" if isinstance(metrics.get(c), (int, float)) else "—" for c in columns]
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(rows) + "\n"
 
 
-def plot_curves(curves: dict[str, list[tuple[int, float]]], path: Path) -> Path:
-    """Validation loss vs step, one line per student, as a PNG."""
+def plot_curves(curves: dict[str, list[tuple[int, float]]], path: Path,
+                exact_match: Optional[dict[str, float]] = None) -> Path:
+    """Validation loss vs step, one line per student, as a PNG; with ``exact_match`` (model -> accuracy), a bar
+    chart of it beside."""
     # Deferred: matplotlib takes ~1 s to import and only this last step needs it.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6, 4))
+    fig = Figure(figsize=(10 if exact_match else 6, 4))
     FigureCanvasAgg(fig)
-    ax = fig.subplots()
+    ax, *accuracy_ax = fig.subplots(1, 2 if exact_match else 1, squeeze=False)[0]
     for name, points in curves.items():
         if points:
             steps, values = zip(*points)
@@ -197,19 +238,35 @@ def plot_curves(curves: dict[str, list[tuple[int, float]]], path: Path) -> Path:
     ax.set_ylabel("validation loss (nats/token)")
     ax.set_title("tailkd demo: students of equal size and budget")
     ax.legend()
+    if exact_match:
+        names = list(exact_match)
+        accuracy_ax[0].bar(names, [100 * exact_match[n] for n in names])
+        accuracy_ax[0].set_ylabel("exact match on #### N (%)")
+        accuracy_ax[0].set_title("greedy answers to the val prompts")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return path
 
 
-def _write_report(out: Path, settings: DemoSettings, results: dict[str, dict], seconds: float) -> Path:
+def _write_report(out: Path, settings: DemoSettings, results: dict[str, dict], seconds: float,
+                  teacher_accuracy: Optional[dict] = None) -> Path:
     table = results_table(results)
-    text = (f"# tailkd demo report\n\nBuilt-in corpus ({settings.corpus_bytes:,} bytes of Python docs and stdlib "
-            f"sources), BPE vocabulary {settings.vocab_size}, sequences of {settings.seq_len} tokens.\n"
-            f"Teacher: {settings.teacher_layers} layers × {settings.teacher_width} wide, {settings.teacher_steps} "
-            f"CLM steps. Students: {settings.student_layers} layers × {settings.student_width} wide, "
-            f"{settings.student_steps} steps each, {settings.num_workers} workers × {settings.batch_size} sequences.\n\n"
-            f"Held-out metrics (validation split; lower is better except top1_agreement):\n\n{table}\n"
+    if settings.task == "math":
+        data = (f"Arithmetic word problems ({settings.problems:,} train, {settings.val_problems} val, seed "
+                f"{settings.seed}; losses and token metrics on the completions only)")
+        higher_better = "top1_agreement, exact_match and rouge_l"
+        reference = (f"Teacher (the reference line): exact match {teacher_accuracy['exact_match']:.4g}, ROUGE-L "
+                     f"{teacher_accuracy['rouge_l']:.4g}; greedy decoding of the {settings.val_problems} val prompts, "
+                     f"at most {settings.max_new_tokens} new tokens, the answer after `####` compared.\n\n")
+    else:
+        data = f"Built-in corpus ({settings.corpus_bytes:,} bytes of Python docs and stdlib sources)"
+        higher_better, reference = "top1_agreement", ""
+    text = (f"# tailkd demo report\n\n{data}, BPE vocabulary {settings.vocab_size}, sequences of {settings.seq_len} "
+            f"tokens.\nTeacher: {settings.teacher_layers} layers × {settings.teacher_width} wide, "
+            f"{settings.teacher_steps} CLM steps. Students: {settings.student_layers} layers × "
+            f"{settings.student_width} wide, {settings.student_steps} steps each, {settings.num_workers} workers × "
+            f"{settings.batch_size} sequences.\n\n"
+            f"Held-out metrics (validation split; lower is better except {higher_better}):\n\n{table}\n{reference}"
             f"![validation loss](curves.png)\n\nWall time: {seconds:.0f} s.\n")
     path = out / "report.md"
     path.write_text(text)
