@@ -17,6 +17,7 @@ import importlib.util
 import logging
 import os
 import socket
+import sys
 import warnings
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -43,10 +44,11 @@ def configure_logging(level: str = "info") -> bool:
     logging.getLogger().setLevel(max(numeric, logging.WARNING) if quiet else numeric)
     logging.getLogger("tailkd_ray").setLevel(numeric)
     os.environ.update(ray_env(quiet))
-    if not os.environ.get("RAY_ADDRESS"):
+    if not os.environ.get("RAY_ADDRESS") and "ray" not in sys.modules:
         # A local Ray (init_ray) with token authentication asked for outright, which Ray turns on for a new local
-        # cluster anyway, then announces in a warning. Ray reads it when imported; a user's own setting stands, and
-        # a cluster joined through RAY_ADDRESS keeps whatever authentication it has.
+        # cluster anyway, then announces in a warning. Ray reads it when imported: set after that, it would reach
+        # the GCS of a local Ray started next but not this process's client, whose every call then fails
+        # authentication. A user's own setting stands, and a cluster joined through RAY_ADDRESS keeps its own.
         os.environ.setdefault("RAY_AUTH_MODE", "token")
     return quiet
 

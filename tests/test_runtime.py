@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -10,13 +13,30 @@ from tailkd_ray.runtime import configure_logging, is_quiet, ray_env
 
 
 def test_quiet_unless_debug(monkeypatch):
-    for name in ("RAY_DATA_LOG_LEVEL", "RAY_DATA_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS"):
+    for name in ("RAY_DATA_LOG_LEVEL", "RAY_DATA_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS", "RAY_AUTH_MODE"):
         monkeypatch.delenv(name, raising=False)
     assert configure_logging("info") and is_quiet()
     assert ray_env(True)["RAY_DATA_DISABLE_PROGRESS_BARS"] == "1"
     assert not configure_logging("debug") and not is_quiet()
     assert "RAY_DATA_LOG_LEVEL" not in ray_env(False)
     assert ray_env(False)["RAY_TRAIN_ENABLE_PRINT_PATCH"] == "0"  # no doubled worker prints either way
+    logging.getLogger("tailkd_ray").setLevel(logging.NOTSET)
+
+
+def test_token_authentication_asked_for_only_before_ray_is_imported(monkeypatch):
+    """Ray reads RAY_AUTH_MODE when imported: set later, a local Ray's GCS would demand a token that this process's
+    client never sends (every test after the first CLI call failed with "Failed to start GCS")."""
+    import ray  # noqa: F401  (imported, as in any process that used Ray before)
+
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    configure_logging("info")
+    assert "RAY_AUTH_MODE" not in os.environ
+    fresh = subprocess.run([sys.executable, "-c", "import os, sys; from tailkd_ray.runtime import configure_logging; "
+                            "configure_logging('info'); print('ray' in sys.modules, os.environ.get('RAY_AUTH_MODE'))"],
+                           capture_output=True, text=True, check=True, env={k: v for k, v in os.environ.items()
+                                                                             if k != "RAY_AUTH_MODE"})
+    assert fresh.stdout.split() == ["False", "token"]
     logging.getLogger("tailkd_ray").setLevel(logging.NOTSET)
 
 
