@@ -32,8 +32,6 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-DEFAULT_ANSWER_REGEX = r"####\s*(-?[\d,]*\.?\d+)"  # GSM8K's final line: "#### 1,234"
-
 
 @dataclass(frozen=True)
 class Completion:
