@@ -109,7 +109,7 @@ def test_teacher_quick(tmp_path):
     assert (config["blocks"], config["seq_len"], config["batch_size"], config["repeats"]) == (8, 32, 4, 2)
     assert result["tokens_per_run"] == 8 * 32
     assert result["bare_torch_threads"] == result["ray_worker_probe"]["torch_threads"] * config["actors"] >= 1
-    assert set(result["variants"]) == {"pool", "bare"}
+    assert set(result["variants"]) == {"pool", "pool_ordered", "bare"}
     for name, entry in result["variants"].items():
         seconds = entry["seconds"]["raw"]
         assert len(seconds) == 2 and all(s > 0 for s in seconds), name
@@ -123,6 +123,8 @@ def test_teacher_quick(tmp_path):
     for kind in ("end_to_end", "steady_state"):
         ratio = result["ratios_pool_over_bare"][kind]
         assert ratio["median_of_paired_ratios"] > 0 and len(ratio["paired_ratios"]) == 2
+        order = result["ratios_ordered_over_pool"][kind]
+        assert len(order["paired_ratios"]) == 2 and order["median_of_paired_ratios"] > 0
         assert ratio["goal"] == 0.9 and ratio["meets_goal"] == (ratio["median_of_paired_ratios"] >= 0.9)
     end_to_end = result["ratios_pool_over_bare"]["end_to_end"]["paired_ratios"]
     assert end_to_end == pytest.approx([b / p for p, b in zip(result["variants"]["pool"]["seconds"]["raw"],

@@ -6,7 +6,9 @@ batch size and the same CPU budget (the bare loop gets as many torch threads as 
 on a random-weight Llama built here. Variants interleaved over repeats on a local Ray. Reported end to end
 (the pool is created per execution: actor start-up and model load included) and steady state (tokens after
 the first batch over the time from the first batch to the last), with the time to the first batch. Goal:
-pool / bare ≥ 0.9.
+pool / bare ≥ 0.9. A third variant, ``pool_ordered``, consumes the pool in input order (``preserve_order``, what the
+training workers' streams ask for: ``train.loop.ingest_options``) to measure what that order costs with several
+actors (``--actors 2``): a batch that finishes early waits for the ones before it.
 """
 
 from __future__ import annotations
@@ -80,12 +82,14 @@ class ScoringRun:
         return float(statistics.median(rates)) if rates else math.nan
 
 
-def pool_step(cfg, blocks_dataset, runs: list):
-    """``score_dataset`` (start-up checks, then a fresh actor pool) consumed to the end in the driver."""
+def pool_step(cfg, blocks_dataset, runs: list, *, ordered: bool):
+    """``score_dataset`` (start-up checks, then a fresh actor pool) consumed to the end in the driver, in input order
+    when ``ordered``, else as batches finish."""
 
     def step():
         start = time.perf_counter()
         scored = score_dataset(blocks_dataset, cfg)
+        scored.context.execution_options.preserve_order = ordered
         run = ScoringRun(checks_seconds=time.perf_counter() - start)
         start = time.perf_counter()
         # Whole output blocks as Arrow tables: counting rows costs the driver nothing.
@@ -135,8 +139,9 @@ def run(args) -> dict:
             scorer = TeacherScorer(**scorer_kwargs(cfg))
             bare_load_seconds = time.perf_counter() - start
             scorer({"input_ids": blocks[: args.batch_size]})  # untimed: first-call allocations of the bare loop
-            runs = {"pool": [], "bare": []}
-            steps = {"pool": pool_step(cfg, dataset, runs["pool"]),
+            runs = {"pool": [], "pool_ordered": [], "bare": []}
+            steps = {"pool": pool_step(cfg, dataset, runs["pool"], ordered=False),
+                     "pool_ordered": pool_step(cfg, dataset, runs["pool_ordered"], ordered=True),
                      "bare": bare_step(scorer, blocks, args.batch_size, threads, runs["bare"])}
             log(f"[teacher] {args.blocks} blocks × {args.seq_len} tokens, batch {args.batch_size}, {args.actors} actor(s); "
                 f"bare loop with {threads} torch thread(s); {args.repeats} interleaved repeats")
@@ -166,11 +171,13 @@ def teacher_result(args, timings: dict, runs: dict, threads: int, bare_load_seco
     steady = {name: [run.steady_tokens_per_second(args.seq_len) for run in variant_runs]
               for name, variant_runs in runs.items()}
     first_batch = {name: [run.batch_arrivals[0] for run in variant_runs] for name, variant_runs in runs.items()}
-    ratios = {}
+    ratios, order_cost = {}, {}
     for kind, per_run in (("end_to_end", end_to_end), ("steady_state", steady)):
         paired = [p / b for p, b in zip(per_run["pool"], per_run["bare"])]
         ratios[kind] = {"median_of_paired_ratios": statistics.median(paired), "paired_ratios": paired,
                         "goal": TEACHER_RATIO_GOAL, "meets_goal": statistics.median(paired) >= TEACHER_RATIO_GOAL}
+        paired = [o / p for o, p in zip(per_run["pool_ordered"], per_run["pool"])]
+        order_cost[kind] = {"median_of_paired_ratios": statistics.median(paired), "paired_ratios": paired}
     return {
         "config": {name: getattr(args, name) for name in ("blocks", "seq_len", "batch_size", "vocab", "layers", "width",
                                                            "top_m", "tail_samples", "actors", "repeats", "seed")},
@@ -187,6 +194,7 @@ def teacher_result(args, timings: dict, runs: dict, threads: int, bare_load_seco
             "checks_seconds": [run.checks_seconds for run in runs[name]],
         } for name in timings},
         "ratios_pool_over_bare": ratios,
+        "ratios_ordered_over_pool": order_cost,
     }
 
 
@@ -196,10 +204,10 @@ def print_table(result: dict) -> None:
     log(f"\nteacher tokens/s ({c['layers']}×{c['width']} Llama, V={c['vocab']}, {c['blocks']} blocks × {c['seq_len']} "
         f"tokens, batch {c['batch_size']}, M={c['top_m']} S={c['tail_samples']}, {c['actors']} actor(s), bare loop on "
         f"{result['bare_torch_threads']} thread(s); median of {c['repeats']} repeats)")
-    log("  variant   end-to-end tok/s  steady tok/s  first batch s  total s  MFU (steady)")
+    log("  variant       end-to-end tok/s  steady tok/s  first batch s  total s  MFU (steady)")
     for name, e in v.items():
         steady_mfu = "-" if e["mfu"] is None else f"{100 * e['mfu']:.1f} %"
-        log(f"  {name:8s} {e['tokens_per_second']['median']:16.0f} {e['steady_tokens_per_second']['median']:13.0f} "
+        log(f"  {name:12s} {e['tokens_per_second']['median']:16.0f} {e['steady_tokens_per_second']['median']:13.0f} "
             f"{e['first_batch_seconds']['median']:14.2f} {e['seconds']['median']:8.2f} {steady_mfu:>13s}")
     if result["bare_peak_memory_mb"] is not None:
         log(f"  bare loop peak GPU memory {result['bare_peak_memory_mb']:.0f} MiB")
@@ -213,3 +221,6 @@ def print_table(result: dict) -> None:
     log("\nratio pool / bare tokens/s   median(paired)  goal   met")
     for kind, r in result["ratios_pool_over_bare"].items():
         log(f"  {kind:26s} {r['median_of_paired_ratios']:14.3f}  ≥{r['goal']:g}  {'yes' if r['meets_goal'] else 'NO'}")
+    log("ratio pool_ordered / pool tokens/s (the cost of input order)")
+    for kind, r in result["ratios_ordered_over_pool"].items():
+        log(f"  {kind:26s} {r['median_of_paired_ratios']:14.3f}")
