@@ -42,6 +42,8 @@ def test_loss_quick(tmp_path):
         assert len(entry["raw"]) == 2 and all(s > 0 for s in entry["raw"])
     pairs = {(r["numerator"], r["denominator"]): r for r in result["time_ratios"]}
     assert set(pairs) == {("tad", "kd"), ("tad_summary", "topk_summary")}
+    # Issue 16's goals, one per pair.
+    assert pairs["tad", "kd"]["goal"] == 1.05 and pairs["tad_summary", "topk_summary"]["goal"] == 1.03
     for ratio in pairs.values():
         assert ratio["median_of_paired_ratios"] > 0 and ratio["ratio_of_medians"] > 0
         assert len(ratio["paired_ratios"]) == 2

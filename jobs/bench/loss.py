@@ -4,7 +4,8 @@ Forward+backward of ``distill_objective`` (the chunked training path) for TAD vs
 the same full teacher logits, and TAD-from-summary vs top-K KD on the same summary, timed side by side
 (variants interleaved, order alternating, median of paired ratios after a warmup). Then the peak extra
 memory of the chunked loss vs a naive full-logit KD (``hidden @ W.T`` + ``F.kl_div``) at several token
-counts. Goals: time ratios ≤ 1.03, memory ≥ 8× lower and flat as the token count grows.
+counts. Goals (issue 16): TAD / KD ≤ 1.05 and TAD-from-summary / top-K-from-summary ≤ 1.03 (``TIME_PAIRS``),
+memory ≥ 8× lower and flat as the token count grows.
 
 ``--baseline-rev REV`` also times every variant with ``losses.py`` as it was at git revision REV, interleaved
 with today's, and reports today / REV per variant (e.g. the cost of a numerics fix, or a speed-up).
@@ -31,7 +32,6 @@ from .measure import log, paired_ratio, peak_extra_bytes, time_interleaved
 
 NAME = "loss"
 HELP = "step time ratios and peak memory of the chunked loss"
-TIME_RATIO_GOAL = 1.03
 MEMORY_RATIO_GOAL = 8.0
 MEMORY_FLAT_GOAL = 1.25  # chunked peak at the largest token count / at the smallest
 
@@ -141,7 +141,8 @@ def naive_kd_step(inputs: LossInputs):
 # Timed variants: name -> (divergence kind, teacher source). The pairs are the ratios with goals.
 TIMED_VARIANTS = {"kd": ("kd", "logits"), "tad": ("tad", "logits"),
                   "topk_summary": ("topk", "summary"), "tad_summary": ("tad", "summary")}
-TIME_PAIRS = (("tad", "kd"), ("tad_summary", "topk_summary"))
+# (numerator, denominator, goal): the most numerator / denominator may be, as a median of paired ratios.
+TIME_PAIRS = (("tad", "kd", 1.05), ("tad_summary", "topk_summary", 1.03))
 MEMORY_VARIANTS = {"chunked_kd": ("kd", "logits"), "chunked_tad": ("tad", "logits"),
                    "chunked_tad_summary": ("tad", "summary")}
 
@@ -159,9 +160,9 @@ def run(args) -> dict:
                       for name, (kind, teacher) in TIMED_VARIANTS.items()})
     log(f"[loss] timing {', '.join(steps)}: {args.warmup} warmup + {args.repeats} interleaved repeats")
     timings = time_interleaved(steps, repeats=args.repeats, warmup=args.warmup, device=device, progress=log)
-    ratios = [dict(paired_ratio(timings, a, b), goal=TIME_RATIO_GOAL) for a, b in TIME_PAIRS]
+    ratios = [dict(paired_ratio(timings, a, b), goal=goal) for a, b, goal in TIME_PAIRS]
     for ratio in ratios:
-        ratio["meets_goal"] = ratio["median_of_paired_ratios"] <= TIME_RATIO_GOAL
+        ratio["meets_goal"] = ratio["median_of_paired_ratios"] <= ratio["goal"]
     versus_baseline = ([paired_ratio(timings, name, f"{name}@{args.baseline_rev}") for name in TIMED_VARIANTS]
                        if args.baseline_rev else [])
     profiles = profile_pairs(inputs, args) if args.profile else None
