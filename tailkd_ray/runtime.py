@@ -18,6 +18,7 @@ import logging
 import os
 import socket
 import sys
+import threading
 import warnings
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -28,6 +29,13 @@ WORKER_LINES_REGEX = r"^(train|eval) step \d"  # what rank 0 prints (train.loop.
 # the copies that other processes (Train's controller) forward to the driver are dropped in quiet mode; the driver's
 # own, once per process, goes straight to its stderr, where no setting reaches it.
 RAY_ACTOR_ARGS_NOTICE_REGEX = r"has constructor arguments in the object store and max_restarts > 0"
+# The raylet warns when a node has started more Python workers than its physical cores (2 here): one run's trainer
+# workers, teacher actor, Ray Data tasks and Train's controller exceed that on any small machine; harmless.
+RAY_WORKER_COUNT_NOTICE_REGEX = r"PYTHON worker processes have been started on node"
+# Ray Data's file listing (``ListFiles``, read_parquet) runs a thread pool whose completion signaler raises
+# InterruptedError, unhandled, when the listing is cancelled: when a training stream stops at train.max_steps before
+# the end of its epoch. Harmless (the listing was no longer wanted); Python prints the thread's traceback.
+RAY_INTERRUPTED_THREAD_SUFFIX = "completion-signaler"
 
 
 def configure_logging(level: str = "info") -> bool:
@@ -63,7 +71,7 @@ def ray_env(quiet: bool) -> dict[str, str]:
            "RAY_DEDUP_LOGS_ALLOW_REGEX": WORKER_LINES_REGEX}
     if quiet:
         env.update(RAY_DATA_LOG_LEVEL="WARNING", RAY_DATA_DISABLE_PROGRESS_BARS="1", HF_HUB_DISABLE_PROGRESS_BARS="1",
-                   RAY_DEDUP_LOGS_SKIP_REGEX=RAY_ACTOR_ARGS_NOTICE_REGEX)
+                   RAY_DEDUP_LOGS_SKIP_REGEX=f"{RAY_ACTOR_ARGS_NOTICE_REGEX}|{RAY_WORKER_COUNT_NOTICE_REGEX}")
     return env
 
 
@@ -76,6 +84,19 @@ def quiet_worker_setup() -> None:
         logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled" notices
     warnings.filterwarnings("ignore", category=RayDeprecationWarning)  # raised by Ray Train's own DataConfig
+    threading.excepthook = _without_cancelled_listing_tracebacks(threading.excepthook)
+
+
+def _without_cancelled_listing_tracebacks(hook):
+    """``hook`` (threading.excepthook) but for the InterruptedError of a cancelled Ray Data listing
+    (``RAY_INTERRUPTED_THREAD_SUFFIX``); every other thread's exception is still reported."""
+
+    def excepthook(args):
+        name = args.thread.name if args.thread is not None else ""
+        if not (issubclass(args.exc_type, InterruptedError) and name.endswith(RAY_INTERRUPTED_THREAD_SUFFIX)):
+            hook(args)
+
+    return excepthook
 
 
 def is_quiet() -> bool:

@@ -23,6 +23,40 @@ def test_quiet_unless_debug(monkeypatch):
     logging.getLogger("tailkd_ray").setLevel(logging.NOTSET)
 
 
+def test_quiet_mode_drops_rays_harmless_notices_only(monkeypatch):
+    """Ray's harmless notices go (the actor-arguments notice, the raylet's worker count, the traceback of a cancelled
+    Ray Data file listing); other lines and other threads' exceptions stay."""
+    import re
+    import threading
+
+    from tailkd_ray.runtime import quiet_worker_setup
+
+    skip = re.compile(ray_env(True)["RAY_DEDUP_LOGS_SKIP_REGEX"])
+    assert skip.search("WARNING: 20 PYTHON worker processes have been started on node: d1e2 with address: 192.0.2.2, "
+                       "which is 10x the maximum expected startup concurrency (2).")
+    assert skip.search("Actor with class name: 'MapWorker(MapBatches(_TokenizeAndPack))' and ID: '67' has constructor "
+                       "arguments in the object store and max_restarts > 0.")
+    assert not skip.search("train step 50/200  loss 5.87") and not skip.search("WARNING: out of memory on node")
+    assert "RAY_DEDUP_LOGS_SKIP_REGEX" not in ray_env(False)
+
+    reported = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: reported.append((args.thread.name, args.exc_type)))
+    quiet_worker_setup()
+
+    def run(name, error):
+        def fail():
+            raise error
+
+        thread = threading.Thread(target=fail, name=name)
+        thread.start()
+        thread.join()
+
+    run("pool-2/completion-signaler", InterruptedError())  # Ray Data's cancelled listing
+    run("pool-2/completion-signaler", ValueError("real"))
+    run("other", InterruptedError())
+    assert reported == [("pool-2/completion-signaler", ValueError), ("other", InterruptedError)]
+
+
 def test_token_authentication_asked_for_only_before_ray_is_imported(monkeypatch):
     """Ray reads RAY_AUTH_MODE when imported: set later, a local Ray's GCS would demand a token that this process's
     client never sends (every test after the first CLI call failed with "Failed to start GCS")."""
