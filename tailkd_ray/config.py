@@ -322,7 +322,8 @@ class GenerationConfig:
     examples: int = doc(200, "Records decoded: the first N usable ones, in file order (malformed ones are skipped "
                              "and counted).")
     max_new_tokens: int = doc(256, "Tokens generated per prompt at most; greedy decoding stops earlier at an EOS "
-                                   "(the tokenizer's, or the model's generation_config eos_token_id).")
+                                   "(the tokenizer's, the model's generation_config eos_token_id, or with data.format "
+                                   "chat the chat template's end-of-turn token).")
     batch_size: int = doc(8, "Prompts decoded together (left-padded; longest prompts first).")
     answer_regex: str = doc(r"####\s*(-?[\d,]*\.?\d+)",
                             "Final answer for exact match: the first match in the reference and in the generated "

@@ -96,6 +96,37 @@ def test_batched_greedy_decoding_equals_a_hand_loop_of_argmax_steps(request, fix
     assert got[0].ids == expected[0][:expected[0].index(eos)]
 
 
+@pytest.mark.parametrize("name, end_of_turn", [("qwen2.5", "<|im_end|>"), ("llama3", "<|eot_id|>")])
+def test_chat_decoding_stops_at_the_templates_end_of_turn(chat_tokenizer_dirs, name, end_of_turn):
+    """A base tokenizer's EOS and an exported student's generation_config name another token: the end of turn the
+    chat template writes (found from the template, the newline after Qwen's left out) still ends a chat reply."""
+    from transformers import LlamaForCausalLM
+
+    from tailkd_ray.data.samples import end_of_turn_ids
+    from tailkd_ray.models import llama_config
+    from tailkd_ray.pipelines.evaluate import stop_ids
+
+    tokenizer = load_tokenizer(chat_tokenizer_dirs[name])
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(0)
+    turn = tokenizer.convert_tokens_to_ids(end_of_turn)
+    assert end_of_turn_ids(tokenizer) == [turn]
+    model = LlamaForCausalLM(llama_config(vocab=len(tokenizer), layers=1, width=32, heads=1, intermediate=64,
+                                          max_positions=64, eos_id=0)).eval()
+    model.lm_head = torch.nn.Linear(32, len(tokenizer), bias=True)  # rigged: every step's argmax is the end of turn
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        model.lm_head.bias.zero_()
+        model.lm_head.bias[turn] = 1.0
+    assert turn in stop_ids(model, tokenizer, "chat") and turn not in stop_ids(model, tokenizer, "prompt_completion")
+    prompt = [[5, 17, 42]]
+    reply, = greedy_decode(model, prompt, max_new_tokens=4, eos_ids=stop_ids(model, tokenizer, "chat"), pad_id=0,
+                           batch_size=1)
+    assert reply.ids == [] and reply.stopped_at_eos
+    runaway, = greedy_decode(model, prompt, max_new_tokens=4, eos_ids=stop_ids(model, tokenizer, "prompt_completion"),
+                             pad_id=0, batch_size=1)
+    assert runaway.ids == [turn] * 4 and not runaway.stopped_at_eos
+
+
 def test_prompt_records_from_jsonl_parquet_and_chat(tmp_path, tiny_tokenizer_dir):
     tokenizer = load_tokenizer(tiny_tokenizer_dir)
     tokenizer.chat_template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"

@@ -66,6 +66,26 @@ class ChatTemplate:
         return texts[0], spans[0] if assistant_spans else []
 
 
+_CONTENT_MARK = "TAILKD_ASSISTANT_CONTENT"  # a reply no template alters (Llama 3's trims whitespace)
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The special tokens the chat template writes right after an assistant's content (Qwen2.5's ``<|im_end|>``,
+    Llama 3's ``<|eot_id|>``): where a chat model's reply ends. Found by rendering a one-turn conversation, since
+    neither the tokenizer's EOS nor a model's generation_config need name them; none when the template ends a
+    turn with plain text."""
+    template = ChatTemplate.of(tokenizer)
+    text, _ = template.render([{"role": "user", "content": "?"}, {"role": "assistant", "content": _CONTENT_MARK}])
+    after = text[text.index(_CONTENT_MARK) + len(_CONTENT_MARK):].lstrip()
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    ids = []
+    for token in tokenizer(after, add_special_tokens=False)["input_ids"]:
+        if token not in special:
+            break
+        ids.append(token)
+    return ids
+
+
 def chat_segments(messages: Any, template: ChatTemplate) -> tuple[list[str], list[bool]]:
     """(segments, trained) of a conversation: its rendered text cut at the assistant turns."""
     check_messages(messages)

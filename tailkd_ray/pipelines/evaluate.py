@@ -33,6 +33,7 @@ from tailkd_ray.core.generation import greedy_decode, score_example, summarize_s
 from tailkd_ray.core.losses import teacher_logits_over
 from tailkd_ray.core.metrics import evaluate
 from tailkd_ray.data.prompts import PromptSet, read_prompts
+from tailkd_ray.data.samples import end_of_turn_ids
 from tailkd_ray.data.splits import data_tokenizer, validation_dataset
 from tailkd_ray.errors import ConfigError, DataError
 from tailkd_ray.models import StudentWithHead, load_model, load_teacher, shared_vocab_size
@@ -43,7 +44,7 @@ from tailkd_ray.train.runlog import write_eval_json
 log = logging.getLogger(__name__)
 
 TEACHER_GENERATIONS = "teacher_generations.json"  # in output_dir: the teacher's completions, reused
-_GENERATIONS_VERSION = 1  # bump when what decides the teacher's completions changes
+_GENERATIONS_VERSION = 2  # bump when what decides the teacher's completions changes
 
 
 def evaluate_student(cfg: Config, student_path: Union[str, Path]) -> dict:
@@ -137,7 +138,7 @@ def _generation_metrics(cfg: Config, records: str, student_path: Union[str, Path
 def _scored_completions(model, name: str, prompts: PromptSet, tokenizer, cfg: Config, pattern: re.Pattern) -> dict:
     """{completions (texts), scores (per example), summary} of ``model``'s greedy completions of ``prompts``."""
     gen = cfg.generation
-    stops = _stop_ids(model, tokenizer)
+    stops = stop_ids(model, tokenizer, cfg.data.format)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(stops), 0)
     progress = _Progress(name, len(prompts.prompt_ids), gen.log_every)
     completions = greedy_decode(model, prompts.prompt_ids, max_new_tokens=gen.max_new_tokens, eos_ids=stops,
@@ -151,12 +152,14 @@ def _scored_completions(model, name: str, prompts: PromptSet, tokenizer, cfg: Co
     return {"completions": texts, "scores": scores, "summary": summary}
 
 
-def _stop_ids(model, tokenizer) -> list[int]:
-    """The ids that end a completion: the tokenizer's EOS and the model's generation_config eos_token_id (an
-    instruct model's end-of-turn tokens)."""
+def stop_ids(model, tokenizer, data_format: str) -> list[int]:
+    """The ids that end a completion: the tokenizer's EOS, the model's generation_config eos_token_id (an
+    instruct model's end-of-turn tokens) and, for chat data, the chat template's end of turn (an exported student
+    or a base tokenizer often names neither)."""
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     configured = configured if isinstance(configured, list) else [configured]
-    return sorted({i for i in [tokenizer.eos_token_id, *configured] if i is not None})
+    turn_end = end_of_turn_ids(tokenizer) if data_format == "chat" else []
+    return sorted({i for i in [tokenizer.eos_token_id, *configured, *turn_end] if i is not None})
 
 
 def _teacher_completions(cfg: Config, teacher, prompts: PromptSet, tokenizer, pattern: re.Pattern) -> dict:
