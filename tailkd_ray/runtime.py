@@ -9,6 +9,9 @@ A local Ray also runs its dashboard on a free loopback port, and every worker is
 (``RAY_API_SERVER_ADDRESS``): Ray Train's PlacementGroupCleaner asks the state API whether the run's controller
 is alive. Without a dashboard it asked 127.0.0.1:8265, where nobody listened (a warning every second), or where
 another Ray's dashboard answered "no such actor" and the cleaner removed a live run's placement group.
+
+On a machine without CUDA, ``DS_ACCELERATOR=cpu`` (``deepspeed_env``) spares the driver and every local worker
+DeepSpeed's "Setting accelerator to CPU" warning, which its import (through accelerate) printed once per process.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ def configure_logging(level: str = "info") -> bool:
     logging.getLogger().setLevel(max(numeric, logging.WARNING) if quiet else numeric)
     logging.getLogger("tailkd_ray").setLevel(numeric)
     os.environ.update(ray_env(quiet))
+    os.environ.update(deepspeed_env())
     if not os.environ.get("RAY_ADDRESS") and "ray" not in sys.modules:
         # A local Ray (init_ray) with token authentication asked for outright, which Ray turns on for a new local
         # cluster anyway, then announces in a warning. Ray reads it when imported: set after that, it would reach
@@ -73,6 +77,17 @@ def ray_env(quiet: bool) -> dict[str, str]:
         env.update(RAY_DATA_LOG_LEVEL="WARNING", RAY_DATA_DISABLE_PROGRESS_BARS="1", HF_HUB_DISABLE_PROGRESS_BARS="1",
                    RAY_DEDUP_LOGS_SKIP_REGEX=f"{RAY_ACTOR_ARGS_NOTICE_REGEX}|{RAY_WORKER_COUNT_NOTICE_REGEX}")
     return env
+
+
+def deepspeed_env() -> dict[str, str]:
+    """``DS_ACCELERATOR=cpu`` when this machine has no CUDA device and the user has not chosen an accelerator:
+    DeepSpeed's own probe would find CPU too, but warns so in every process that imports it. Decided with torch,
+    not by importing DeepSpeed, whose import is what prints the warning."""
+    import torch  # deferred: configure_logging runs before the command's heavy imports
+
+    if "DS_ACCELERATOR" in os.environ or torch.cuda.is_available():
+        return {}
+    return {"DS_ACCELERATOR": "cpu"}
 
 
 def quiet_worker_setup() -> None:
@@ -134,6 +149,10 @@ def init_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env=runtime_env, **options)
     else:
+        # A local Ray's workers share this machine's devices; a joined cluster's workers may have GPUs it lacks.
+        local_env = deepspeed_env()
+        os.environ.update(local_env)
+        runtime_env["env_vars"].update(local_env)
         start_local_ray(runtime_env, num_cpus=max(8, os.cpu_count() or 1), **options)
     context = ray.data.DataContext.get_current()  # copied into every dataset built from here on
     context.enable_progress_bars = context.print_on_execution_start = not quiet

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tailkd_ray.runtime import configure_logging, is_quiet, ray_env
+from tailkd_ray.runtime import configure_logging, deepspeed_env, is_quiet, ray_env
 
 
 def test_quiet_unless_debug(monkeypatch):
@@ -87,6 +87,29 @@ def test_other_libraries_info_only_at_debug():
     finally:
         root.setLevel(before)
         logging.getLogger("tailkd_ray").setLevel(logging.NOTSET)
+
+
+def test_deepspeed_told_cpu_only_without_cuda(monkeypatch):
+    """DS_ACCELERATOR=cpu without CUDA (DeepSpeed's "Setting accelerator to CPU" warning gone from every process
+    that imports it), nothing with CUDA, and a user's own choice stands."""
+    import torch
+
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert deepspeed_env() == {"DS_ACCELERATOR": "cpu"}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert deepspeed_env() == {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("DS_ACCELERATOR", "xpu")
+    assert deepspeed_env() == {}
+    configure_logging("info")
+    assert os.environ["DS_ACCELERATOR"] == "xpu"
+    logging.getLogger("tailkd_ray").setLevel(logging.NOTSET)
+    if not torch.cuda.is_available():  # as the CLI starts: the import after configure_logging stays silent
+        fresh = subprocess.run([sys.executable, "-c", "from tailkd_ray.runtime import configure_logging; "
+                                "configure_logging('info'); import deepspeed"], capture_output=True, text=True,
+                               check=True, env={k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"})
+        assert "Setting accelerator" not in fresh.stdout + fresh.stderr
 
 
 def test_unknown_level_is_refused():
