@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import subprocess
 import sys
@@ -38,7 +39,7 @@ def test_demo_end_to_end_tiny(ray_session, tmp_path):
     # steps: 3 for the teacher, 2 per student); Ray's notices that are not the user's business are gone
     assert printed.count("tokenizing ") == 2 and printed.count("ingest: ") == 1, printed
     assert printed.count("train step ") == printed.count("eval step ") == 3 + 3 * 2, printed
-    for notice in ("Token authentication is enabled", "PreemptionWatcher", "Traceback"):
+    for notice in ("Token authentication is enabled", "PreemptionWatcher", "Setting accelerator", "Traceback"):
         assert notice not in printed, (notice, printed)
     results = {name: json.loads((out / "students" / name / "eval.json").read_text()) for name in ("clm", "kd", "tad")}
     for name in results:  # each student's last validation, printed
@@ -132,6 +133,20 @@ def test_math_problems_are_seeded_disjoint_and_answered(tmp_path):
         assert answer.search(record["completion"]).group(1) == steps[-1][3], record
     assert {"+", "-", "*"} <= {op for r in records["train"] for _, op, _, _ in re.findall(
         r"(\d+) ([-+*]) (\d+) = (\d+)", r["completion"])}
+
+
+def test_demo_logs_the_tokenizers_real_size(tmp_path, caplog):
+    """A small corpus gives BPE fewer tokens than vocab_size asks: the log line says the size written, and that
+    it is short of the request."""
+    from tailkd_ray.models import load_tokenizer
+    from tailkd_ray.pipelines.demo import _setup_corpus_and_tokenizer, demo_settings
+
+    settings = demo_settings(["task=math", "problems=40", "val_problems=4", "vocab_size=1024"])
+    with caplog.at_level(logging.INFO, logger="tailkd_ray"):
+        _, _, tokenizer = _setup_corpus_and_tokenizer(tmp_path, settings)
+    size = len(load_tokenizer(tokenizer))
+    assert size < 1024
+    assert f"BPE tokenizer of {size} tokens (vocab_size=1024 asked; the corpus gave no more) in " in caplog.text
 
 
 def test_cli_demo_task_math_defaults_its_own_out(monkeypatch):

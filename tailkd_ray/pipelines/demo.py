@@ -34,7 +34,7 @@ from tailkd_ray.config import ConfigError, apply_overrides, build_dataclass, fro
 from tailkd_ray.data.corpus import train_bpe_tokenizer, write_builtin_corpus
 from tailkd_ray.data.math_problems import write_math_problems
 from tailkd_ray.data.splits import Ingest, train_val_datasets
-from tailkd_ray.models import llama_config, save_random_model
+from tailkd_ray.models import llama_config, load_tokenizer, save_random_model
 from tailkd_ray.pipelines.distill import distill
 from tailkd_ray.pipelines.evaluate import evaluate_student
 from tailkd_ray.runtime import init_ray
@@ -125,8 +125,10 @@ def _setup_corpus_and_tokenizer(out: Path, settings: DemoSettings) -> tuple[Path
         (corpus / "done").write_text(settings.task)
     if not (tokenizer / "tokenizer.json").exists():
         train_bpe_tokenizer(sorted((corpus / "train").glob("*.*")), settings.vocab_size, tokenizer)
-    log.info("built-in %s in %s (train/, val/), BPE tokenizer of %d tokens in %s",
-             "math problems" if settings.task == "math" else "corpus", corpus, settings.vocab_size, tokenizer)
+    size = len(load_tokenizer(tokenizer))  # BPE stops early when the corpus has fewer merges to learn
+    short = f" (vocab_size={settings.vocab_size} asked; the corpus gave no more)" if size < settings.vocab_size else ""
+    log.info("built-in %s in %s (train/, val/), BPE tokenizer of %d tokens%s in %s",
+             "math problems" if settings.task == "math" else "corpus", corpus, size, short, tokenizer)
     return corpus / "train", corpus / "val", tokenizer
 
 
