@@ -93,8 +93,10 @@ SUPERVISED_FORMATS = ("chat", "prompt_completion")  # samples with a prompt and 
 
 @dataclass
 class DataConfig:
-    train: Optional[str] = doc(None, "Training corpus: a path, directory or glob (any pyarrow filesystem URI).")
-    val: Optional[str] = doc(None, "Validation corpus; null = hold out `data.val_fraction` of the train blocks.")
+    train: Optional[str] = doc(None, "Training corpus: a path, directory or glob (any pyarrow filesystem URI). "
+                                     "Null when a datasets.Dataset is passed as train_data (Python API).")
+    val: Optional[str] = doc(None, "Validation corpus (or a datasets.Dataset as val_data, Python API); null = hold "
+                                   "out `data.val_fraction` of the train blocks.")
     format: Literal["text", "jsonl", "parquet", "tokens", "chat", "prompt_completion"] = doc(
         "text", "`text` files, `jsonl` / `parquet` with a text column, `tokens` (pre-tokenized ids), `chat` (jsonl or "
                 "parquet with a `messages` column: lists of {role, content}, rendered with the data tokenizer's chat "

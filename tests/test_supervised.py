@@ -366,3 +366,77 @@ def test_the_loss_of_a_padded_batch_is_the_loss_of_its_samples_one_by_one(tiny_l
              for sample_ids, sample_mask in samples]
     assert batch.tokens == sum(a.tokens for a in alone) == mask[:, 1:].sum()
     torch.testing.assert_close(batch.loss, sum(a.loss * a.tokens for a in alone) / batch.tokens)
+
+
+@pytest.mark.parametrize("fmt", ["prompt_completion", "chat", "jsonl", "tokens"])
+def test_a_hugging_face_dataset_gives_the_blocks_of_its_rows_read_from_jsonl(ray_session, chat_tokenizer_dirs,
+                                                                            tmp_path, fmt):
+    """``train_data=`` (a datasets.Dataset, read with ray.data.from_huggingface) packs exactly as its rows written to
+    jsonl and read by path: same ids, loss mask and counts; its bad row is skipped and named by its row."""
+    import datasets
+
+    from tailkd_ray.config import from_dict
+    from tailkd_ray.data.splits import train_val_datasets, with_in_memory_data
+    from tailkd_ray.teacher.cache import data_fingerprint
+
+    if fmt == "chat":
+        records = [{"messages": m} for m in [CONVERSATION[1:3], [{"role": "user", "content": "Hi"},
+                                                                  {"role": "assistant", "content": "Hello, friend."}]] * 5]
+        bad, reason = {"messages": [{"role": "user", "content": "?"}]}, "no assistant turn (nothing to train on)"
+    elif fmt == "prompt_completion":
+        records = [{"prompt": f"Question {i}: what is {i} plus {i}?\nAnswer:", "completion": f" {2 * i}. Done"}
+                   for i in range(12)]
+        bad, reason = {"prompt": "no completion", "completion": None}, "'completion' is NoneType, expected a string"
+    elif fmt == "jsonl":
+        records, bad = [{"text": f"Document {i} says {i} plus {i} is {2 * i}."} for i in range(12)], {"text": None}
+    else:
+        records, bad = [{"input_ids": list(range(i + 5, i + 15))} for i in range(12)], {"input_ids": None}
+    records.insert(3, bad)
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    data = {"format": fmt, "tokenizer": str(chat_tokenizer_dirs["qwen2.5"]), "seq_len": SEQ_LEN,
+            "tokenizer_actors": 1, "val_fraction": 0.0, "shuffle": False}
+    by_path, _, path_report = train_val_datasets(from_dict({"data": {**data, "train": str(tmp_path / "train.jsonl")}}))
+    dataset = datasets.Dataset.from_list(records)
+    cfg, corpora = with_in_memory_data(from_dict({"data": data}), train_data=dataset)
+    assert cfg.data.train == f"hf:dataset@{dataset._fingerprint}"
+    in_memory, _, report = train_val_datasets(cfg, corpora)
+    expected, got = by_path.take_all(), in_memory.take_all()
+    assert len(got) == len(expected) > 0
+    for column in ("input_ids", "loss_mask") if fmt in ("chat", "prompt_completion") else ("input_ids",):
+        np.testing.assert_array_equal(_stacked(got, column), _stacked(expected, column))
+    assert (report.documents, report.tokens, report.skipped) == (path_report.documents, path_report.tokens,
+                                                                 path_report.skipped)
+    if fmt in ("chat", "prompt_completion"):
+        assert report.skipped["malformed"] == 1
+        assert report.skipped_examples == [f"malformed: hf:dataset[row 3] ({reason})"]
+    else:
+        assert report.skipped["null"] == 1 and report.skipped_examples == ["null: hf:dataset[row 3]"]
+        assert path_report.skipped_examples == [f"null: {tmp_path / 'train.jsonl'}:4"]
+    # The summary cache's identity pins the content: another row, another fingerprint
+    other, _ = with_in_memory_data(from_dict({"data": data}), train_data=dataset.select(range(len(records) - 1)))
+    assert data_fingerprint(other) != data_fingerprint(cfg)
+    assert data_fingerprint(with_in_memory_data(from_dict({"data": data}),
+                                                train_data=datasets.Dataset.from_list(records))[0]) == data_fingerprint(cfg)
+
+
+def test_a_dataset_and_a_path_for_one_split_are_refused(tmp_path):
+    import datasets
+
+    from tailkd_ray.config import from_dict
+    from tailkd_ray.data.splits import with_in_memory_data
+    from tailkd_ray.pipelines.distill import distill
+    from tailkd_ray.pipelines.score import score
+
+    cfg = from_dict({"data": {"format": "prompt_completion", "train": "train.jsonl"},
+                     "summary": {"cache_dir": str(tmp_path / "cache"), "top_m": 16}})
+    rows = datasets.Dataset.from_list([{"prompt": "a", "completion": "b"}])
+    with pytest.raises(ConfigError, match=r"data.train \(train.jsonl\) and train_data .* both given"):
+        with_in_memory_data(cfg, train_data=rows)
+    with pytest.raises(DataError, match="val_data must be a datasets.Dataset, got DatasetDict .* dataset\\['train'\\]"):
+        with_in_memory_data(cfg, val_data=datasets.DatasetDict({"train": rows}))
+    for run in (distill, score):  # before any work
+        with pytest.raises(ConfigError, match=r"data.train \(train.jsonl\) and train_data"):
+            run(cfg, train_data=rows)
+    with_val, corpora = with_in_memory_data(cfg, val_data=rows)
+    assert with_val.data.train == "train.jsonl" and list(corpora) == [with_val.data.val]
+    assert cfg.data.val is None  # the caller's config is left as it was

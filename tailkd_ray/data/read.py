@@ -8,14 +8,22 @@ read tasks. Bad input: an empty or null document, or invalid UTF-8 (text and jso
 replacement characters, which would teach the student garbage) is marked for skipping and counted later
 (``pack.IngestReport``); a missing or mistyped column, invalid JSON, or a corrupt Parquet file stops the run
 with a ``DataError`` naming the file (and line). Files come in sorted order, rows and lines in file order.
+
+A Hugging Face ``datasets.Dataset`` passed through the Python API (``InMemoryCorpus``, ``distill(cfg,
+train_data=...)``) takes a path's place: ``ray.data.from_huggingface`` reads it and the same maps make its rows
+documents, each ``source`` naming it and the row (``hf:NAME[row 12]``); the config names it by a label,
+``hf:NAME@FINGERPRINT``, datasets' own ``_fingerprint`` (for a dataset built in memory, a hash of its Arrow data;
+for a loaded one, of its cache files and the transforms applied), which pins its content in the summary cache's
+identity.
 """
 
 from __future__ import annotations
 
 import glob
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -48,11 +56,42 @@ def expand_paths(pattern: str) -> list[str]:
     return sorted(str(f.resolve()) for f in files)
 
 
-def read_documents(pattern: str, data_cfg: DataConfig, chat_template: Optional[ChatTemplate] = None
+HF_PREFIX = "hf:"  # the label of an in-memory corpus
+_ROW_COLUMN = "__tailkd_row"  # the row number of an in-memory corpus, added before Ray reads it
+
+
+@dataclass(frozen=True)
+class InMemoryCorpus:
+    """A ``datasets.Dataset`` read in place of a data.train / data.val path; ``label`` stands for it in the config."""
+
+    dataset: Any
+    name: str  # the dataset's name, or "dataset" when it has none
+
+    @classmethod
+    def of(cls, dataset: Any, argument: str) -> "InMemoryCorpus":
+        """``dataset`` (passed as ``argument``) when it is a ``datasets.Dataset``, else a ``DataError`` saying so."""
+        import datasets  # only where a user passed one
+
+        if not isinstance(dataset, datasets.Dataset):
+            hint = " (a DatasetDict: pass one split, e.g. dataset['train'])" if isinstance(
+                dataset, datasets.DatasetDict) else ""
+            raise DataError(f"{argument} must be a datasets.Dataset, got {type(dataset).__name__}{hint}")
+        return cls(dataset, dataset.info.dataset_name or dataset.builder_name or "dataset")
+
+    @property
+    def label(self) -> str:
+        return f"{HF_PREFIX}{self.name}@{self.dataset._fingerprint}"
+
+
+def read_documents(source: str | InMemoryCorpus, data_cfg: DataConfig, chat_template: Optional[ChatTemplate] = None
                    ) -> ray.data.Dataset:
     """One row per document: ``text`` (``input_ids`` for the tokens format; ``segments`` and ``trained`` for the
     supervised formats, ``samples.py``, whose chat conversations ``chat_template`` renders), ``source`` (file or
-    file:line, for messages) and ``skip`` (a reason from SKIP_REASONS found while reading, else "")."""
+    file:line, for messages; ``hf:NAME[row N]`` for an in-memory corpus) and ``skip`` (a reason from SKIP_REASONS
+    found while reading, else "")."""
+    if isinstance(source, InMemoryCorpus):
+        return _read_in_memory(source, data_cfg, chat_template)
+    pattern = source
     paths = expand_paths(pattern)
     if data_cfg.format == "text":
         return ray.data.read_binary_files(paths, include_paths=True).map_batches(
@@ -94,6 +133,44 @@ def _read_samples(pattern: str, paths: list[str], fmt: str, chat_template: Optio
                                                               fn_kwargs=kwargs)
 
 
+def _read_in_memory(corpus: InMemoryCorpus, data_cfg: DataConfig, chat_template: Optional[ChatTemplate]
+                    ) -> ray.data.Dataset:
+    """A ``datasets.Dataset``'s rows as documents: its columns as a jsonl record's fields, the row number added so
+    that each source names its row."""
+    dataset, fmt = corpus.dataset, data_cfg.format
+    if fmt in SUPERVISED_FORMATS:
+        columns, setting, tokens = list(completion_columns(fmt)), f"data.format = {fmt}", False
+    else:
+        tokens = fmt == "tokens"
+        columns, setting = [data_cfg.tokens_column if tokens else data_cfg.text_column], f"set {_column_key(tokens)}"
+    for column in columns:
+        if column not in dataset.column_names:
+            raise DataError(f"{corpus.label} has no column '{column}'; columns: {', '.join(dataset.column_names)} "
+                            f"({setting})")
+    numbered = dataset.select_columns(columns).add_column(_ROW_COLUMN, np.arange(len(dataset), dtype=np.int64))
+    kwargs = {"name": corpus.name}
+    if fmt in SUPERVISED_FORMATS:
+        return ray.data.from_huggingface(numbered).map_batches(
+            _in_memory_samples, batch_format="pyarrow", fn_kwargs={**kwargs, "fmt": fmt, "chat_template": chat_template})
+    return ray.data.from_huggingface(numbered).map_batches(
+        _in_memory_documents, batch_format="pyarrow", fn_kwargs={**kwargs, "column": columns[0], "tokens": tokens})
+
+
+def _row_sources(batch, name: str) -> list[str]:
+    return [f"{HF_PREFIX}{name}[row {row}]" for row in batch[_ROW_COLUMN].to_pylist()]
+
+
+def _in_memory_samples(batch, *, name: str, fmt: str, chat_template: Optional[ChatTemplate]):
+    return _samples_table(_column_records(batch, fmt), _row_sources(batch, name), fmt, chat_template)
+
+
+def _in_memory_documents(batch, *, name: str, column: str, tokens: bool):
+    values = batch[column]
+    _check_column_type(values.type, column, tokens, f"{HF_PREFIX}{name}")
+    skips = np.where(pc.is_null(values).to_numpy(zero_copy_only=False), "null", "").tolist()
+    return _documents_table(values, _row_sources(batch, name), skips, tokens=tokens)
+
+
 def _jsonl_samples(batch, *, fmt: str, chat_template: Optional[ChatTemplate]):
     records, sources = [], []
     for data, path in zip(batch["bytes"].to_pylist(), batch["path"].to_pylist()):
@@ -106,9 +183,13 @@ def _jsonl_samples(batch, *, fmt: str, chat_template: Optional[ChatTemplate]):
 
 
 def _parquet_samples(batch, *, fmt: str, chat_template: Optional[ChatTemplate]):
+    return _samples_table(_column_records(batch, fmt), batch["path"].to_pylist(), fmt, chat_template)
+
+
+def _column_records(batch, fmt: str) -> list[dict]:
+    """The records of a columnar batch: one dict of ``completion_columns(fmt)`` per row."""
     columns = completion_columns(fmt)
-    records = [dict(zip(columns, values)) for values in zip(*(batch[c].to_pylist() for c in columns))]
-    return _samples_table(records, batch["path"].to_pylist(), fmt, chat_template)
+    return [dict(zip(columns, values)) for values in zip(*(batch[c].to_pylist() for c in columns))]
 
 
 def _samples_table(records: list, sources: list, fmt: str, chat_template: Optional[ChatTemplate]):
@@ -205,16 +286,20 @@ def _parquet_documents(batch, *, column: str, tokens: bool, scheme: str):
     nulls = pc.is_null(values).to_numpy(zero_copy_only=False)
     for path in sorted(set(np.asarray(paths.to_pylist(), dtype=object)[nulls])):
         _check_parquet_column(scheme + path, column, f"set {_column_key(tokens)}")  # Ray fills a column a file lacks with nulls
-    kind = values.type
+    _check_column_type(values.type, column, tokens, paths[0].as_py())
+    skips = np.where(nulls, "null", "").tolist()
+    return _documents_table(values, paths.to_pylist(), skips, tokens=tokens)
+
+
+def _check_column_type(kind: pa.DataType, column: str, tokens: bool, where: str) -> None:
+    """A DataError naming ``where`` unless ``column`` holds strings (token id lists for the tokens format)."""
     if tokens:
         expected = (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and pa.types.is_integer(kind.value_type)
     else:
         expected = pa.types.is_string(kind) or pa.types.is_large_string(kind)
     if not (expected or pa.types.is_null(kind)):
-        raise DataError(f"{paths[0].as_py()}: column '{column}' has type {kind}, expected "
+        raise DataError(f"{where}: column '{column}' has type {kind}, expected "
                         f"{'a list of integer token ids' if tokens else 'a string'}")
-    skips = np.where(nulls, "null", "").tolist()
-    return _documents_table(values, paths.to_pylist(), skips, tokens=tokens)
 
 
 def _check_parquet_column(path: str, column: str, setting: str) -> None:

@@ -15,10 +15,10 @@ import logging
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from tailkd_ray.config import Config
-from tailkd_ray.data.splits import Ingest, train_val_datasets
+from tailkd_ray.data.splits import Corpora, Ingest, train_val_datasets, with_in_memory_data
 from tailkd_ray.pipelines.preflight import check_inputs, require_resources
 from tailkd_ray.runtime import init_ray
 from tailkd_ray.teacher.cache import open_cache, score_to_cache, teacher_identity
@@ -31,12 +31,15 @@ log = logging.getLogger(__name__)
 DATA_REPORT_FILE = "data_report.json"
 
 
-def distill(cfg: Config, *, step_hook: Optional[StepHook] = None, ingest: Optional[Ingest] = None) -> dict:
+def distill(cfg: Config, *, step_hook: Optional[StepHook] = None, ingest: Optional[Ingest] = None,
+            train_data: Any = None, val_data: Any = None) -> dict:
     """The whole run; returns the eval metrics. ``step_hook``: see ``train.loop.run_training``. ``ingest``: what
     ``data.splits.train_val_datasets`` gave for this config's data and ``train.seed`` in this Ray session, when the
-    caller already has it (the demo's runs share one corpus), instead of tokenizing again.
+    caller already has it (the demo's runs share one corpus), instead of tokenizing again. ``train_data`` /
+    ``val_data``: a Hugging Face ``datasets.Dataset`` in place of data.train / data.val (``with_in_memory_data``).
 
     The driver's fixed costs (preflight, Ray start, ingest, summaries) go into the run's ``setup`` records."""
+    cfg, corpora = with_in_memory_data(cfg, train_data, val_data)
     seconds = {}
     with timed(seconds, "preflight_s"):
         check_inputs(cfg)
@@ -45,7 +48,7 @@ def distill(cfg: Config, *, step_hook: Optional[StepHook] = None, ingest: Option
     with timed(seconds, "preflight_s"):
         require_resources(cfg, "distill")
     with timed(seconds, "ingest_s"):
-        train_ds, val_ds = _setup_data(cfg, ingest)
+        train_ds, val_ds = _setup_data(cfg, ingest, corpora)
     mode = teacher_mode_for(cfg)
     streamed = mode == "summary" and cfg.summary.cache_dir is None
     with ScoringProgress("teacher pool (streamed)", cfg.data.seq_len) if streamed else nullcontext() as progress:
@@ -58,9 +61,9 @@ def distill(cfg: Config, *, step_hook: Optional[StepHook] = None, ingest: Option
     return read_eval_json(cfg.output_dir)
 
 
-def _setup_data(cfg: Config, ingest: Optional[Ingest] = None):
+def _setup_data(cfg: Config, ingest: Optional[Ingest], corpora: Corpora):
     """(train, val) blocks, ``ingest``'s or tokenized now; the ingest's counts go to ``OUT/data_report.json``."""
-    train_ds, val_ds, report = ingest or train_val_datasets(cfg)
+    train_ds, val_ds, report = ingest or train_val_datasets(cfg, corpora)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / DATA_REPORT_FILE).write_text(json.dumps(asdict(report), indent=2, default=str) + "\n")

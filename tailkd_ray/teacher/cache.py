@@ -52,7 +52,7 @@ from tailkd_ray.config import Config, differing_fields
 from tailkd_ray.core.summary import FIELDS, TeacherSummary, bytes_per_position
 from tailkd_ray.data.hashing import block_hashes, stream_sha256
 from tailkd_ray.data.pack import BLOCK_COLUMNS, document_bos_id
-from tailkd_ray.data.read import expand_paths
+from tailkd_ray.data.read import HF_PREFIX, expand_paths
 from tailkd_ray.data.splits import data_tokenizer
 from tailkd_ray.errors import CacheError, ConfigError, DataError
 from tailkd_ray.models import tokenizer_size
@@ -138,8 +138,9 @@ def tokenizer_hash(tokenizer_path: str) -> str:
 
 def data_fingerprint(cfg: Config) -> dict:
     """The data section of the config plus the count, total size and a hash of (path, size, mtime) of the
-    files it reads (``read.expand_paths``; a URI is listed recursively through its pyarrow filesystem)."""
-    files = sorted(entry for pattern in (cfg.data.train, cfg.data.val) if pattern
+    files it reads (``read.expand_paths``; a URI is listed recursively through its pyarrow filesystem). An
+    in-memory corpus has no files: its label in the data section holds its datasets fingerprint (``read``)."""
+    files = sorted(entry for pattern in (cfg.data.train, cfg.data.val) if pattern and not pattern.startswith(HF_PREFIX)
                    for path in expand_paths(pattern) for entry in _file_stats(path))
     return {"config": asdict(cfg.data), "files": len(files), "bytes": sum(size for _, size, _ in files),
             "files_sha256": hashlib.sha256(json.dumps(files).encode()).hexdigest()}
