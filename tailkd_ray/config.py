@@ -115,14 +115,17 @@ class DataConfig:
                                         "(Llama 3: BOS; Qwen2.5, GPT-2: none); `tokens` corpora are kept as given "
                                         "unless this is true.")
     seq_len: int = doc(512, "Tokens per training sequence (blocks are packed with seq_len + 1 tokens).")
-    packing: bool = doc(True, "Pack documents into blocks of seq_len + 1 tokens, one after the other (a document may "
-                              "span blocks; attention is causal over the whole block). false: one sample per block, "
-                              "right-padded, the padding masked out of losses and metrics: no sample attends to "
-                              "another (what supervised data wants, at the cost of the padding's compute).")
+    packing: bool = doc(True, "Pack documents into blocks of seq_len + 1 tokens, several per block. Text formats: one "
+                              "after the other (a document may span blocks; attention is causal over the whole "
+                              "block). chat / prompt_completion: whole samples, a sample that does not fit starting "
+                              "the next block (the rest padded, masked), position ids restarting at each sample so "
+                              "that attention stays within it (transformers' packed-sequence mask). false: one sample "
+                              "per block, right-padded, the padding masked out of losses and metrics (more padding "
+                              "to compute).")
     overlong: Literal["truncate", "drop"] = doc(
-        "truncate", "With data.packing false, a sample longer than seq_len + 1 tokens (BOS and EOS included) is cut "
-                    "to its first seq_len + 1 (`truncate`) or skipped (`drop`); both counted in data_report.json "
-                    "(truncated, skipped.overlong).")
+        "truncate", "A sample longer than seq_len + 1 tokens (BOS and EOS included) that must fit in one block "
+                    "(chat / prompt_completion, or data.packing false) is cut to its first seq_len + 1 (`truncate`) "
+                    "or skipped (`drop`); both counted in data_report.json (truncated, skipped.overlong).")
     val_fraction: float = doc(0.02, "Fraction of packed blocks held out when `data.val` is null.")
     tokenizer_actors: int = doc(4, "Maximum tokenizer actors (1 CPU each); the pool autoscales from 1.")
     shuffle: bool = doc(True, "Shuffle the training blocks: one permutation seeded by train.seed on the driver, "
@@ -144,9 +147,10 @@ class DataConfig:
         """Whether the losses and metrics cover the completion tokens only."""
         return self.format in SUPERVISED_FORMATS and self.train_on != "all"
 
-    def loss_mask(self) -> bool:
-        """Whether blocks carry a ``loss_mask`` (DESIGN §1): completion only, or padded samples (no packing)."""
-        return self.completion_mask() or not self.packing
+    def whole_samples(self) -> bool:
+        """Whether every sample lies whole in one block, padded (DESIGN §1): supervised samples, or no packing. Such
+        blocks carry a ``loss_mask`` (the padding, and with train_on: completion the prompts, masked)."""
+        return self.format in SUPERVISED_FORMATS or not self.packing
 
 
 @dataclass

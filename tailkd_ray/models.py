@@ -477,9 +477,12 @@ class StudentWithHead(nn.Module):
     def head(self) -> nn.Module:
         return self.model.get_output_embeddings()
 
-    def forward(self, input_ids: torch.Tensor, head_fn: HeadFn):
+    def forward(self, input_ids: torch.Tensor, head_fn: HeadFn, position_ids: Optional[torch.Tensor] = None):
         # No KV cache: training never reuses it, and a recomputed (checkpointed) block would append to it again.
-        hidden = self.model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+        # Position ids restarting per packed sample (no attention mask, no cache) make transformers build its
+        # packed-sequence mask: each sample attends within itself only (DESIGN §1).
+        hidden = self.model.base_model(input_ids=input_ids, position_ids=position_ids,
+                                       use_cache=False).last_hidden_state
         return head_fn(hidden, self.head.weight, getattr(self.head, "bias", None))
 
     def register_for_zero3(self) -> None:

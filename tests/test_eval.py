@@ -21,11 +21,11 @@ def tiny_case():
     teacher_table = emb @ head.t() + bias + 1.5 * torch.randn(V, V, generator=g)  # related, not equal
     ids = torch.randint(0, V, (B, T + 1), generator=g)
 
-    def student(inputs, head_fn):
+    def student(inputs, head_fn, position_ids=None):  # a bigram model: positions change nothing
         return head_fn(emb[inputs], head, bias)
 
     student_logits = emb[ids[:, :-1]] @ head.t() + bias
-    return student, (lambda inputs: teacher_table[inputs]), ids, student_logits, teacher_table[ids[:, :-1]]
+    return student, (lambda inputs, positions: teacher_table[inputs]), ids, student_logits, teacher_table[ids[:, :-1]]
 
 
 def brute_force(student_logits, teacher_logits, targets, k=K, bins=BINS):

@@ -18,6 +18,7 @@ from tailkd_ray.errors import DataError
 from tailkd_ray.models import load_tokenizer, tokenizer_size
 
 SEQ_LEN = 24
+LONG = 64  # tokens per block: room for several short samples
 CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},
                 {"role": "assistant", "content": "It is 4."}, {"role": "user", "content": "And 3+3?"},
                 {"role": "assistant", "content": "6"}]
@@ -111,6 +112,27 @@ def _stacked(rows, column):
     return np.concatenate([np.asarray(row[column]) for row in rows])
 
 
+def _whole_samples(rows, samples, eos_id) -> int:
+    """Check packed blocks against ``samples`` [(ids, mask)], in order: each block holds whole samples, its position
+    ids restarting at 0 at each, then padding (masked EOS ids) only where the next sample does not fit. Returns the
+    number of padding ids."""
+    pending, padding = list(samples), 0
+    for row in rows:
+        ids, mask, positions = (np.asarray(row[name]) for name in ("input_ids", "loss_mask", "position_ids"))
+        starts = [*np.flatnonzero(positions == 0), len(positions)]
+        assert starts[0] == 0
+        for start, end in zip(starts, starts[1:]):
+            np.testing.assert_array_equal(positions[start:end], np.arange(end - start))
+            if pending and len(pending[0][0]) == end - start and (ids[start:end] == pending[0][0]).all():
+                np.testing.assert_array_equal(mask[start:end], pending.pop(0)[1])
+            else:  # padding: the rest of the block, too short for the next sample
+                assert end == len(ids) and (ids[start:end] == eos_id).all() and not mask[start:end].any()
+                assert not pending or end - start < len(pending[0][0])
+                padding += end - start
+    assert not pending
+    return padding
+
+
 @pytest.mark.parametrize("name", sorted(ASSISTANT_TURNS))
 def test_chat_jsonl_packs_with_its_assistant_mask_and_counts_malformed_lines(ray_session, chat_tokenizer_dirs,
                                                                              tmp_path, name):
@@ -120,15 +142,17 @@ def test_chat_jsonl_packs_with_its_assistant_mask_and_counts_malformed_lines(ray
     lines = [json.dumps({"messages": m}) for m in good]
     lines[2:2] = [json.dumps({"text": "no messages"}), json.dumps({"messages": [{"role": "user", "content": "?"}]})]
     (tmp_path / "chat.jsonl").write_text("\n".join(lines) + "\n")
-    rows, report = _pack(tmp_path / "chat.jsonl", tokenizer_dir, format="chat")
+    seq_len = 160  # the templates' system prompts make long samples
+    rows, report = _pack(tmp_path / "chat.jsonl", tokenizer_dir, format="chat", seq_len=seq_len)
     template = ChatTemplate.of(tokenizer)
-    ids, mask = _expected(tokenizer, [(*chat_segments(m, template), False) for m in good])
-    n = len(rows) * (SEQ_LEN + 1)
-    assert n == len(ids) // (SEQ_LEN + 1) * (SEQ_LEN + 1)
-    np.testing.assert_array_equal(_stacked(rows, "input_ids"), ids[:n])
-    np.testing.assert_array_equal(_stacked(rows, "loss_mask"), mask[:n])
+    whole = [_expected(tokenizer, [(*chat_segments(m, template), False)]) for m in good]
+    samples = [(ids[: seq_len + 1], mask[: seq_len + 1]) for ids, mask in whole]  # data.overlong: truncate
+    padding = _whole_samples(rows, samples, tokenizer.eos_token_id)
+    assert padding == report.padding_tokens > 0 and report.truncated == sum(len(i) > seq_len + 1 for i, _ in whole)
+    assert len(rows) == report.blocks and report.blocks * (seq_len + 1) == report.tokens + padding
     assert report.skipped["malformed"] == 2 and report.documents == len(good) + 2
-    assert report.completion_tokens == mask.sum() and report.tokens == len(ids)
+    assert report.completion_tokens == sum(m.sum() for _, m in samples)
+    assert report.tokens == sum(len(i) for i, _ in samples)
     assert report.skipped_examples == [f"malformed: {tmp_path / 'chat.jsonl'}:3 (no field 'messages'; fields: text)",
                                        f"malformed: {tmp_path / 'chat.jsonl'}:4 (no assistant turn (nothing to train on))"]
 
@@ -138,15 +162,16 @@ def test_prompt_completion_parquet_trains_the_completion_and_its_eos(ray_session
     pairs = [(f"Question {i}: what is {i} plus {i}?\nAnswer:", f" {2 * i}. Done") for i in range(12)]
     pq.write_table(pa.table({"prompt": [p for p, _ in pairs] + ["no completion"],
                              "completion": [c for _, c in pairs] + [None]}), tmp_path / "pc.parquet")
-    rows, report = _pack(tmp_path / "pc.parquet", tiny_tokenizer_dir, format="prompt_completion")
-    ids, mask = _expected(tokenizer, [([p, c], [False, True], True) for p, c in pairs])
-    n = len(rows) * (SEQ_LEN + 1)
-    np.testing.assert_array_equal(_stacked(rows, "input_ids"), ids[:n])
-    np.testing.assert_array_equal(_stacked(rows, "loss_mask"), mask[:n])
+    rows, report = _pack(tmp_path / "pc.parquet", tiny_tokenizer_dir, format="prompt_completion", seq_len=LONG)
+    samples = [_expected(tokenizer, [([p, c], [False, True], True)]) for p, c in pairs]
+    assert _whole_samples(rows, samples, tokenizer.eos_token_id) == report.padding_tokens
     assert report.skipped["malformed"] == 1
-    all_rows, _ = _pack(tmp_path / "pc.parquet", tiny_tokenizer_dir, format="prompt_completion", train_on="all")
-    assert "loss_mask" not in all_rows[0]
-    np.testing.assert_array_equal(_stacked(all_rows, "input_ids"), ids[:n])
+    # train_on: all trains every id but a sample's first (nothing of its own before it) and the padding
+    all_rows, all_report = _pack(tmp_path / "pc.parquet", tiny_tokenizer_dir, format="prompt_completion",
+                                 train_on="all", seq_len=LONG)
+    everything = [(ids, np.arange(len(ids)) > 0) for ids, _ in samples]
+    assert _whole_samples(all_rows, everything, tokenizer.eos_token_id) == all_report.padding_tokens
+    assert all_report.completion_tokens == all_report.tokens - len(samples)
 
 
 def test_a_parquet_file_without_the_column_is_named(ray_session, tiny_tokenizer_dir, tmp_path):
@@ -252,7 +277,8 @@ def test_beta_averages_the_teacher_tail_mass_over_the_completion_tokens_of_each_
 
 # --- end to end: chat data through tokenizing, the summary cache, Ray Train and validation -------------------------
 def _conversations(n: int, offset: int) -> list[str]:
-    return [json.dumps({"messages": [{"role": "user", "content": f"What is {i} plus {i + 1}?"},
+    return [json.dumps({"messages": [{"role": "system", "content": "Add."},
+                                     {"role": "user", "content": f"What is {i} plus {i + 1}?"},
                                      {"role": "assistant", "content": f"{i} plus {i + 1} is {2 * i + 1}."}]})
             for i in range(offset, offset + n)]
 
@@ -268,7 +294,7 @@ def test_chat_distillation_trains_and_evaluates_on_the_completion_tokens(ray_ses
     tokenizer_dir = chat_tokenizer_dirs["qwen2.5"]
     teacher = save_random_model(
         llama_config(vocab=len(load_tokenizer(tokenizer_dir)), layers=1, width=32, heads=2, kv_heads=1,
-                     intermediate=64, max_positions=64), tmp_path_factory.mktemp("chat_teacher"), seed=0,
+                     intermediate=64, max_positions=256), tmp_path_factory.mktemp("chat_teacher"), seed=0,
         tokenizer=tokenizer_dir)
     data = tmp_path_factory.mktemp("chat_data")
     (data / "train.jsonl").write_text("\n".join(_conversations(40, 0)) + "\n")
@@ -278,20 +304,23 @@ def test_chat_distillation_trains_and_evaluates_on_the_completion_tokens(ray_ses
         "output_dir": str(out / "run"), "teacher": {"model": str(teacher)},
         "student": {"config": {"num_hidden_layers": 1}, "init": "random"},
         "data": {"train": str(data / "train.jsonl"), "val": str(data / "val.jsonl"), "format": "chat",
-                 "seq_len": 32, "tokenizer_actors": 1},
+                 "seq_len": 160, "tokenizer_actors": 1},
         "summary": {"top_m": 16, "tail_samples": 2, "cache_dir": str(out / "cache")},
-        "loss": {"kind": "tad", "k": 4, "chunk_tokens": 32},
+        "loss": {"kind": "tad", "k": 4, "chunk_tokens": 160},
         "train": {"num_workers": 1, "strategy": "ddp", "max_steps": 3, "batch_size": 2, "warmup_steps": 1,
                   "eval_every": 100, "checkpoint_every": 100, "loggers": []},
     })
     metrics = distill(cfg)
     report = json.loads((out / "run" / "data_report.json").read_text())
     assert 0 < report["completion_tokens"] < report["tokens"] / 2  # the prompts (and system prompt) are longer
-    val_mask = np.concatenate([np.stack(pq.read_table(shard).column("loss_mask").to_numpy(zero_copy_only=False))
-                               .reshape(-1, 33) for shard in (out / "cache" / "val").glob("part-*.parquet")])
+    assert report["padding_tokens"] > 0 and report["truncated"] == 0
+    val = [pq.read_table(shard) for shard in (out / "cache" / "val").glob("part-*.parquet")]
+    val_mask, val_positions = (np.concatenate([np.stack(t.column(name).to_numpy(zero_copy_only=False)).reshape(-1, 161)
+                                               for t in val]) for name in ("loss_mask", "position_ids"))
     assert metrics["tokens"] == val_mask[:, 1:].sum() > 0
+    assert (val_positions[:, 0] == 0).all() and (val_positions == 0).sum(1).max() > 2  # two samples and padding
     steps = read_records(out / "run", "step")
-    assert len(steps) == 3 and all(r["tokens"] < 2 * 32 for r in steps) and sum(r["tokens"] for r in steps) > 0
+    assert len(steps) == 3 and all(r["tokens"] < 2 * 160 for r in steps) and sum(r["tokens"] for r in steps) > 0
 
 
 def test_a_batch_without_completion_tokens_gives_zero_gradients_everywhere():
@@ -309,7 +338,6 @@ def test_a_batch_without_completion_tokens_gives_zero_gradients_everywhere():
 
 
 # --- data.packing: false: one sample per block, no attention across samples ----------------------------------------
-LONG = 64  # tokens per block: room for the short samples below
 def _pairs(n: int) -> list[tuple[str, str]]:
     return [(f"Question {i}: what is {i} plus {i}?\nAnswer:", f" {2 * i}." + " Indeed" * (i % 3)) for i in range(n)]
 
@@ -322,18 +350,30 @@ def test_without_packing_each_sample_is_one_padded_block(ray_session, tiny_token
     rows, report = _pack(tmp_path / "pc.jsonl", tiny_tokenizer_dir, format="prompt_completion", packing=False,
                          overlong=overlong, seq_len=LONG)
     kept = pairs if overlong == "truncate" else pairs[:-1]
-    assert len(rows) == len(kept) == report.blocks
+    assert len(rows) == len(kept) == report.blocks and "position_ids" not in rows[0]
+    padding = 0
     for row, (prompt, completion) in zip(rows, kept):
         ids, mask = _expected(tokenizer, [([prompt, completion], [False, True], True)])
         n = min(len(ids), LONG + 1)
         np.testing.assert_array_equal(row["input_ids"][:n], ids[:n])
         np.testing.assert_array_equal(row["loss_mask"], np.concatenate([mask[:n], np.zeros(LONG + 1 - n)]))
         assert (row["input_ids"][n:] == tokenizer.eos_token_id).all()
+        padding += LONG + 1 - n
     assert (report.truncated, report.skipped["overlong"]) == ((1, 0) if overlong == "truncate" else (0, 1))
+    assert report.padding_tokens == padding
+    # packed (blocks of three short samples): whole samples, the long one cut or skipped, counted the same way
+    packed, packed_report = _pack(tmp_path / "pc.jsonl", tiny_tokenizer_dir, format="prompt_completion",
+                                  overlong=overlong, seq_len=2 * LONG)
+    samples = [tuple(a[: 2 * LONG + 1] for a in _expected(tokenizer, [([p, c], [False, True], True)]))
+               for p, c in kept]
+    assert _whole_samples(packed, samples, tokenizer.eos_token_id) == packed_report.padding_tokens < padding
+    assert (packed_report.truncated, packed_report.skipped["overlong"]) == (report.truncated, report.skipped["overlong"])
+    assert len(packed) == packed_report.blocks < len(rows)
     text_rows, _ = _pack(tmp_path / "pc.jsonl", tiny_tokenizer_dir, format="jsonl", text_column="prompt",
                          packing=False, seq_len=LONG)
     length = len(tokenizer(pairs[0][0], add_special_tokens=False)["input_ids"]) + 1
-    assert text_rows[0]["loss_mask"].tolist() == [1] * length + [0] * (LONG + 1 - length)
+    assert text_rows[0]["loss_mask"].tolist() == [0] + [1] * (length - 1) + [0] * (LONG + 1 - length)
+    assert "position_ids" not in text_rows[0]
 
 
 @pytest.mark.parametrize("kind", ["clm", "kd"])

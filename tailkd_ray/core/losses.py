@@ -261,6 +261,17 @@ def _take(teacher: Teacher, index: Tensor) -> Teacher:
     return flat.map(lambda f: f[index]) if isinstance(flat, TeacherSummary) else flat[index]
 
 
+def _sequence_index(index: Tensor, b: int, t: int, position_ids: Optional[Tensor]) -> tuple[Tensor, int]:
+    """(the sequence of each valid token ``index`` into [B·T], the number of sequences): rows, or with
+    ``position_ids`` the runs of positions that start at 0 (packed samples; padding runs hold no valid token)."""
+    if position_ids is None:
+        return torch.div(index, t, rounding_mode="floor"), b
+    starts = position_ids.reshape(b, t) == 0
+    starts[:, 0] = True  # a row starts a sequence whatever its first position
+    sequence = starts.reshape(-1).cumsum(0) - 1
+    return sequence[index.to(sequence.device)], int(sequence[-1]) + 1
+
+
 def _tail_weights(alpha: Tensor, seq_index: Tensor, num_seqs: int, *, beta: float, normalize: bool) -> Tensor:
     """w per token: β / ᾱ_K(X) (sequence-normalised, no gradient) or β."""
     if not normalize:
@@ -796,7 +807,7 @@ class _OnePassObjective(torch.autograd.Function):
 def distill_objective(hidden: Tensor, lm_head_weight: Tensor, targets: Tensor, teacher: Teacher, *, kind: str,
                       k: int = 10, beta: float = 1.0, normalize: bool = True, temperature: float = 1.0,
                       weight: float = 1.0, mask: Optional[Tensor] = None, chunk_tokens: int = 512,
-                      lm_head_bias: Optional[Tensor] = None) -> ObjectiveOutput:
+                      lm_head_bias: Optional[Tensor] = None, position_ids: Optional[Tensor] = None) -> ObjectiveOutput:
     """Training objective: mean over valid tokens of CLM(t) + weight·L_DIV(t), chunked over tokens.
 
     ``hidden`` [B, T, d] are the student's final hidden states, ``lm_head_weight`` [V, d] its output
@@ -805,7 +816,8 @@ def distill_objective(hidden: Tensor, lm_head_weight: Tensor, targets: Tensor, t
     gradients in one go (``_OnePassObjective``), so only one chunk's [chunk, V] buffers are alive and no chunk is
     recomputed in backward. TAD's teacher-only inputs (α_K, hence β(X); T_K of full logits) come from a pre-pass
     over the teacher before the chunks. Values and gradients equal the logits path (``divergence_loss`` +
-    ``clm_loss``).
+    ``clm_loss``). The sequence X of β(X) is a row, or with ``position_ids`` [B, T] (packed samples) each run of
+    positions restarting at 0: each sample averages its own tail mass, as when it is run alone.
     """
     b, t = _check_shapes(hidden.shape, teacher, mask)
     vocab = lm_head_weight.shape[0]
@@ -825,7 +837,7 @@ def distill_objective(hidden: Tensor, lm_head_weight: Tensor, targets: Tensor, t
                       work=_Workspace(min(chunk_tokens, n), vocab, hidden.device))
     if kind == "tad":
         plan.log_alpha = plan.tail_pre_pass(n, _compute_dtype(hidden))
-        plan.tail_weights = _tail_weights(plan.log_alpha.exp(), torch.div(index, t, rounding_mode="floor"), b,
+        plan.tail_weights = _tail_weights(plan.log_alpha.exp(), *_sequence_index(index, b, t, position_ids),
                                           beta=beta, normalize=normalize)
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])[index]  # [N, d]: small next to [N, V]
     total, clm_sum, div_sum = _OnePassObjective.apply(flat_hidden, lm_head_weight, lm_head_bias, plan)

@@ -111,34 +111,39 @@ def target_mask(batch: Mapping[str, Tensor], device) -> Optional[Tensor]:
     return torch.as_tensor(batch["loss_mask"])[:, 1:].to(device=device, dtype=torch.bool)
 
 
-def _split(batch: Mapping[str, Tensor], device) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[TeacherSummary]]:
+def block_tensors(batch: Mapping[str, Tensor], device) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+    """(inputs, targets, mask, positions), each [B, T], of a batch of blocks ``input_ids`` [B, T+1]: the mask is
+    ``target_mask``'s; the positions are the inputs' ``position_ids`` (restarting at every packed sample, from which
+    transformers keeps each sample's attention within it), or None without that column: 0..T-1."""
     ids = torch.as_tensor(batch["input_ids"]).to(device).long()
-    summary = TeacherSummary.from_batch(batch).to(device) if all(f in batch for f in FIELDS) else None
-    return ids[:, :-1], ids[:, 1:], target_mask(batch, device), summary
+    positions = torch.as_tensor(batch["position_ids"])[:, :-1].to(device).long() if "position_ids" in batch else None
+    return ids[:, :-1], ids[:, 1:], target_mask(batch, device), positions
 
 
 @torch.no_grad()
 def evaluate(student: Callable, batches: Iterable[Mapping[str, Tensor]], *,
-             teacher: Optional[Callable[[Tensor], Tensor]] = None, k: int = 10, bins: int = 10,
+             teacher: Optional[Callable[[Tensor, Optional[Tensor]], Tensor]] = None, k: int = 10, bins: int = 10,
              chunk_tokens: int = 512, device: Union[str, torch.device] = "cpu",
              reduce: Optional[Callable[[Tensor], Tensor]] = None) -> dict:
     """Evaluate ``student`` on ``batches`` of ``input_ids`` [B, T+1] (plus summary columns, if any), over the
     targets a ``loss_mask`` column keeps (``target_mask``; all of them without one).
 
-    ``student(input_ids, head_fn)`` must run the decoder and return ``head_fn(hidden, lm_head_weight, bias)``
+    ``student(input_ids, head_fn, position_ids=...)`` must run the decoder (at those positions when not None) and
+    return ``head_fn(hidden, lm_head_weight, bias)``
     (``models.StudentWithHead``, possibly wrapped by DDP / FSDP2 / DeepSpeed): metrics are computed chunk by
-    chunk from the hidden states, never on a [B·T, V] float32 tensor. The teacher is ``teacher(input_ids)
-    -> logits [B, T, V]`` (co-located, exact) or, when None, the batches' summary columns; with neither,
+    chunk from the hidden states, never on a [B·T, V] float32 tensor. The teacher is ``teacher(input_ids,
+    position_ids) -> logits [B, T, V]`` (co-located, exact) or, when None, the batches' summary columns; with neither,
     the teacher metrics are NaN. ``reduce`` sums the flat vector across workers (an all-reduce).
     """
     total = torch.zeros(len(SCALARS) + 2 * bins, dtype=torch.float64, device=device)
     with_teacher = teacher is not None
     for batch in batches:
-        inputs, targets, mask, summary = _split(batch, device)
-        reference = teacher(inputs) if teacher is not None else summary
+        inputs, targets, mask, positions = block_tensors(batch, device)
+        summary = TeacherSummary.from_batch(batch).to(device) if all(f in batch for f in FIELDS) else None
+        reference = teacher(inputs, positions) if teacher is not None else summary
         with_teacher = with_teacher or summary is not None
         head_fn = _chunked_metrics(targets, reference, mask, k=k, bins=bins, chunk_tokens=chunk_tokens)
-        total += student(inputs, head_fn)
+        total += student(inputs, head_fn, position_ids=positions)
     if reduce is not None:
         total = reduce(total)
     return finalize_metrics(total.cpu(), bins=bins, with_teacher=with_teacher)

@@ -5,13 +5,19 @@
           --map_batches(_TokenizeAndPack, ActorPoolStrategy)--> full blocks + one tail row per batch
           --materialize--> the tails, in order, packed into the last blocks
 
-Blocks: ``input_ids`` int32 arrays of ``seq_len + 1`` ids, and a ``loss_mask`` (``BLOCK_COLUMNS``) with
-data.train_on: completion or data.packing: false (then each sample is a block of its own, right-padded, its padding
-masked; data.overlong cuts or skips a longer one). Documents are tokenized without special tokens, start
-with the tokenizer's BOS when ``data.add_bos`` says so (``document_bos_id``: by default when the tokenizer adds one
-itself, as Llama 3's does) and each is followed by EOS; the stream of a batch is cut into blocks and its remainder (the tail,
-< seq_len + 1 ids) travels with the batch's counts on one extra row. The driver concatenates the tails in
-batch order and packs them too, so only the final partial block of a corpus is dropped (and counted).
+Blocks (``block_columns``): ``input_ids`` int32 arrays of ``seq_len + 1`` ids; where every sample lies whole in
+one block (data.format chat | prompt_completion, or data.packing: false) a ``loss_mask`` (uint8: the padding and, with
+data.train_on: completion, the prompts masked); where several whole samples share a block (supervised formats,
+packing on) ``position_ids`` (int32) restarting at 0 at every sample and padding run, from which transformers builds
+its packed-sequence attention mask (no sample attends to another). Documents are tokenized without special tokens,
+start with the tokenizer's BOS when ``data.add_bos`` says so (``document_bos_id``: by default when the tokenizer adds
+one itself, as Llama 3's does) and each is followed by EOS. Text formats with packing: the stream of a batch is cut
+into blocks and its remainder (the tail, < seq_len + 1 ids) travels with the batch's counts on one extra row; the
+driver concatenates the tails in batch order and packs them too, so only the final partial block of a corpus is
+dropped (and counted). Whole samples: a sample that does not fit in what is left of the current block (or, without
+packing, any sample after the first) starts the next one, the rest padded with masked EOS ids; a sample longer than a
+block is cut or skipped (data.overlong, counted); a batch's last block is padded and emitted whole, so its tail row
+is empty and the driver's tail packing has nothing to do.
 
 Determinism: batches are fixed ranges of documents in file order (sorted paths, rows/lines in file order,
 ``preserve_order``), independent of read parallelism and cluster size, so a corpus always gives the same
@@ -57,10 +63,20 @@ logger = logging.getLogger(__name__)
 _DOCS_PER_BATCH = {"line": 8192, "file": 64, "rows": 512}
 _SLICE_CHARS = 1 << 20
 _EXAMPLES_PER_REASON = 3
-# A block's columns: its ids and, with data.train_on: completion, which of them the losses cover (1) or not (0),
-# aligned with the ids: the target input_ids[t + 1] counts where loss_mask[t + 1] is 1.
-BLOCK_COLUMNS = ("input_ids", "loss_mask")
-_STAT_COLUMNS = ("documents", "tokens", "completion_tokens", "blocks", "truncated") + tuple(f"skip_{r}" for r in SKIP_REASONS)
+# A block's columns: its ids; which of them the losses cover (1) or not (0), aligned with the ids: the target
+# input_ids[t + 1] counts where loss_mask[t + 1] is 1; each id's position in its sample (``block_columns``).
+BLOCK_COLUMNS = ("input_ids", "loss_mask", "position_ids")
+BLOCK_DTYPES = {"input_ids": np.int32, "loss_mask": np.uint8, "position_ids": np.int32}
+_COUNTS = ("documents", "tokens", "completion_tokens", "blocks", "truncated", "padding_tokens")
+_STAT_COLUMNS = _COUNTS + tuple(f"skip_{r}" for r in SKIP_REASONS)
+
+
+def block_columns(data_cfg: DataConfig) -> tuple[str, ...]:
+    """The columns of ``data_cfg``'s blocks (DESIGN §1): ``input_ids``; ``loss_mask`` where every sample lies whole in
+    one block, padded (``DataConfig.whole_samples``); ``position_ids`` where several such samples share a block."""
+    if not data_cfg.whole_samples():
+        return BLOCK_COLUMNS[:1]
+    return BLOCK_COLUMNS if data_cfg.packing else BLOCK_COLUMNS[:2]
 
 
 @dataclass
@@ -73,7 +89,8 @@ class IngestReport:
     tokens: int = 0  # ids of the kept documents, one EOS (and BOS, data.add_bos) each included
     completion_tokens: int = 0  # of those, the ids the losses cover (all of them but with a loss_mask)
     blocks: int = 0  # packed blocks of seq_len + 1 ids
-    truncated: int = 0  # data.packing false, data.overlong truncate: samples cut to one block
+    truncated: int = 0  # whole samples (DataConfig.whole_samples), data.overlong truncate: samples cut to one block
+    padding_tokens: int = 0  # whole samples: the masked EOS ids that fill each block's rest
     dropped_tokens: int = 0  # ids of each corpus's final partial block
     train_blocks: int = 0
     val_blocks: int = 0
@@ -82,8 +99,9 @@ class IngestReport:
         skipped = ", ".join(f"{n} {reason}" for reason, n in self.skipped.items() if n) or "none"
         trained = f" ({self.completion_tokens} of them trained)" if self.completion_tokens != self.tokens else ""
         trained += f", {self.truncated} samples truncated to one block" if self.truncated else ""
+        padding = f", {self.padding_tokens} padding tokens" if self.padding_tokens else ""
         head = (f"ingest: {self.documents} documents read (skipped: {skipped}); {self.tokens} tokens{trained} -> "
-                f"{self.blocks} blocks ({self.train_blocks} train, {self.val_blocks} val); "
+                f"{self.blocks} blocks ({self.train_blocks} train, {self.val_blocks} val{padding}); "
                 f"{self.dropped_tokens} tokens dropped in final partial blocks")
         return "\n".join([head] + [f"  skipped {example}" for example in self.skipped_examples])
 
@@ -91,7 +109,7 @@ class IngestReport:
 def tokenize_and_pack(docs: ray.data.Dataset, tokenizer, data_cfg: DataConfig, *, vocab_size: int,
                       stats: IngestReport | None = None) -> ray.data.Dataset:
     """Tokenize ``docs`` (from ``read.read_documents``) with a pool of tokenizer actors and pack them into blocks
-    of ``seq_len + 1`` ids: a Dataset with one column ``input_ids`` (int32). ``tokenizer`` is a Hugging Face fast
+    of ``seq_len + 1`` ids: a Dataset with the ``block_columns(data_cfg)``. ``tokenizer`` is a Hugging Face fast
     tokenizer with an EOS token (``check_packing_tokenizer``); ``vocab_size`` is the shared vocabulary
     (``models.tokenizer_size``: its largest id + 1, computed by the caller, since this module imports no
     transformers), beyond which pre-tokenized ids are out of vocabulary. The work is executed here; its exact
@@ -100,24 +118,25 @@ def tokenize_and_pack(docs: ray.data.Dataset, tokenizer, data_cfg: DataConfig, *
     bos_id = document_bos_id(tokenizer, data_cfg)
     block_len = data_cfg.seq_len + 1
     per_batch = _DOCS_PER_BATCH[_batch_kind(data_cfg)]
-    columns = BLOCK_COLUMNS if data_cfg.loss_mask() else BLOCK_COLUMNS[:1]
+    columns = block_columns(data_cfg)
     docs.context.execution_options.preserve_order = True  # batches = fixed ranges of documents
     rows = docs.repartition(target_num_rows_per_block=per_batch, strict=True).map_batches(
         _TokenizeAndPack,
         fn_constructor_kwargs={"tokenizer_json": tokenizer.backend_tokenizer.to_str(),
                                "eos_id": tokenizer.eos_token_id, "bos_id": bos_id, "vocab_size": vocab_size,
-                               "block_len": block_len, "loss_mask": len(columns) > 1,
+                               "block_len": block_len, "columns": columns,
                                "completion_only": data_cfg.completion_mask(),
                                # a chat turn ends with the template's own end-of-turn token: the EOS only separates
                                "eos_trained": not (data_cfg.completion_mask() and data_cfg.format == "chat"),
-                               "packing": data_cfg.packing, "overlong": data_cfg.overlong},
+                               "packing": data_cfg.packing, "whole_samples": data_cfg.whole_samples(),
+                               "overlong": data_cfg.overlong},
         batch_size=per_batch, batch_format="pyarrow", num_cpus=1,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=data_cfg.tokenizer_actors))
     rows = _execute(rows)
     tails = rows.filter(expr=f"length < {block_len}").take_all()
     report = stats if stats is not None else IngestReport()
     _add_batch_counts(report, tails)
-    streams = {name: np.concatenate([t[name][: t["length"]] for t in tails] or [np.zeros(0, np.int32)])
+    streams = {name: np.concatenate([t[name][: t["length"]] for t in tails] or [np.zeros(0, BLOCK_DTYPES[name])])
                for name in columns}
     n_tail_blocks = len(streams["input_ids"]) // block_len
     report.blocks += n_tail_blocks
@@ -167,14 +186,15 @@ def _batch_kind(data_cfg: DataConfig) -> str:
 
 class _TokenizeAndPack:
     """Ray Data actor: a batch of documents -> its full blocks, then one tail row (the remaining < block_len
-    ids, zero-padded, with ``length`` < block_len) that carries the batch's counts. Full rows count zero.
+    ids, zero-padded, with ``length`` < block_len; empty for whole samples) that carries the batch's counts. Full
+    rows count zero.
 
     It runs the fast tokenizer's own Rust tokenizer (``backend_tokenizer``, what ``tokenizer(texts,
     add_special_tokens=False)`` calls), rebuilt from its JSON (see the module doc)."""
 
     def __init__(self, tokenizer_json: str, eos_id: int, bos_id: Optional[int], vocab_size: int, block_len: int,
-                 loss_mask: bool = False, completion_only: bool = False, eos_trained: bool = True,
-                 packing: bool = True, overlong: str = "truncate"):
+                 columns: tuple = BLOCK_COLUMNS[:1], completion_only: bool = False, eos_trained: bool = True,
+                 packing: bool = True, whole_samples: bool = False, overlong: str = "truncate"):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one CPU per actor: no Rust thread pool
         self._tokenizer = Tokenizer.from_str(tokenizer_json)
         self._tokenizer.no_truncation()  # as the HF wrapper does when no max_length is asked for
@@ -183,9 +203,10 @@ class _TokenizeAndPack:
         self._bos = np.array([] if bos_id is None else [bos_id], np.int32)  # before each document
         self._vocab_size = vocab_size
         self._block_len = block_len
-        self._loss_mask = loss_mask  # emit the loss_mask column (data.train_on: completion, or data.packing: false)
-        self._packing = packing
-        self._overlong = overlong  # data.overlong, without packing
+        self._columns = columns  # block_columns
+        self._packing = packing  # several samples per block
+        self._whole_samples = whole_samples  # no sample spans two blocks (DataConfig.whole_samples)
+        self._overlong = overlong  # data.overlong, for whole samples
         self._completion_only = completion_only  # mask a supervised sample's prompt (data.train_on: completion)
         self._eos_mask = np.array([eos_trained], np.uint8)  # the end of a text or completion: learn to stop
         self._bos_mask = np.zeros(len(self._bos), np.uint8)
@@ -202,11 +223,13 @@ class _TokenizeAndPack:
             ids, masks = self._tokenize_segments(batch["segments"].to_pylist(), batch["trained"].to_pylist(), skips)
         else:
             ids, skips, sources = self._checked_ids(batch["input_ids"], skips, sources)
-        counts, examples, stream, mask, tokens = Counter(), [], [], [], 0
+        counts, examples, tokens = Counter(), [], 0
+        runs = {name: [] for name in BLOCK_COLUMNS}  # each column's stream, run by run (samples, padding)
+        filled = 0  # ids in the last block so far (whole samples)
         for i, (doc_ids, skip, source) in enumerate(zip(ids, skips, sources)):
             doc = np.concatenate([self._bos, doc_ids, self._eos])
             skip = skip or ("empty" if len(doc_ids) == 0 else "")
-            if not skip and not self._packing and len(doc) > self._block_len:
+            if not skip and self._whole_samples and len(doc) > self._block_len:
                 skip = "overlong" if self._overlong == "drop" else ""
                 counts["truncated"] += not skip
             if skip:
@@ -216,21 +239,26 @@ class _TokenizeAndPack:
                 continue
             trained = masks[i] if self._completion_only else np.ones(len(doc_ids), np.uint8)
             doc_mask = np.concatenate([self._bos_mask, trained, self._eos_mask])
-            if not self._packing:  # one sample per block, cut to it and right-padded with masked EOS ids
+            if self._whole_samples:  # cut to one block; one that does not fit in the current block starts the next
                 doc, doc_mask = doc[: self._block_len], doc_mask[: self._block_len]
-                pad = self._block_len - len(doc)
-                tokens += len(doc)
-                doc = np.concatenate([doc, np.full(pad, self._eos[0], np.int32)])
-                doc_mask = np.concatenate([doc_mask, np.zeros(pad, np.uint8)])
-            else:
-                tokens += len(doc)
-            stream.append(doc)
-            mask.append(doc_mask)
-        stream = np.concatenate(stream) if stream else np.zeros(0, np.int32)
-        mask = (np.concatenate(mask) if mask else np.zeros(0, np.uint8)) if self._loss_mask else None
-        counts.update(documents=len(sources), tokens=tokens, blocks=len(stream) // self._block_len,
-                      completion_tokens=tokens if mask is None else int(mask.sum()))
-        return _blocks_and_tail(stream, mask, self._block_len, counts, examples)
+                doc_mask[0] = 0  # a sample's first id is no target: nothing of its own comes before it
+                if filled and (not self._packing or filled + len(doc) > self._block_len):
+                    counts["padding_tokens"] += self._pad(runs, self._block_len - filled)
+                    filled = 0
+                filled = (filled + len(doc)) % self._block_len
+            _add_run(runs, doc, doc_mask)
+            tokens += len(doc)
+        if self._whole_samples and filled:  # the batch's last block, whole
+            counts["padding_tokens"] += self._pad(runs, self._block_len - filled)
+        streams = {name: np.concatenate(runs[name] or [np.zeros(0, BLOCK_DTYPES[name])]) for name in self._columns}
+        counts.update(documents=len(sources), tokens=tokens, blocks=len(streams["input_ids"]) // self._block_len,
+                      completion_tokens=int(streams["loss_mask"].sum()) if "loss_mask" in streams else tokens)
+        return _blocks_and_tail(streams, self._block_len, counts, examples)
+
+    def _pad(self, runs: dict, n: int) -> int:
+        """Add a run of ``n`` masked EOS ids (their own positions from 0) to ``runs``; returns ``n``."""
+        _add_run(runs, np.full(n, self._eos[0], np.int32), np.zeros(n, np.uint8))
+        return n
 
     def _tokenize_segments(self, segments: list, trained: list, skips: list) -> tuple[list, list]:
         """(ids, completion mask) per supervised sample: each segment tokenized on its own (``samples.py``)."""
@@ -315,13 +343,18 @@ def _rows(stream: np.ndarray, block_len: int) -> np.ndarray:
     return rows
 
 
-def _blocks_and_tail(stream: np.ndarray, mask: Optional[np.ndarray], block_len: int, counts: Counter,
-                     examples: list) -> dict:
-    n = len(stream) // block_len
-    out = {"input_ids": _rows(stream, block_len), "length": np.full(n + 1, block_len, np.int64)}
-    if mask is not None:
-        out["loss_mask"] = _rows(mask, block_len)
-    out["length"][n] = len(stream) - n * block_len
+def _add_run(runs: dict, ids: np.ndarray, mask: np.ndarray) -> None:
+    """Append one sample (or padding run) to the column streams: its ids, loss mask and positions from 0."""
+    runs["input_ids"].append(ids)
+    runs["loss_mask"].append(mask)
+    runs["position_ids"].append(np.arange(len(ids), dtype=np.int32))
+
+
+def _blocks_and_tail(streams: dict, block_len: int, counts: Counter, examples: list) -> dict:
+    n = len(streams["input_ids"]) // block_len
+    out = {name: _rows(stream, block_len) for name, stream in streams.items()}
+    out["length"] = np.full(n + 1, block_len, np.int64)
+    out["length"][n] = len(streams["input_ids"]) - n * block_len
     for name in _STAT_COLUMNS:
         out[name] = np.zeros(n + 1, np.int64)
         out[name][n] = counts[name.removeprefix("skip_")]
@@ -335,11 +368,8 @@ def _add_batch_counts(report: IngestReport, tails: list) -> None:
     if examples:
         logger.warning("skipped documents (see the ingest report), e.g.\n  %s", "\n  ".join(examples[:10]))
     for row in tails:
-        report.documents += int(row["documents"])
-        report.tokens += int(row["tokens"])
-        report.completion_tokens += int(row["completion_tokens"])
-        report.truncated += int(row["truncated"])
-        report.blocks += int(row["blocks"])
+        for name in _COUNTS:
+            setattr(report, name, getattr(report, name) + int(row[name]))
         for reason in SKIP_REASONS:
             report.skipped[reason] += int(row[f"skip_{reason}"])
         for example in filter(None, row["skip_examples"].split("\n")):

@@ -74,7 +74,8 @@ def validation_dataset(cfg: Config) -> Optional[ray.data.Dataset]:
 def shuffled_blocks(blocks: ray.data.Dataset, seed: int, count: int) -> ray.data.Dataset:
     """The ``count`` blocks in one random order seeded by ``seed`` (Ray Data's ``random_shuffle``: the same order
     for the same seed and corpus), computed once and held in the object store, so every epoch and the teacher pool
-    read that order without shuffling again (a second copy of the train blocks: 4 bytes a token, 5 with loss_mask)."""
+    read that order without shuffling again (a second copy of the train blocks: 4 bytes a token, 5 with loss_mask,
+    9 with position_ids)."""
     started = time.perf_counter()
     shuffled = blocks.random_shuffle(seed=seed).materialize()
     log.info("shuffled %d train blocks (train.seed %d) in %.1f s", count, seed, time.perf_counter() - started)

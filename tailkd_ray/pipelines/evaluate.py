@@ -96,9 +96,9 @@ def _token_metrics(cfg: Config, student, teacher, device: str) -> dict:
     student = StudentWithHead(student)
     shared_vocab, student_rows = shared_vocab_size(cfg), student.head.weight.shape[0]
     metrics = evaluate(student, val_ds.iter_torch_batches(batch_size=cfg.train.batch_size),
-                       teacher=lambda ids: teacher_logits_over(teacher(input_ids=ids).logits, shared_vocab,
-                                                               student_rows), k=cfg.loss.k,
-                       chunk_tokens=cfg.loss.chunk_tokens, device=device)
+                       teacher=lambda ids, positions: teacher_logits_over(
+                           teacher(input_ids=ids, position_ids=positions, use_cache=False).logits, shared_vocab,
+                           student_rows), k=cfg.loss.k, chunk_tokens=cfg.loss.chunk_tokens, device=device)
     return {**metrics, "kl_source": "exact"}
 
 

@@ -6,7 +6,7 @@ missing with the teacher pool, ``pool.score_dataset``), resuming an interrupted 
 Layout of ``summary.cache_dir/<split>/`` (split = ``train`` or ``val``):
 
 - ``part-<hash>.parquet``: scored rows with fixed-size-list columns ``input_ids`` (seq_len + 1; and ``loss_mask``,
-  uint8, with data.train_on: completion),
+  uint8, and ``position_ids``, int32, as ``pack.block_columns`` gives them),
   ``top_ids``/``top_logp`` (seq_len·M), ``rest_logmass`` (seq_len), ``tail_ids``/``tail_logp`` (seq_len·S)
   and ``block_hash`` (int64 content hash of the row's ids). A shard's name is a hash of the set of blocks
   it holds, so a retried write task replaces its own file instead of duplicating rows.
@@ -51,7 +51,7 @@ from tailkd_ray import __version__
 from tailkd_ray.config import Config, differing_fields
 from tailkd_ray.core.summary import FIELDS, TeacherSummary, bytes_per_position
 from tailkd_ray.data.hashing import block_hashes, stream_sha256
-from tailkd_ray.data.pack import BLOCK_COLUMNS, document_bos_id
+from tailkd_ray.data.pack import BLOCK_COLUMNS, block_columns, document_bos_id
 from tailkd_ray.data.read import HF_PREFIX, expand_paths
 from tailkd_ray.data.splits import data_tokenizer
 from tailkd_ray.errors import CacheError, ConfigError, DataError
@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1  # bump when the shard layout changes; older caches are then refused
+FORMAT_VERSION = 2  # bump when the shard layout changes; older caches are then refused (2: whole supervised samples)
 SHARD_BYTES = 256 * 2**20  # target Parquet shard size
 _SAMPLE_BYTES = 64 * 2**10
 _SAMPLES_PER_FILE = 32
@@ -437,7 +437,7 @@ def open_cache(cfg: Config, *, split: str = "train", teacher_id: Optional[dict] 
     root = split_dir(cfg, split)
     manifest = check_cache(cfg, split=split, teacher_id=teacher_id, hashes=hashes)
     paths = [f"{root}/{name}" for name in manifest["shards"]]
-    blocks = BLOCK_COLUMNS if cfg.data.loss_mask() else BLOCK_COLUMNS[:1]  # the identity pins the data settings
+    blocks = block_columns(cfg.data)  # the identity pins the data settings
     return ray.data.read_parquet(paths, columns=[*blocks, *FIELDS]).map_batches(
         restore_shapes, fn_kwargs={"seq_len": manifest["seq_len"]}, batch_format="pyarrow")
 
@@ -470,7 +470,8 @@ def check_cache(cfg: Config, *, split: str = "train", teacher_id: Optional[dict]
 
 
 def restore_shapes(table: pa.Table, *, seq_len: int) -> dict[str, np.ndarray]:
-    """Ray Data task: flat fixed-size-list columns -> [B, T+1] ids (and loss_mask) and [B, T, ...] summary arrays."""
+    """Ray Data task: flat fixed-size-list columns -> [B, T+1] ids (loss_mask, position_ids) and [B, T, ...] summary
+    arrays."""
     blocks = {name: table.column(name).combine_chunks().flatten().to_numpy().reshape(len(table), seq_len + 1)
               for name in BLOCK_COLUMNS if name in table.column_names}
     return {**blocks, **TeacherSummary.from_arrow(table, tokens_per_row=seq_len).to_numpy()}

@@ -35,6 +35,7 @@ from transformers import AutoConfig
 from tailkd_ray.config import Config
 from tailkd_ray.core.summary import TeacherSummary, summarize, summarize_hidden
 from tailkd_ray.data.hashing import block_hashes, format_block_hash, row_generator_seed
+from tailkd_ray.data.pack import BLOCK_COLUMNS, BLOCK_DTYPES
 from tailkd_ray.errors import ConfigError, DataError, NonFiniteLogitsError, VocabularyError
 from tailkd_ray.models import check_vocab_compatible, inference_dtype, load_model
 from tailkd_ray.placement import require_teacher_placement, teacher_ray_options
@@ -69,8 +70,9 @@ class TeacherScorer:
     """Ray Data callable class: ``{"input_ids": [B, T+1]}`` -> ``input_ids`` + the five summary columns.
 
     Output shapes: ``top_ids``/``top_logp`` [B, T, M], ``rest_logmass`` [B, T], ``tail_ids``/``tail_logp``
-    [B, T, S]. A ``loss_mask`` column is passed on; other input columns are not (they only serve to name a row
-    in errors).
+    [B, T, S]. The block's ``loss_mask`` and ``position_ids`` columns are passed on (the teacher runs with the
+    position ids, so packed samples do not attend to each other); other input columns are not (they only serve to
+    name a row in errors).
     """
 
     def __init__(self, *, model_path: str, seq_len: int, top_m: int, tail_samples: int, temperature: float,
@@ -98,10 +100,13 @@ class TeacherScorer:
         hashes = block_hashes(ids)
         self._check_ids_in_vocab(ids, batch, hashes)
         tokens = torch.from_numpy(ids).to(self.device)
+        positions = (torch.from_numpy(np.asarray(batch["position_ids"], np.int64)[:, :-1]).to(self.device)
+                     if "position_ids" in batch else None)
         with torch.inference_mode():
             try:
                 uniforms = self._row_uniforms(hashes, self.seq_len)
-                summary = self._summarize(tokens[:, :-1], self.lean, uniforms=uniforms, **self.summary_args)
+                summary = self._summarize(tokens[:, :-1], self.lean, positions, uniforms=uniforms,
+                                          **self.summary_args)
             except NonFiniteLogitsError as err:
                 row = err.position[0]
                 raise NonFiniteLogitsError(err.position, err.token, context=f"teacher {self.model_path}: "
@@ -109,17 +114,20 @@ class TeacherScorer:
         if self.progress is not None:
             ray.get(self.progress.add.remote(len(ids)))  # counted before the batch leaves: exact at the end
         out = {"input_ids": ids.astype(np.int32), **summary.to_numpy()}
-        if "loss_mask" in batch:  # every position is scored; the mask travels on to the loss (DESIGN §1)
-            out["loss_mask"] = np.asarray(batch["loss_mask"], np.uint8)
+        for name in BLOCK_COLUMNS[1:]:  # every position is scored; mask and positions travel on to training (DESIGN §1)
+            if name in batch:
+                out[name] = np.asarray(batch[name], BLOCK_DTYPES[name])
         return out
 
-    def _summarize(self, tokens: torch.Tensor, lean: Optional[LeanHead], **args) -> TeacherSummary:
-        """The summary (``summarize`` arguments ``args``) of the teacher on ``tokens`` [B, T]: from the decoder's
-        last hidden states chunk by chunk when ``lean`` is given, else from the model's full logits."""
+    def _summarize(self, tokens: torch.Tensor, lean: Optional[LeanHead], positions: Optional[torch.Tensor] = None,
+                   **args) -> TeacherSummary:
+        """The summary (``summarize`` arguments ``args``) of the teacher on ``tokens`` [B, T] (at ``positions``
+        [B, T], restarting per packed sample, when given): from the decoder's last hidden states chunk by chunk when
+        ``lean`` is given, else from the model's full logits."""
         if lean is None:
-            return summarize(self.model(input_ids=tokens, use_cache=False).logits, **args)
+            return summarize(self.model(input_ids=tokens, position_ids=positions, use_cache=False).logits, **args)
         decoder, head, softcap = lean
-        hidden = decoder(input_ids=tokens, use_cache=False).last_hidden_state
+        hidden = decoder(input_ids=tokens, position_ids=positions, use_cache=False).last_hidden_state
         return summarize_hidden(hidden, head.weight, head.bias, softcap=softcap, **args)
 
     def _lean_head(self) -> Optional[LeanHead]:

@@ -3,9 +3,9 @@
 ``run_training`` builds a ``TorchTrainer`` (Ray Train V2) whose workers run ``train_loop_per_worker``:
 
 - data: ``ray.train.get_dataset_shard("train").iter_torch_batches``; each row holds ``input_ids`` (seq_len + 1
-  tokens), with data.train_on: completion or data.packing: false a ``loss_mask`` (the losses cover the targets where
-  it is 1) and, in
-  summary mode, the five teacher-summary columns for positions 0..seq_len-1;
+  tokens), where samples lie whole in blocks (supervised formats, data.packing: false) a ``loss_mask`` (the losses
+  cover the targets where it is 1), for packed supervised samples ``position_ids`` (every forward runs at them, so
+  no sample attends to another) and, in summary mode, the five teacher-summary columns for positions 0..seq_len-1;
 - objective: ``core.losses.distill_objective`` on the student's final hidden states and LM head (chunked over
   tokens; never a [B·T, V] float32 tensor): mean over tokens of CLM + λ·L_DIV;
 - AdamW, linear warmup + cosine decay to 0, gradient clipping, gradient accumulation (``strategies.py``);
@@ -60,7 +60,7 @@ from torch import nn
 
 from tailkd_ray.config import Config, ConfigError, from_dict, to_dict
 from tailkd_ray.core.losses import distill_objective, teacher_logits_over
-from tailkd_ray.core.metrics import evaluate, target_mask
+from tailkd_ray.core.metrics import block_tensors, evaluate
 from tailkd_ray.core.summary import FIELDS, TeacherSummary
 from tailkd_ray.data.hashing import epoch_shuffle_seed, rows_fingerprint
 from tailkd_ray.errors import NonFiniteLossError
@@ -353,19 +353,18 @@ def _forward_backward(worker: _Worker, batches: Iterator[dict]) -> torch.Tensor:
         batch = next(batches)
         sums[4] += time.perf_counter() - waiting
         rows.append(batch["input_ids"].cpu().numpy())
-        ids = batch["input_ids"].to(worker.device).long()
-        inputs, targets = ids[:, :-1], ids[:, 1:]
-        mask = target_mask(batch, worker.device)
-        teacher = None if cfg.loss.kind == "clm" else _teacher_for_batch(worker, inputs, batch)
+        inputs, targets, mask, positions = block_tensors(batch, worker.device)
+        teacher = None if cfg.loss.kind == "clm" else _teacher_for_batch(worker, inputs, positions, batch)
 
         def head_fn(hidden, weight, bias):
-            out = distill_objective(hidden, weight, targets, teacher, lm_head_bias=bias, mask=mask, **kwargs)
+            out = distill_objective(hidden, weight, targets, teacher, lm_head_bias=bias, mask=mask,
+                                    position_ids=positions, **kwargs)
             # The loss leaves the module's forward as a plain tensor so that DeepSpeed ZeRO-3 / FSDP2 hook it
             # (they re-gather the LM head for backward through hooks on forward outputs; a dataclass hides it).
             return out.loss, out
 
         with worker.strategy.sync_context(micro == cfg.train.grad_accum - 1), worker.autocast():
-            loss, out = worker.strategy(inputs, head_fn)
+            loss, out = worker.strategy(inputs, head_fn, position_ids=positions)
             worker.strategy.backward(loss)
         sums[:4] += torch.tensor([out.loss.item() * out.tokens, float(out.clm) * out.tokens,
                                   float(out.div) * out.tokens, out.tokens], dtype=torch.float64)
@@ -373,11 +372,11 @@ def _forward_backward(worker: _Worker, batches: Iterator[dict]) -> torch.Tensor:
     return sums
 
 
-def _teacher_for_batch(worker: _Worker, inputs: torch.Tensor, batch: dict):
+def _teacher_for_batch(worker: _Worker, inputs: torch.Tensor, positions: Optional[torch.Tensor], batch: dict):
     """The loss's ``teacher`` argument for one batch: full logits, a summary, or None."""
     if worker.mode == "colocated":
         with torch.no_grad():
-            return _colocated_logits(worker, inputs)
+            return _colocated_logits(worker, inputs, positions)
     if worker.mode == "summary":
         missing = [f for f in FIELDS if f not in batch]
         if missing:
@@ -387,9 +386,11 @@ def _teacher_for_batch(worker: _Worker, inputs: torch.Tensor, batch: dict):
     return None
 
 
-def _colocated_logits(worker: _Worker, inputs: torch.Tensor) -> torch.Tensor:
-    """The co-located teacher's logits over the student's rows (``core.losses.teacher_logits_over``)."""
-    return teacher_logits_over(worker.teacher(input_ids=inputs).logits, worker.shared_vocab, worker.student_rows)
+def _colocated_logits(worker: _Worker, inputs: torch.Tensor, positions: Optional[torch.Tensor]) -> torch.Tensor:
+    """The co-located teacher's logits over the student's rows (``core.losses.teacher_logits_over``), at the
+    block's ``positions`` (None: 0..T-1)."""
+    logits = worker.teacher(input_ids=inputs, position_ids=positions, use_cache=False).logits  # no cache: packed mask
+    return teacher_logits_over(logits, worker.shared_vocab, worker.student_rows)
 
 
 def progress_due(step: int, train) -> bool:
@@ -445,7 +446,8 @@ def peak_memory_mb(device: torch.device) -> float:
 def _validate(worker: _Worker) -> dict:
     """Validation metrics over every worker's val shard, summed across workers (``core.metrics``)."""
     shard = ray.train.get_dataset_shard("val")
-    teacher_fn = (lambda ids: _colocated_logits(worker, ids)) if worker.mode == "colocated" else None
+    teacher_fn = (lambda ids, positions: _colocated_logits(worker, ids, positions)) if worker.mode == "colocated" \
+        else None
     worker.strategy.train(False)
     with worker.autocast():
         metrics = evaluate(worker.strategy, shard.iter_torch_batches(batch_size=worker.cfg.train.batch_size),

@@ -2,7 +2,7 @@
 
 A strategy wraps the student (``models.StudentWithHead``) for its parallelism and owns the optimizer (AdamW)
 and the learning-rate schedule (``lr_scheduler``: ``train.lr_schedule``, built by transformers): the loop calls
-``strategy(input_ids, head_fn)``, ``sync_context``, ``backward``, ``grad_norm``, ``step``, and for checkpoints
+``strategy(input_ids, head_fn, position_ids=None)``, ``sync_context``, ``backward``, ``grad_norm``, ``step``, and for checkpoints
 ``save`` / ``load`` / ``full_state_dict``. FSDP2 and DDP checkpoint with ``torch.distributed.checkpoint``,
 DeepSpeed with its own ZeRO-partitioned checkpoints, read back with ``torch.load(weights_only=True)``
 (``weights_only_checkpoint_engine``). bf16 on GPU only (``mixed_precision``).
@@ -64,8 +64,8 @@ class TorchStrategy:
         self.optimizer = _adamw(self.module, cfg, device)
         self.scheduler = lr_scheduler(self.optimizer, cfg.train)
 
-    def __call__(self, input_ids, head_fn):
-        return self.module(input_ids, head_fn)
+    def __call__(self, input_ids, head_fn, position_ids=None):
+        return self.module(input_ids, head_fn, position_ids=position_ids)
 
     def sync_context(self, last_micro_step: bool):
         """Skip the gradient all-reduce / reduce-scatter on all but the last micro-step of an accumulation."""
@@ -132,8 +132,8 @@ class DeepSpeedStrategy:
             config=deepspeed_config(cfg, dist.get_world_size()))
         self.engine.checkpoint_engine = weights_only_checkpoint_engine(self.engine._config)
 
-    def __call__(self, input_ids, head_fn):
-        return self.engine(input_ids, head_fn)
+    def __call__(self, input_ids, head_fn, position_ids=None):
+        return self.engine(input_ids, head_fn, position_ids=position_ids)
 
     def sync_context(self, last_micro_step: bool):
         return nullcontext()  # DeepSpeed accumulates and syncs at its own boundary
