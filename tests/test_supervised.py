@@ -442,7 +442,8 @@ def test_a_hugging_face_dataset_gives_the_blocks_of_its_rows_read_from_jsonl(ray
     in_memory, _, report = train_val_datasets(cfg, corpora)
     expected, got = by_path.take_all(), in_memory.take_all()
     assert len(got) == len(expected) > 0
-    for column in ("input_ids", "loss_mask") if fmt in ("chat", "prompt_completion") else ("input_ids",):
+    supervised = fmt in ("chat", "prompt_completion")
+    for column in ("input_ids", "loss_mask", "position_ids") if supervised else ("input_ids",):
         np.testing.assert_array_equal(_stacked(got, column), _stacked(expected, column))
     assert (report.documents, report.tokens, report.skipped) == (path_report.documents, path_report.tokens,
                                                                  path_report.skipped)
