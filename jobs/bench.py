@@ -6,6 +6,7 @@ Speed targets live here, not in tests.
     python jobs/bench.py teacher --json runs/bench_teacher.json    # actor pool vs bare loop tokens/s
     python jobs/bench.py pipeline --json runs/bench_pipeline.json  # training tok/s: stream vs cache vs plain loop
     python jobs/bench.py checkpoint --json runs/bench_ckpt.json    # checkpoint seconds: in place vs copied
+    python jobs/bench.py cache --json runs/bench_cache.json         # cache bytes: masked summaries blanked or not
     python jobs/bench.py loss --quick --json /tmp/l.json           # small sizes (seconds)
 
 What each subcommand measures and its goals: the docstring of ``jobs/bench/<subcommand>.py``. The benchmarks are

@@ -275,3 +275,13 @@ def test_gpu_script_subset_sizes_and_failures(tmp_path):
     calls = (tmp_path / "calls").read_text().splitlines()
     assert run.returncode == 1 and "failed: loss (exit 3)" in run.stderr, run.stderr
     assert [c.split()[2] for c in calls[1:]] == ["loss", "summary"]  # after the CUDA check, summary still ran
+
+
+def test_cache_quick(tmp_path):
+    result, stdout = run_bench("cache", "--quick", "--json", str(tmp_path / "cache.json"))
+    check_meta(result, "cache")
+    assert result["rows"] > 0 and 0 < result["masked_target_share"] < 1 and result["padding_tokens"] > 0
+    blanked, stored = result["blanked"], result["stored"]
+    assert 0 < blanked["summary_bytes_per_row"] < stored["summary_bytes_per_row"]
+    assert result["summary_bytes_ratio"] == stored["summary_bytes_per_row"] / blanked["summary_bytes_per_row"] > 1
+    assert "summary columns" in stdout

@@ -59,7 +59,7 @@ def _block(samples) -> dict[str, torch.Tensor]:
 
 
 def _run(student, teacher, batch: dict, kind: str):
-    """(loss · tokens, tokens, the student's logits [T, V]) of one batch of blocks, the teacher at the same positions."""
+    """(loss · tokens, tokens, the student's logits [T, V]) of a batch of one block, the teacher at its positions."""
     inputs, targets, mask, positions = block_tensors(batch, "cpu")
     with torch.no_grad():
         reference = None if kind == "clm" else teacher(input_ids=inputs, position_ids=positions, use_cache=False).logits

@@ -254,6 +254,42 @@ def test_a_masked_position_changes_nothing_from_the_teacher_pool_to_the_metrics(
     assert evaluate(student, [unmasked[0]], k=4)["val_loss"] != evaluate(student, [unmasked[1]], k=4)["val_loss"]
 
 
+@pytest.mark.parametrize("kind", ["tad", "kd"])
+def test_the_cache_blanks_the_summaries_of_masked_targets_and_nothing_reads_them(tiny_llama_dir, tmp_path, kind):
+    """``write_shard`` zeroes the summary at masked targets (prompts, padding): the cached rows give the loss, its
+    gradient and the eval metrics of the summaries as scored; the shard verifies and is smaller."""
+    import torch
+
+    from tailkd_ray.core.metrics import evaluate
+    from tailkd_ray.core.summary import FIELDS
+    from tailkd_ray.models import StudentWithHead, load_model
+    from tailkd_ray.teacher.cache import restore_shapes, write_shard
+    from tailkd_ray.teacher.pool import TeacherScorer, scorer_kwargs
+
+    cfg = load_config(None, [f"teacher.model={tiny_llama_dir}", f"data.seq_len={SEQ_LEN}", "summary.top_m=8",
+                             "summary.tail_samples=4", "loss.k=4", "data.format=chat"])
+    ids, mask = _masked_blocks()
+    scored = TeacherScorer(**scorer_kwargs(cfg))({"input_ids": ids, "loss_mask": mask})
+    shards = {}
+    for name, batch in (("blanked", scored), ("stored", {**scored, "loss_mask": np.ones_like(mask)})):
+        (tmp_path / name).mkdir()
+        shards[name] = tmp_path / name / write_shard(batch, root=str(tmp_path / name), temperature=1.0)["shard"][0]
+    cached = restore_shapes(pq.read_table(shards["blanked"]), seq_len=SEQ_LEN)
+    masked = mask[:, 1:] == 0
+    for field in FIELDS:
+        assert not cached[field][masked].any() and scored[field][masked].any()
+        np.testing.assert_array_equal(cached[field][~masked], scored[field][~masked])
+    student = StudentWithHead(load_model(str(tiny_llama_dir), device=torch.device("cpu"), dtype=torch.float32,
+                                          trust_remote_code=False)).requires_grad_(True)
+    (out_cached, grads_cached), (out_scored, grads_scored) = (_objective(student, rows, kind)
+                                                              for rows in (cached, scored))
+    torch.testing.assert_close(out_cached.loss, out_scored.loss, rtol=0, atol=0)
+    for grad_cached, grad_scored in zip(grads_cached, grads_scored):
+        torch.testing.assert_close(grad_cached, grad_scored, rtol=0, atol=0)
+    assert evaluate(student, [cached], k=4) == evaluate(student, [scored], k=4)
+    assert shards["blanked"].stat().st_size < shards["stored"].stat().st_size
+
+
 def test_beta_averages_the_teacher_tail_mass_over_the_completion_tokens_of_each_sequence():
     """TAD with a mask equals TAD on the completion tokens alone, sequence by sequence (β(X) = β / mean α_K over
     the sequence's completion tokens), weighted by their counts."""

@@ -1,5 +1,6 @@
 """Benchmarks of the TAD loss, the teacher summary, the teacher actor pool, the student step, the whole training
-pipeline and its checkpoints (``jobs/bench.py``): one subcommand per module of ``BENCHMARKS``.
+pipeline, its checkpoints and the summary cache's bytes (``jobs/bench.py``): one subcommand per module of
+``BENCHMARKS``.
 
 A benchmark module provides ``NAME`` (the subcommand), ``HELP`` (its one-line help), ``SIZES`` (``{"default":
 {...}, "quick": {...}}``: the value of every size flag left unset), ``add_arguments(parser)``, ``run(args) ->
@@ -17,10 +18,10 @@ from typing import Optional
 
 import torch
 
-from . import checkpoint, loss, pipeline, student, summary, teacher
+from . import cache, checkpoint, loss, pipeline, student, summary, teacher
 from .measure import log, run_metadata
 
-BENCHMARKS = (loss, summary, teacher, student, pipeline, checkpoint)
+BENCHMARKS = (loss, summary, teacher, student, pipeline, checkpoint, cache)
 
 
 def build_parser() -> argparse.ArgumentParser:

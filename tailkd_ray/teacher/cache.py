@@ -320,12 +320,25 @@ def write_shard(batch: dict[str, np.ndarray], *, root: str, temperature: float) 
     ``temperature`` (the scoring τ) goes into the shard's schema metadata, so a shard read alone knows it."""
     hashes = block_hashes(batch["input_ids"])
     extra = {name: batch[name] for name in BLOCK_COLUMNS if name in batch}
-    record = TeacherSummary.from_batch(batch, temperature=temperature).to_arrow(extra=extra)
+    record = TeacherSummary.from_batch(blank_masked(batch), temperature=temperature).to_arrow(extra=extra)
     table = pa.Table.from_batches([record]).append_column("block_hash", pa.array(hashes))
     name = f"part-{hashlib.blake2b(np.sort(hashes).tobytes(), digest_size=10).hexdigest()}.parquet"
     fs, base = _filesystem(root)
     _write_atomically(fs, f"{base}/{name}", lambda stream: pq.write_table(table, stream))
     return {"shard": np.array([name]), "rows": np.array([len(hashes)])}
+
+
+def blank_masked(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The summary columns of ``batch`` zeroed where the target is masked (``loss_mask[:, 1:] == 0``: prompts,
+    padding): the losses and metrics read a summary only where the target counts (they select those positions by
+    index), and runs of zeros take a few bytes in Parquet (DESIGN §10). Without a loss_mask, ``batch`` as it is."""
+    if "loss_mask" not in batch:
+        return batch
+    masked = np.asarray(batch["loss_mask"])[:, 1:] == 0  # [B, T], a summary's leading dimensions
+    blanked = {name: np.array(batch[name]) for name in FIELDS}  # copies: the caller's batch stays as it is
+    for values in blanked.values():
+        values[masked] = 0
+    return blanked
 
 
 def drop_cached(batch: dict[str, np.ndarray], *, cached: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
