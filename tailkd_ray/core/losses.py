@@ -431,12 +431,13 @@ def _mass_ratio(log_num: Tensor, log_den: Tensor) -> Tensor:
                                                                                          device=log_num.device))
 
 
-def _row_scale(coef: Tensor, low: Tensor) -> tuple[Tensor, Tensor]:
+def _row_scale(coef: Tensor, low: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """(s, explicit rows): the per-row factor ``coef`` of q in a gradient, to fold out of the dense pass (the caller
     scales the matmuls' [n, d] sides by it), and the rows that cannot fold it: the ``low`` rows (a mass below exp
     range, written explicitly) and rows whose factor is 0 or too small to divide by; s = 1 there."""
     explicit = coef.abs() < _exp_sum_floor(coef.dtype)
-    explicit[low] = True
+    if low is not None:
+        explicit[low] = True
     return torch.where(explicit, torch.ones_like(coef), coef), explicit.nonzero().squeeze(-1)
 
 
@@ -501,6 +502,20 @@ class _Workspace:
         return max(1, _CACHE_BLOCK_BYTES // (self.vocab * torch.finfo(dtype).bits // 8))
 
 
+class _OffTop(NamedTuple):
+    """Exact TAD's student side beyond its softmax over the ids off T_K (``_ChunkPlan._off_top``)."""
+
+    ids: Tensor  # [n, K] T_K
+    logq_top: Tensor  # [n, K] log q on T_K
+    log_b: Tensor  # [n] log b_K
+
+    def log_q_at(self, logq_off: Tensor, ids: Tensor) -> Tensor:
+        """log q [n] at one id per row (``ids`` [n, 1]), given log q' (``logq_off``) off T_K."""
+        hit = self.ids == ids
+        on_top = self.logq_top.masked_fill(~hit, float("-inf")).amax(-1)
+        return torch.where(hit.any(-1), on_top, logq_off.gather(-1, ids).squeeze(-1) + self.log_b)
+
+
 @dataclass
 class _ChunkPlan:
     """What every chunk of the objective needs besides the student's hidden states and LM head: flat (valid
@@ -517,8 +532,9 @@ class _ChunkPlan:
     work: _Workspace
     tail_weights: Optional[Tensor] = None  # [N] w (TAD) or None (w = 1)
     log_alpha: Optional[Tensor] = None  # [N] log α_K (TAD)
-    top_ids: Optional[Tensor] = None  # [N, K] T_K (TAD from full logits)
+    top_ids: Optional[Tensor] = None  # [N, K + 1] int32 (O(N) memory): T_K, then the (K+1)-th largest's id
     teacher_lse: Optional[Tensor] = None  # [N] log Σ_i exp(z_T,i / τ) (TAD from full logits)
+    teacher_log_rest: Optional[Tensor] = None  # [N] log Σ_{i∉T_K} exp(z_T,i / τ) (TAD from full logits)
 
     def chunks(self, count: int):
         return (slice(start, start + self.chunk_tokens) for start in range(0, count, self.chunk_tokens))
@@ -535,17 +551,18 @@ class _ChunkPlan:
 
     def tail_pre_pass(self, count: int, dtype: torch.dtype) -> Tensor:
         """log α_K [N] of every valid position (TAD; β(X) needs it before any chunk), in the student's compute
-        ``dtype``; for full logits also T_K and the teacher's log-normaliser (kept for the chunks)."""
+        ``dtype``; for full logits also T_K with the (K+1)-th id and the teacher's log-normaliser (for the chunks)."""
         if isinstance(self.teacher, TeacherSummary):
             rows = slice(None) if self.positions is None else self.positions
             top_logp, rest = self.teacher.top_logp[rows].to(dtype), self.teacher.rest_logmass[rows].to(dtype)
             return torch.cat([top_logp[:, self.k:], rest[:, None]], dim=-1).logsumexp(-1)
         stats = [self._exact_tail_stats(part, dtype) for part in self.chunks(count)]
-        self.top_ids, log_alpha, self.teacher_lse = (torch.cat(column) for column in zip(*stats))
-        return log_alpha
+        self.top_ids, self.teacher_log_rest, self.teacher_lse = (torch.cat(column) for column in zip(*stats))
+        return self.teacher_log_rest - self.teacher_lse
 
     def _exact_tail_stats(self, part: slice, dtype: torch.dtype):
-        """(T_K, log α_K, log Σ_i exp(z_i/τ)) of a chunk of teacher logits z, α_K from its members: Σ_{i∉T_K}
+        """(T_K and the (K+1)-th id, log Σ_{i∉T_K} exp(z_i/τ), log Σ_i exp(z_i/τ)) of a chunk of teacher logits z,
+        the first (hence α_K) from its members: Σ_{i∉T_K}
         exp(z_i/τ − c), c = 0 when the largest logit/τ outside T_K (the (K+1)-th largest) keeps that sum inside the
         float range, else c = that logit/τ (the sum is then ≥ 1: no underflow, no overflow)."""
         rows = self.teacher_rows(part)
@@ -568,7 +585,7 @@ class _ChunkPlan:
         if shifted:
             log_rest += shift
         log_norm = torch.logaddexp(log_rest, scaled[:, :self.k].logsumexp(-1))
-        return top_ids, log_rest - log_norm, log_norm
+        return ids.int(), log_rest, log_norm
 
     def chunk_losses_and_grad(self, logits: Tensor, part: slice) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
         """Per-token (CLM, L_DIV) of the chunk ``part`` and d(Σ CLM + weight·Σ L_DIV)/d logits, in closed form (no
@@ -582,32 +599,44 @@ class _ChunkPlan:
         topk G = q̂ − p̂ on T_K, 0 elsewhere; TAD and KD from a summary: ``_summary_divergence``; exact TAD:
         ``_exact_tad``. At τ = 1 q¹ = q and each kind writes q + weight·G over q in place (one or two passes).
         """
-        n = logits.shape[0]
+        n, tau = logits.shape[0], self.temperature
         dtype = _compute_dtype(logits)
         targets = self.targets[part, None]
-        if self.temperature == 1.0:
-            logq = torch.log_softmax(logits, -1, dtype=dtype, out=self.work.get("logq", n, dtype))
-            q = torch.exp(logq, out=self.work.get("q", n, dtype))
-            clm, clm_q = -logq.gather(-1, targets).squeeze(-1), None
-        else:  # CLM is always at τ = 1: its own softmax
+        clm_q = None
+        if tau != 1.0:  # CLM is always at τ = 1: its own softmax (before exact TAD masks T_K below)
             clm_q = torch.log_softmax(logits, -1, dtype=dtype, out=self.work.get("clm", n, dtype))
             clm = -clm_q.gather(-1, targets).squeeze(-1)
             clm_q.exp_()
-            scaled = _scaled_into(self.work.get("q", n, dtype), logits, self.temperature)
+        # Exact TAD: the student's softmax over the ids off T_K (their logits masked to −inf), whose normaliser gives
+        # b_K from its members without a pass to sum them (``_off_top``).
+        top = None if self.top_ids is None else self.top_ids[part].long()
+        if top is not None:
+            picked = logits.gather(-1, top).to(dtype)
+            picked = picked if tau == 1.0 else picked / tau
+            logits.scatter_(-1, top[:, :self.k], float("-inf"))
+        if tau == 1.0:
+            logq = torch.log_softmax(logits, -1, dtype=dtype, out=self.work.get("logq", n, dtype))
+            q = torch.exp(logq, out=self.work.get("q", n, dtype))
+        else:
+            scaled = _scaled_into(self.work.get("q", n, dtype), logits, tau)
             logq = torch.log_softmax(scaled, -1, out=self.work.get("logq", n, dtype))
             q = torch.exp(logq, out=scaled)
+        student = None if top is None else self._off_top(logits, logq, q, top, picked)
+        if clm_q is None:
+            clm = -(logq.gather(-1, targets).squeeze(-1) if student is None else student.log_q_at(logq, targets))
         # The logits are spent: their buffer holds the teacher's log-probs next (when the dtypes agree).
         spare = logits if logits.dtype == dtype else self.work.get("teacher", n, dtype)
-        div, row_scale = self._divergence(logq, q, 1.0 if clm_q is None else 0.0, part, spare)
+        div, row_scale = self._divergence(logq, q, 1.0 if clm_q is None else 0.0, part, spare, student)
         unit = torch.ones_like(clm) if row_scale is None else row_scale.reciprocal()  # 1 / s: CLM's share of X
         if clm_q is not None:
             q.addcmul_(clm_q, unit[:, None])
         q.scatter_add_(-1, targets, -unit[:, None])
         return clm, div, q, row_scale
 
-    def _divergence(self, logq: Tensor, q: Tensor, clm_share: float, part: slice,
-                    spare: Tensor) -> tuple[Tensor, Optional[Tensor]]:
-        """(L_DIV per token, s or None); overwrites q with (clm_share·q + (weight/τ)·G) / s (s = 1 when None)."""
+    def _divergence(self, logq: Tensor, q: Tensor, clm_share: float, part: slice, spare: Tensor,
+                    student: Optional[_OffTop]) -> tuple[Tensor, Optional[Tensor]]:
+        """(L_DIV per token, s or None); overwrites q with (clm_share·q + (weight/τ)·G) / s (s = 1 when None);
+        exact TAD's q and log q are over the ids off T_K, with ``student`` (``_off_top``)."""
         scale, tau, n = self.weight / self.temperature, self.temperature, q.shape[0]
         if self.kind == "clm":
             if not clm_share:  # τ ≠ 1: the gradient is CLM's own softmax, added by the caller
@@ -624,7 +653,7 @@ class _ChunkPlan:
             return self._topk(logq, q, clm_share, values.to(q.dtype) / tau, ids)
         p_buffer = self.work.get("p", n, q.dtype)
         if self.kind == "tad":
-            return self._exact_tad(logq, q, clm_share, teacher, part, spare, p_buffer)
+            return self._exact_tad(logq, q, clm_share, teacher, part, spare, p_buffer, student)
         if tau == 1.0:
             logp = torch.log_softmax(teacher, -1, dtype=q.dtype, out=spare)
         else:
@@ -648,37 +677,58 @@ class _ChunkPlan:
         q.scatter_add_(-1, ids, (self.weight / self.temperature) * (q_hat - p_hat))
         return div, None
 
+    def _off_top(self, logits: Tensor, logq: Tensor, q: Tensor, top: Tensor, picked: Tensor) -> _OffTop:
+        """The student's log q on T_K and log b_K, given ``logq`` and ``q``, its log-softmax and softmax over the ids
+        off T_K (log q' = log q − log b_K; −inf and 0 on T_K), and ``picked``, its logits/τ at T_K and at the
+        (K+1)-th id j (off T_K): log Σ_{i∉T_K} e^{z_i} = z_j − log q'_j, a normaliser from its members. Rows where
+        that is not finite (z_j = −inf) take the logsumexp of their masked ``logits``; with nothing off T_K, q' = 0
+        there (not the NaN of a softmax over nothing)."""
+        z_top = picked[:, :self.k]
+        log_off = picked[:, self.k] - logq.gather(-1, top[:, self.k:]).squeeze(-1)
+        bad = (~log_off.isfinite()).nonzero().squeeze(-1)
+        if bad.numel():
+            log_off[bad] = (logits[bad].to(logq.dtype) / self.temperature).logsumexp(-1)
+            empty = bad[log_off[bad] == float("-inf")]
+            logq[empty], q[empty] = float("-inf"), 0.0
+        log_norm = torch.logaddexp(log_off, z_top.logsumexp(-1))
+        return _OffTop(top[:, :self.k], z_top - log_norm[:, None], log_off - log_norm)
+
     def _exact_tad(self, logq: Tensor, q: Tensor, clm_share: float, teacher_logits: Tensor, part: slice,
-                   spare: Tensor, p_buffer: Tensor) -> tuple[Tensor, Tensor]:
-        """TAD from full teacher logits, T_K, α_K, w and the teacher's normaliser from the pre-pass. With
-        r = α_K/b_K: G = q − p on T_K and q (1 − r (1 − w)) − w p off T_K, so the gradient off T_K is a·q − c·p
-        per row: s = a is folded out (one pass, q − (c/a)·p, as KD's)."""
+                   spare: Tensor, p_buffer: Tensor, student: _OffTop) -> tuple[Tensor, Tensor]:
+        """TAD from full teacher logits, in the renormalised tails: ``logq``, ``q`` are the student's over the ids off
+        T_K (log q', q' = q/b_K), the teacher's p' = p/α_K is taken likewise from its normaliser off T_K (pre-pass),
+        so α_K·D_KL2 = α_K·KL(p'‖q') with no large terms to cancel. G = q − p on T_K and q (1 − r (1 − w)) − w p off
+        T_K (r = α_K/b_K): with the CLM share, q = b_K·q' and p = α_K·p', off T_K a·q' − c·p' per row,
+        a = (clm_share + scale)·b_K − scale·(1 − w)·α_K, c = scale·w·α_K. s = a is folded out (one pass,
+        q' − (c/a)·p', as KD's); nothing divides by b_K or α_K, which a confident student or teacher may underflow."""
         scale, tau = self.weight / self.temperature, self.temperature
-        ids, w, log_alpha = self.top_ids[part], self.tail_weights[part], self.log_alpha[part]
-        lse = self.teacher_lse[part, None]
+        ids, w, log_alpha = student.ids, self.tail_weights[part], self.log_alpha[part]
+        # T_K's log p before the teacher's rows are overwritten (they may be a copy in p_buffer)
+        logp_top = teacher_logits.gather(-1, ids).to(q.dtype)
+        logp_top = (logp_top if tau == 1.0 else logp_top / tau) - self.teacher_lse[part, None]
+        log_rest = self.teacher_log_rest[part, None]
         if tau == 1.0:
-            logp = torch.sub(teacher_logits, lse, out=spare)
+            logp_off = torch.sub(teacher_logits, log_rest, out=spare)
         else:
-            logp = _scaled_into(spare, teacher_logits, tau).sub_(lse)
-        p = torch.exp(logp, out=p_buffer)
-        logp_top, logq_top = logp.gather(-1, ids), logq.gather(-1, ids)
-        p_top, q_top = logp_top.exp(), logq_top.exp()
-        q.scatter_(-1, ids, 0.0)
-        log_b, low = _log_mass_off(q, logq, ids)  # b_K from its members
-        # Σ_{i∉T_K} p_i (log p_i − log q_i), over p with T_K zeroed
-        tail_kl = _row_dot_(p.scatter_(-1, ids, 0.0), logp.sub_(logq))
+            logp_off = _scaled_into(spare, teacher_logits, tau).sub_(log_rest)
+        p_off = torch.exp(logp_off, out=p_buffer).scatter_(-1, ids, 0.0)  # p' (T_K zeroed: may be inf there)
+        no_tail = (log_rest[:, 0] == float("-inf")).nonzero().squeeze(-1)
+        if no_tail.numel():  # α_K = 0: no p' (its terms are 0)
+            p_off[no_tail], logp_off[no_tail] = 0.0, 0.0
         alpha = log_alpha.exp()
-        bucket = _weighted(alpha, log_alpha - log_b)  # α_K (log α_K − log b_K)
-        div = _d_kl1(logp_top, logq_top, log_alpha, log_b) + w * (tail_kl - bucket)
-        shrink = (1.0 - w) * _mass_ratio(log_alpha, log_b)  # (1 − w) α_K/b_K
-        row_scale, explicit = _row_scale(clm_share + scale * (1.0 - shrink), low)
-        q.addcmul_(p, (-scale * w / row_scale)[:, None])
-        if explicit.numel():  # (α_K/b_K)·q_i from exp(log q_i − log b_K): b_K may be below the float exp range
-            logq_rows = logq[explicit]
-            q[explicit] = ((clm_share + scale) * logq_rows.exp() - (scale * w[explicit, None]) * p[explicit]
-                           - (scale * (1.0 - w[explicit]) * alpha[explicit])[:, None]
-                           * (logq_rows - log_b[explicit, None]).exp())
-        q.scatter_(-1, ids, ((clm_share + scale) * q_top - scale * p_top) / row_scale[:, None])
+        # α_K·D_KL2 = α_K Σ_{i∉T_K} p'_i (log p'_i − log q'_i)   (log q' = −inf on T_K: zeroed)
+        tail = _weighted(alpha, _row_dot_(p_off, logp_off.sub_(logq).scatter_(-1, ids, 0.0)))
+        div = _d_kl1(logp_top, student.logq_top, log_alpha, student.log_b) + w * tail
+        coef = (clm_share + scale) * student.log_b.exp() - scale * (1.0 - w) * alpha
+        row_scale, explicit = _row_scale(coef)
+        tail_coef = scale * w * alpha
+        fixed = (coef[explicit, None] * q[explicit] - tail_coef[explicit, None] * p_off[explicit]
+                 if explicit.numel() else None)  # rows whose a is 0 or too small to divide by: a·q' − c·p' as is
+        q.addcmul_(p_off, (-tail_coef / row_scale)[:, None])
+        if fixed is not None:
+            q[explicit] = fixed
+        q.scatter_(-1, ids, ((clm_share + scale) * student.logq_top.exp() - scale * logp_top.exp())
+                   / row_scale[:, None])
         return div, row_scale
 
     def _summary_divergence(self, logq: Tensor, q: Tensor, clm_share: float, summary: TeacherSummary,
