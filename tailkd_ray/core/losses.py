@@ -18,8 +18,9 @@ accumulates in float32 (float64 inputs stay float64). Temperature τ divides bot
 logits; **no τ² rescaling is applied** (scale with ``weight`` if you want Hinton's convention).
 
 Every mass is computed from the members it sums, never as 1 − (the rest): log α_K and log b_K are
-logsumexps over the ids outside T_K (T_K masked to −inf; the chunked path sums the members' exps instead, and
-takes that logsumexp for rows whose sum is below float exp range), log γ_M likewise outside the top M, and on the
+logsumexps over the ids outside T_K (T_K masked to −inf; the chunked path reads log b_K off the normaliser of the
+student's log-softmax over those ids, and sums γ_M's members' exps, taking the logsumexp for rows whose sum is
+below float exp range), log γ_M likewise outside the top M, and on the
 summary path α_K = α_M + Σ_{ranks K+1..M} p and b_K = γ_M + Σ_{ranks K+1..M} q. The complement form
 1 − Σ cancels in float32 once a confident student puts less than ~1e-6 outside T_K (at V = 152k the float32
 log-softmax normaliser alone is off by ~1e-5), which made the loss negative, wrong or NaN.
