@@ -285,3 +285,9 @@ def test_cache_quick(tmp_path):
     assert 0 < blanked["summary_bytes_per_row"] < stored["summary_bytes_per_row"]
     assert result["summary_bytes_ratio"] == stored["summary_bytes_per_row"] / blanked["summary_bytes_per_row"] > 1
     assert "summary columns" in stdout
+    first = result["first_batch"]  # the same rows in one row group and in row groups of ROW_GROUP_BYTES
+    assert first["rows"] == result["rows"] and first["row_groups"]["one_row_group"] == 1
+    assert first["row_groups"]["row_groups"] >= 1
+    assert all(len(s) == 1 and s[0] > 0 for s in first["seconds"].values()) and "first batch" in stdout
+    assert first["row_groups_over_one_median_of_paired"] == first["seconds"]["row_groups"][0] / first["seconds"][
+        "one_row_group"][0]

@@ -297,3 +297,32 @@ def test_damaged_shards_are_refused_by_name_then_rescored(tiny_llama_dir, builti
     (split_dir / MANIFEST).write_text(json.dumps(legacy))
     with pytest.raises(CacheError, match="has no recorded checksum .*older tailkd.*run `tailkd score"):
         open_cache(cfg)
+
+
+def test_shards_are_written_in_row_groups_that_read_back_the_same(tmp_path):
+    """write_shard cuts a shard into row groups of about row_group_bytes (Ray Data streams a shard a group at a
+    time: a training stream's first batch waits for one group, not the whole shard); the rows read back equal those
+    of a one-group shard."""
+    import torch
+
+    from tailkd_ray.core.summary import summarize
+    from tailkd_ray.teacher.cache import ROW_GROUP_BYTES, restore_shapes, write_shard
+
+    rows, seq_len = 12, 8
+    ids = np.random.default_rng(0).integers(0, 50, (rows, seq_len + 1), dtype=np.int32)
+    summary = summarize(torch.randn(rows, seq_len, 50, generator=torch.Generator().manual_seed(0)), top_m=4,
+                        tail_samples=2, generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, **summary.to_numpy()}
+    shards = {}
+    for name, group_bytes in (("grouped", 1500), ("whole", None), ("default", ROW_GROUP_BYTES)):
+        root = tmp_path / name
+        root.mkdir()
+        shards[name] = root / write_shard(batch, root=str(root), temperature=1.0, row_group_bytes=group_bytes)["shard"][0]
+    groups = {name: pq.ParquetFile(path).metadata.num_row_groups for name, path in shards.items()}
+    table_bytes = pq.read_table(shards["whole"]).nbytes
+    assert groups["whole"] == groups["default"] == 1  # 12 tiny rows: far below 4 MiB
+    assert groups["grouped"] == pytest.approx(table_bytes / 1500, abs=2) and groups["grouped"] > 1
+    read = {name: restore_shapes(pq.read_table(path), seq_len=seq_len) for name, path in shards.items()}
+    for column, values in read["whole"].items():
+        np.testing.assert_array_equal(read["grouped"][column], values)
+    np.testing.assert_array_equal(read["grouped"]["input_ids"], ids)

@@ -64,6 +64,9 @@ SPLITS = ("train", "val")
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2  # bump when the shard layout changes; older caches are then refused (2: whole supervised samples)
 SHARD_BYTES = 256 * 2**20  # target Parquet shard size
+# Target Parquet row-group size. Ray Data reads a shard row group by row group, so a training stream's first batch
+# waits for one group, not the whole shard (the default demo: 34 s -> 6 s cold, 8.5 s -> 5 s warm, loaded machine).
+ROW_GROUP_BYTES = 4 * 2**20
 _SAMPLE_BYTES = 64 * 2**10
 _SAMPLES_PER_FILE = 32
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -315,8 +318,10 @@ def _cached_block_hashes(fs: pafs.FileSystem, base: str, shards: dict[str, int])
     return np.unique(np.concatenate(hashes))
 
 
-def write_shard(batch: dict[str, np.ndarray], *, root: str, temperature: float) -> dict[str, np.ndarray]:
-    """Ray Data task: write one batch of scored rows as a Parquet shard; returns its name and row count.
+def write_shard(batch: dict[str, np.ndarray], *, root: str, temperature: float,
+                row_group_bytes: Optional[int] = ROW_GROUP_BYTES) -> dict[str, np.ndarray]:
+    """Ray Data task: write one batch of scored rows as a Parquet shard of row groups of about ``row_group_bytes``
+    (None: one group, for comparison in ``jobs/bench/cache.py``); returns its name and row count.
     ``temperature`` (the scoring τ) goes into the shard's schema metadata, so a shard read alone knows it."""
     hashes = block_hashes(batch["input_ids"])
     extra = {name: batch[name] for name in BLOCK_COLUMNS if name in batch}
@@ -324,7 +329,8 @@ def write_shard(batch: dict[str, np.ndarray], *, root: str, temperature: float) 
     table = pa.Table.from_batches([record]).append_column("block_hash", pa.array(hashes))
     name = f"part-{hashlib.blake2b(np.sort(hashes).tobytes(), digest_size=10).hexdigest()}.parquet"
     fs, base = _filesystem(root)
-    _write_atomically(fs, f"{base}/{name}", lambda stream: pq.write_table(table, stream))
+    group_rows = max(1, len(table) if row_group_bytes is None else row_group_bytes * len(table) // max(1, table.nbytes))
+    _write_atomically(fs, f"{base}/{name}", lambda stream: pq.write_table(table, stream, row_group_size=group_rows))
     return {"shard": np.array([name]), "rows": np.array([len(hashes)])}
 
 
