@@ -306,6 +306,46 @@ def test_chunked_equals_logits_path_on_a_wide_padded_vocabulary(kind, monkeypatc
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 1.3])
+@pytest.mark.parametrize("teacher_kind", ["logits", "summary"])
+def test_chunked_tad_falls_back_when_the_read_back_id_has_no_student_mass(teacher_kind, temperature):
+    """The chunked path reads the student's mass off the top set (b_K, γ_M) back from the normaliser of its masked
+    log-softmax at one id off that set: exact TAD's (K+1)-th teacher id; from a summary the largest student logit
+    among the tail samples and ids 0..M. A −inf LM-head bias on every such id (a padding row) makes that read-back
+    −inf − (−inf): the rows take the logsumexp over their masked logits and must still equal the logits path."""
+    g = torch.Generator().manual_seed(37)
+    B, T, d, V, K = 2, 5, 6, 30, 4
+    hidden = torch.randn(B, T, d, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(V, d, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(V, dtype=torch.float64)
+    if teacher_kind == "logits":
+        # finite teacher logits on ids 10..K+9 only (α_K = 0), so the (K+1)-th largest is a −inf id: no teacher
+        # mass where the student has none
+        teacher = torch.full((B, T, V), float("-inf"), dtype=torch.float64)
+        teacher[..., 10:10 + K] = torch.randn(B, T, K, generator=g, dtype=torch.float64) * 2
+        bias[losses._top_k(teacher.reshape(-1, V), K + 1)[1][:, K]] = float("-inf")
+        assert bias.isfinite().sum() > K  # the student keeps mass off T_K: the fallback's sum is not empty
+        targets = torch.randint(10, 10 + K, (B, T), generator=g)
+    else:
+        # the teacher's top M among ids 20..29, so ids 0..M lie in its far tail; no samples (S = 0): a sample
+        # with q = 0 would make the far-tail estimate infinite
+        logits = torch.randn(B, T, V, generator=g) * 2
+        logits[..., 20:] += 10
+        teacher = summarize(logits, top_m=8, temperature=temperature, logp_dtype=torch.float32)
+        bias[:9] = float("-inf")
+        targets = torch.randint(9, V, (B, T), generator=g)
+    bias.requires_grad_()
+    opts = dict(k=K, beta=1.5, temperature=temperature)
+    out = distill_objective(hidden, weight, targets, teacher, kind="tad", chunk_tokens=3, lm_head_bias=bias, **opts)
+    student = hidden @ weight.T + bias
+    want = clm_loss(student, targets) + divergence_loss(student, teacher, kind="tad", **opts)
+    assert math.isfinite(out.loss.item())
+    assert out.loss.item() == pytest.approx(want.item(), rel=1e-10)
+    for a, b in zip(torch.autograd.grad(out.loss, (hidden, weight, bias)),
+                    torch.autograd.grad(want, (hidden, weight, bias))):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("teacher_kind", ["logits", "summary"])
 def test_chunked_loss_memory_is_flat_in_tokens(teacher_kind):
     """Peak live memory of forward + backward stays O(chunk × V): flat as T grows, far below one [T, V] tensor."""

@@ -18,12 +18,12 @@ accumulates in float32 (float64 inputs stay float64). Temperature τ divides bot
 logits; **no τ² rescaling is applied** (scale with ``weight`` if you want Hinton's convention).
 
 Every mass is computed from the members it sums, never as 1 − (the rest): log α_K and log b_K are
-logsumexps over the ids outside T_K (T_K masked to −inf; the chunked path reads log b_K off the normaliser of the
-student's log-softmax over those ids, and sums γ_M's members' exps, taking the logsumexp for rows whose sum is
-below float exp range), log γ_M likewise outside the top M, and on the
-summary path α_K = α_M + Σ_{ranks K+1..M} p and b_K = γ_M + Σ_{ranks K+1..M} q. The complement form
-1 − Σ cancels in float32 once a confident student puts less than ~1e-6 outside T_K (at V = 152k the float32
-log-softmax normaliser alone is off by ~1e-5), which made the loss negative, wrong or NaN.
+logsumexps over the ids outside T_K (T_K masked to −inf), log γ_M likewise outside the top M, and on the
+summary path α_K = α_M + Σ_{ranks K+1..M} p and b_K = γ_M + Σ_{ranks K+1..M} q. The chunked path masks the top
+set (T_K, or the summary's top M) before the student's log-softmax and reads log b_K (log γ_M) off its normaliser
+at one id off the set (``_ChunkPlan._off_top``; the masked logsumexp where that id's logit is −inf). The
+complement form 1 − Σ cancels in float32 once a confident student puts less than ~1e-6 outside T_K (at
+V = 152k the float32 log-softmax normaliser alone is off by ~1e-5), which made the loss negative, wrong or NaN.
 
 The summary path (``TeacherSummary`` of DESIGN §3, M ≥ K) splits the tail into the middle ranks
 K+1..M (known exactly) and the far tail beyond M (mass α_M):
@@ -32,7 +32,7 @@ K+1..M (known exactly) and the far tail beyond M (mass α_M):
               + α_M (log α_M − log α_K − log γ_M + log b_K) + α_M·F
 
 γ_M the student mass off the teacher's top M and F = KL(far-tail teacher ‖ far-tail student), estimated
-from S samples i_s ~ p restricted to ranks > M as mean_s[(log p_{i_s} − log α_M) − (log q_{i_s} − log γ_M)]
+from S samples i_s ~ p restricted to ranks > M as mean_s[(log p_{i_s} − log α_M) − log q'_{i_s}], q' = q/γ_M
 (unbiased in value and gradient); with S = 0 the α_M·F term is dropped.
 
 ``distill_objective`` is the training path: it takes the student's final hidden states and LM-head
@@ -124,10 +124,11 @@ class _SummaryTerms(NamedTuple):
     log_b: Tensor  # [N] log b_K
 
 
-def _summary_terms(logq_top_m: Tensor, logq_samples: Tensor, log_gamma_m: Tensor, summary: TeacherSummary,
+def _summary_terms(logq_top_m: Tensor, logq_off_samples: Tensor, log_gamma_m: Tensor, summary: TeacherSummary,
                    k: int) -> _SummaryTerms:
-    """TAD's terms from a summary, given the student's log q at the top-M ids [N, M] and at the tail samples
-    [N, S] and log γ_M [N] (student mass off the top M); shared by the logits path and the chunked path."""
+    """TAD's terms from a summary, given the student's log q at the top-M ids [N, M], log q' = log q − log γ_M
+    (its far tail renormalised) at the tail samples [N, S] and log γ_M [N] (student mass off the top M); shared
+    by the logits path and the chunked path."""
     dtype = logq_top_m.dtype
     top_logp = summary.top_logp.to(dtype)
     logp_k, logq_k = top_logp[:, :k], logq_top_m[:, :k]
@@ -141,7 +142,7 @@ def _summary_terms(logq_top_m: Tensor, logq_samples: Tensor, log_gamma_m: Tensor
     far = log_alpha_m - log_alpha - log_gamma_m + log_b
     if summary.tail_samples:
         tail_logp = summary.tail_logp.to(dtype)
-        far = far + ((tail_logp - log_alpha_m[:, None]) - (logq_samples - log_gamma_m[:, None])).mean(-1)
+        far = far + ((tail_logp - log_alpha_m[:, None]) - logq_off_samples).mean(-1)
     tail = mid + _weighted(log_alpha_m.exp(), far)
     return _SummaryTerms(_d_kl1(logp_k, logq_k, log_alpha, log_b), tail, log_alpha, log_b)
 
@@ -154,7 +155,7 @@ def _tad_terms_summary(logq: Tensor, summary: TeacherSummary, k: int):
         log_gamma_m = log_mass_outside(logq, summary.top_ids.long())
     else:  # M = V: γ_M = 0 and α_M = 0 zeroes its terms; a logsumexp over nothing would give NaN gradients
         log_gamma_m = torch.full_like(logq[:, 0], float("-inf"))
-    terms = _summary_terms(logq_drawn[:, :m], logq_drawn[:, m:], log_gamma_m, summary, k)
+    terms = _summary_terms(logq_drawn[:, :m], logq_drawn[:, m:] - log_gamma_m[:, None], log_gamma_m, summary, k)
     return terms.d_kl1, terms.tail, terms.log_alpha.exp()
 
 
@@ -372,8 +373,8 @@ class ObjectiveOutput:
     tokens: int
 
 
-# Below this student mass a float exp-sum over the members loses them to underflow: such rows take the masked
-# logsumexp instead (√tiny: 1e-19 in float32, so members flushed to zero or subnormal cost < 1e-20 relative).
+# Below this a row's factor of q in a gradient is too small to divide by (√tiny: 1e-19 in float32; its reciprocal
+# stays far from overflow): such rows are written as they are (``_row_scale``).
 def _exp_sum_floor(dtype: torch.dtype) -> float:
     return math.sqrt(torch.finfo(dtype).tiny)
 
@@ -403,18 +404,6 @@ def _top_k(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return values, ids.gather(-1, picked)
 
 
-def _log_mass_off(q: Tensor, logq: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
-    """(log Σ_{i∉ids} q_i, the rows that took the exact fallback), for ``q`` = exp(logq) already zeroed at ``ids``
-    by the caller: the sum of the members themselves, and where it is below ``_exp_sum_floor`` (a mass lost to
-    float underflow) the masked logsumexp of ``log_mass_outside`` on those rows only."""
-    mass = q.sum(-1)
-    low = (mass < _exp_sum_floor(q.dtype)).nonzero().squeeze(-1)
-    log_mass = mass.log()
-    if low.numel():
-        log_mass[low] = log_mass_outside(logq[low], ids[low])
-    return log_mass, low
-
-
 def _row_dot_(p: Tensor, x: Tensor, out: Optional[Tensor] = None) -> Tensor:
     """Σ_j p_j x_j per row, the products written to ``out`` (default: over ``x``); 0 · (±inf) = 0 as in
     ``_weighted`` (a zero-probability entry with log p = −inf adds nothing): rows whose sum is NaN are redone."""
@@ -432,13 +421,11 @@ def _mass_ratio(log_num: Tensor, log_den: Tensor) -> Tensor:
                                                                                          device=log_num.device))
 
 
-def _row_scale(coef: Tensor, low: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+def _row_scale(coef: Tensor) -> tuple[Tensor, Tensor]:
     """(s, explicit rows): the per-row factor ``coef`` of q in a gradient, to fold out of the dense pass (the caller
-    scales the matmuls' [n, d] sides by it), and the rows that cannot fold it: the ``low`` rows (a mass below exp
-    range, written explicitly) and rows whose factor is 0 or too small to divide by; s = 1 there."""
+    scales the matmuls' [n, d] sides by it), and the rows that cannot fold it, whose factor is 0 or too small to
+    divide by; s = 1 there."""
     explicit = coef.abs() < _exp_sum_floor(coef.dtype)
-    if low is not None:
-        explicit[low] = True
     return torch.where(explicit, torch.ones_like(coef), coef), explicit.nonzero().squeeze(-1)
 
 
@@ -504,14 +491,15 @@ class _Workspace:
 
 
 class _OffTop(NamedTuple):
-    """Exact TAD's student side beyond its softmax over the ids off T_K (``_ChunkPlan._off_top``)."""
+    """The student's side beyond its softmax over the ids off a top set (``_ChunkPlan._off_top``): T_K for exact
+    TAD, the summary's top M for TAD and KD from a summary."""
 
-    ids: Tensor  # [n, K] T_K
-    logq_top: Tensor  # [n, K] log q on T_K
-    log_b: Tensor  # [n] log b_K
+    ids: Tensor  # [n, K] the top set (T_K or the top M)
+    logq_top: Tensor  # [n, K] log q on it
+    log_b: Tensor  # [n] log of the student's mass off it (log b_K, or log γ_M)
 
     def log_q_at(self, logq_off: Tensor, ids: Tensor) -> Tensor:
-        """log q [n] at one id per row (``ids`` [n, 1]), given log q' (``logq_off``) off T_K."""
+        """log q [n] at one id per row (``ids`` [n, 1]), given log q' (``logq_off``) off the top set."""
         hit = self.ids == ids
         on_top = self.logq_top.masked_fill(~hit, float("-inf")).amax(-1)
         return torch.where(hit.any(-1), on_top, logq_off.gather(-1, ids).squeeze(-1) + self.log_b)
@@ -608,13 +596,17 @@ class _ChunkPlan:
             clm_q = torch.log_softmax(logits, -1, dtype=dtype, out=self.work.get("clm", n, dtype))
             clm = -clm_q.gather(-1, targets).squeeze(-1)
             clm_q.exp_()
-        # Exact TAD: the student's softmax over the ids off T_K (their logits masked to −inf), whose normaliser gives
-        # b_K from its members without a pass to sum them (``_off_top``).
-        top = None if self.top_ids is None else self.top_ids[part].long()
+        # TAD and KD (exact TAD; from a summary): the student's softmax over the ids off the top set (T_K, or the
+        # top M; their logits masked to −inf), whose normaliser gives b_K or γ_M from its members without a pass to
+        # sum them (``_off_top``).
+        summary = self.teacher_rows(part) if isinstance(self.teacher, TeacherSummary) else None
+        top = self._top_set(part, summary)
         if top is not None:
-            picked = logits.gather(-1, top).to(dtype)
+            z_top = logits.gather(-1, top).to(dtype)
+            logits.scatter_(-1, top, float("-inf"))
+            read = self._read_back_ids(part, logits, summary)
+            picked = torch.cat([z_top, logits.gather(-1, read).to(dtype)], dim=-1)
             picked = picked if tau == 1.0 else picked / tau
-            logits.scatter_(-1, top[:, :self.k], float("-inf"))
         if tau == 1.0:
             logq = torch.log_softmax(logits, -1, dtype=dtype, out=self.work.get("logq", n, dtype))
             q = torch.exp(logq, out=self.work.get("q", n, dtype))
@@ -622,33 +614,55 @@ class _ChunkPlan:
             scaled = _scaled_into(self.work.get("q", n, dtype), logits, tau)
             logq = torch.log_softmax(scaled, -1, out=self.work.get("logq", n, dtype))
             q = torch.exp(logq, out=scaled)
-        student = None if top is None else self._off_top(logits, logq, q, top, picked)
+        student = None if top is None else self._off_top(logits, logq, q, top, read, picked)
         if clm_q is None:
             clm = -(logq.gather(-1, targets).squeeze(-1) if student is None else student.log_q_at(logq, targets))
         # The logits are spent: their buffer holds the teacher's log-probs next (when the dtypes agree).
         spare = logits if logits.dtype == dtype else self.work.get("teacher", n, dtype)
-        div, row_scale = self._divergence(logq, q, 1.0 if clm_q is None else 0.0, part, spare, student)
+        div, row_scale = self._divergence(logq, q, 1.0 if clm_q is None else 0.0, part, spare, student, summary)
         unit = torch.ones_like(clm) if row_scale is None else row_scale.reciprocal()  # 1 / s: CLM's share of X
         if clm_q is not None:
             q.addcmul_(clm_q, unit[:, None])
         q.scatter_add_(-1, targets, -unit[:, None])
         return clm, div, q, row_scale
 
+    def _top_set(self, part: slice, summary: Optional[TeacherSummary]) -> Optional[Tensor]:
+        """The ids [n, K] whose student logits the chunk masks before its log-softmax: T_K (exact TAD), the top M
+        (TAD and KD from a summary), or None (the other kinds use the plain softmax)."""
+        if self.top_ids is not None:
+            return self.top_ids[part, :self.k].long()
+        if summary is not None and self.kind in ("tad", "kd"):
+            return summary.top_ids.long()
+        return None
+
+    def _read_back_ids(self, part: slice, masked_logits: Tensor, summary: Optional[TeacherSummary]) -> Tensor:
+        """One id [n, 1] per row off the top set, where the masked log-softmax's normaliser is read back: exact TAD's
+        (K+1)-th teacher id; from a summary the candidate of largest student logit among the tail samples and the
+        ids 0..M (at least one of which is off the top M; a larger log q' there reads back with less rounding).
+        Masked ids have logit −inf there, so a row with no finite candidate falls back in ``_off_top``."""
+        if summary is None:
+            return self.top_ids[part, self.k:].long()
+        n, vocab = masked_logits.shape
+        first = torch.arange(min(summary.top_m + 1, vocab), device=masked_logits.device).expand(n, -1)
+        candidates = torch.cat([summary.tail_ids.long(), first], dim=-1)
+        return candidates.gather(-1, masked_logits.gather(-1, candidates).argmax(-1, keepdim=True))
+
     def _divergence(self, logq: Tensor, q: Tensor, clm_share: float, part: slice, spare: Tensor,
-                    student: Optional[_OffTop]) -> tuple[Tensor, Optional[Tensor]]:
+                    student: Optional[_OffTop], summary: Optional[TeacherSummary]) -> tuple[Tensor, Optional[Tensor]]:
         """(L_DIV per token, s or None); overwrites q with (clm_share·q + (weight/τ)·G) / s (s = 1 when None);
-        exact TAD's q and log q are over the ids off T_K, with ``student`` (``_off_top``)."""
+        TAD's and KD's q and log q are over the ids off the top set, with ``student`` (``_off_top``); ``summary``
+        the chunk's summary rows (None for full logits)."""
         scale, tau, n = self.weight / self.temperature, self.temperature, q.shape[0]
         if self.kind == "clm":
             if not clm_share:  # τ ≠ 1: the gradient is CLM's own softmax, added by the caller
                 q.zero_()
             return torch.zeros_like(q[:, 0]), None
-        teacher = self.teacher_rows(part)
-        if isinstance(teacher, TeacherSummary):
+        if summary is not None:
             if self.kind == "topk":
-                return self._topk(logq, q, clm_share, teacher.top_logp[:, :self.k].to(q.dtype),
-                                  teacher.top_ids[:, :self.k].long())
-            return self._summary_divergence(logq, q, clm_share, teacher, part)
+                return self._topk(logq, q, clm_share, summary.top_logp[:, :self.k].to(q.dtype),
+                                  summary.top_ids[:, :self.k].long())
+            return self._summary_divergence(logq, q, clm_share, summary, part, student)
+        teacher = self.teacher_rows(part)
         if self.kind == "topk":  # T_K and log p̂ from the logits alone: the normaliser cancels
             values, ids = _top_k(teacher, self.k)
             return self._topk(logq, q, clm_share, values.to(q.dtype) / tau, ids)
@@ -678,21 +692,23 @@ class _ChunkPlan:
         q.scatter_add_(-1, ids, (self.weight / self.temperature) * (q_hat - p_hat))
         return div, None
 
-    def _off_top(self, logits: Tensor, logq: Tensor, q: Tensor, top: Tensor, picked: Tensor) -> _OffTop:
-        """The student's log q on T_K and log b_K, given ``logq`` and ``q``, its log-softmax and softmax over the ids
-        off T_K (log q' = log q − log b_K; −inf and 0 on T_K), and ``picked``, its logits/τ at T_K and at the
-        (K+1)-th id j (off T_K): log Σ_{i∉T_K} e^{z_i} = z_j − log q'_j, a normaliser from its members. Rows where
-        that is not finite (z_j = −inf) take the logsumexp of their masked ``logits``; with nothing off T_K, q' = 0
-        there (not the NaN of a softmax over nothing)."""
-        z_top = picked[:, :self.k]
-        log_off = picked[:, self.k] - logq.gather(-1, top[:, self.k:]).squeeze(-1)
+    def _off_top(self, logits: Tensor, logq: Tensor, q: Tensor, top: Tensor, read: Tensor, picked: Tensor) -> _OffTop:
+        """The student's log q on the top set ``top`` [n, K] and log of its mass off it, given ``logq`` and ``q``,
+        its log-softmax and softmax over the ids off the top set (log q' = log q − log b; −inf and 0 on the top
+        set), and ``picked``, its logits/τ at the top set and at the read-back id j (``read``, off the top set):
+        log Σ_{i∉top} e^{z_i} = z_j − log q'_j, a normaliser from its members. Rows where that is not finite
+        (z_j = −inf, or j in the top set) take the logsumexp of their masked ``logits``; with nothing off the top
+        set, q' = 0 there (not the NaN of a softmax over nothing)."""
+        count = top.shape[1]
+        z_top = picked[:, :count]
+        log_off = picked[:, count] - logq.gather(-1, read).squeeze(-1)
         bad = (~log_off.isfinite()).nonzero().squeeze(-1)
         if bad.numel():
             log_off[bad] = (logits[bad].to(logq.dtype) / self.temperature).logsumexp(-1)
             empty = bad[log_off[bad] == float("-inf")]
             logq[empty], q[empty] = float("-inf"), 0.0
         log_norm = torch.logaddexp(log_off, z_top.logsumexp(-1))
-        return _OffTop(top[:, :self.k], z_top - log_norm[:, None], log_off - log_norm)
+        return _OffTop(top, z_top - log_norm[:, None], log_off - log_norm)
 
     def _exact_tad(self, logq: Tensor, q: Tensor, clm_share: float, teacher_logits: Tensor, part: slice,
                    spare: Tensor, p_buffer: Tensor, student: _OffTop) -> tuple[Tensor, Tensor]:
@@ -733,51 +749,42 @@ class _ChunkPlan:
         return div, row_scale
 
     def _summary_divergence(self, logq: Tensor, q: Tensor, clm_share: float, summary: TeacherSummary,
-                            part: slice) -> tuple[Tensor, Optional[Tensor]]:
-        """TAD from a summary, or KD from a summary (K = M, w = 1). With ℓ = log q, L = L_DIV depends on ℓ at
-        the top-M ids and the samples, on log b_K and on log γ_M (∂ log γ_M/∂ℓ_j = q_j/γ_M off the top M);
-        G = ∂L/∂ℓ − q Σ_j ∂L/∂ℓ_j, where Σ_j ∂L/∂ℓ_j = −(P_K + α_K), P_K = Σ_{ranks 1..K} p (1 up to the summary's
-        float16 rounding), and ∂L/∂ℓ is
+                            part: slice, student: _OffTop) -> tuple[Tensor, Optional[Tensor]]:
+        """TAD from a summary, or KD from a summary (K = M, w = 1), from the student's softmax over the ids off the
+        top M: ``logq``, ``q`` are log q', q' = q/γ_M there (−inf, 0 on the top M), ``student`` holds log q on
+        the top M and log γ_M (``_off_top``), and the samples' terms read log q' directly. With ℓ = log q, L = L_DIV
+        depends on ℓ at the top-M ids and the samples, on log b_K and on log γ_M (∂ log γ_M/∂ℓ_j = q_j/γ_M off the
+        top M); G = ∂L/∂ℓ − q Σ_j ∂L/∂ℓ_j, where Σ_j ∂L/∂ℓ_j = −(P_K + α_K), P_K = Σ_{ranks 1..K} p (1 up to the
+        summary's float16 rounding), and ∂L/∂ℓ is
           ranks 1..K: −p_i; ranks K+1..M: −w p_i − (1 − w) α_K q_i/b_K; each sample: −w α_M/S;
           off the top M: −q_j ((1 − w) α_K/b_K + w α_M/γ_M if S = 0),
-        so off the top M the gradient is s·q per row: s is folded out (no pass over [n, V] but the γ_M sum)."""
-        scale, vocab, dtype = self.weight / self.temperature, q.shape[-1], q.dtype
+        so off the top M the gradient (with the CLM share) is a·q'_j per row, a = γ_M (clm_share + scale (P_K +
+        α_K)) − scale (1 − w) α_K γ_M/b_K − scale w α_M [S = 0]: a is folded out (no pass over [n, V]), and
+        nothing divides by γ_M, which a confident student may underflow."""
+        scale, dtype = self.weight / self.temperature, q.dtype
         m, samples = summary.top_m, summary.tail_samples
         k = self.k if self.kind == "tad" else m
         w = self.tail_weights[part] if self.kind == "tad" else torch.ones_like(q[:, 0])
-        top_ids = summary.top_ids.long()
-        logq_drawn = logq.gather(-1, torch.cat([top_ids, summary.tail_ids.long()], dim=-1))
-        logq_top_m = logq_drawn[:, :m]
+        log_gamma, logq_top_m = student.log_b, student.logq_top
         log_alpha_m = summary.rest_logmass.to(dtype)
-        if m < vocab:
-            q.scatter_(-1, top_ids, 0.0)
-            log_gamma, low = _log_mass_off(q, logq, top_ids)  # γ_M from its members
-        else:  # M = V: nothing off the top M (γ_M = 0, α_M = 0)
-            log_gamma, low = torch.full_like(log_alpha_m, float("-inf")), None
-        terms = _summary_terms(logq_top_m, logq_drawn[:, m:], log_gamma, summary, k)
+        terms = _summary_terms(logq_top_m, logq.gather(-1, summary.tail_ids.long()), log_gamma, summary, k)
         alpha = terms.log_alpha.exp()
-        shrink = (1.0 - w) * _mass_ratio(terms.log_alpha, terms.log_b)  # (1 − w) α_K/b_K
-        far = w * _mass_ratio(log_alpha_m, log_gamma) if not samples else 0.0  # w α_M/γ_M
         p_top_m = summary.top_logp.to(dtype).exp()
         mass = p_top_m[:, :k].sum(-1) + alpha  # −Σ_j ∂L/∂ℓ_j
-        row_scale = None
-        if m < vocab:
-            row_scale, explicit = _row_scale(clm_share + scale * (mass - shrink - far), low)
-            if explicit.numel():  # q_j/b_K and q_j/γ_M from exp(log q_j − log mass): γ_M may be below exp range
-                logq_rows = logq[explicit]
-                row = (clm_share + scale * mass[explicit, None]) * logq_rows.exp() - (
-                    scale * (1.0 - w[explicit]) * alpha[explicit])[:, None] * (
-                    logq_rows - terms.log_b[explicit, None]).exp()
-                if not samples:
-                    row -= (scale * w[explicit] * log_alpha_m[explicit].exp())[:, None] * (
-                        logq_rows - log_gamma[explicit, None]).exp()
-                q[explicit] = row
+        coef = ((clm_share + scale * mass) * log_gamma.exp()
+                - scale * (1.0 - w) * alpha * _mass_ratio(log_gamma, terms.log_b))  # γ_M/b_K ≤ 1
+        if not samples:
+            coef = coef - scale * w * log_alpha_m.exp()
+        row_scale, explicit = _row_scale(coef)
+        if explicit.numel():  # a is 0 or too small to divide by: a·q' as is
+            q[explicit] *= coef[explicit, None]
         grad_top = -p_top_m  # ∂L/∂ℓ on the top M
         grad_top[:, k:] = -w[:, None] * p_top_m[:, k:] - ((1.0 - w) * alpha)[:, None] * (
             logq_top_m[:, k:] - terms.log_b[:, None]).exp()
         q_top_m = logq_top_m.exp()
-        unit = torch.ones_like(mass) if row_scale is None else row_scale.reciprocal()
-        q.scatter_(-1, top_ids, (clm_share * q_top_m + scale * (grad_top + mass[:, None] * q_top_m)) * unit[:, None])
+        unit = row_scale.reciprocal()
+        q.scatter_(-1, summary.top_ids.long(),
+                   (clm_share * q_top_m + scale * (grad_top + mass[:, None] * q_top_m)) * unit[:, None])
         if samples:
             per_sample = (-scale * w * log_alpha_m.exp() / samples * unit)[:, None]
             q.scatter_add_(-1, summary.tail_ids.long(), per_sample.expand(-1, samples).contiguous())
