@@ -41,6 +41,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from tailkd_ray.config import Config, ConfigError, StudentConfig, TeacherConfig
+from tailkd_ray.core.losses import teacher_logits_over
 from tailkd_ray.errors import DataError, VocabularyError
 
 log = logging.getLogger(__name__)
@@ -490,6 +491,15 @@ class StudentWithHead(nn.Module):
 
         for param in self.head.parameters():
             deepspeed.zero.register_external_parameter(self, param)
+
+
+def teacher_logits(teacher: nn.Module, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor], *,
+                   shared_vocab: int, student_rows: int) -> torch.Tensor:
+    """A full (co-located or eval) teacher's logits over the student's rows (``core.losses.teacher_logits_over``) on
+    ``input_ids`` at ``position_ids`` (None: 0..T-1). No KV cache: with one, transformers skips its packed-sequence
+    mask and packed samples would attend to each other."""
+    logits = teacher(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+    return teacher_logits_over(logits, shared_vocab, student_rows)
 
 
 def llama_config(*, vocab: int, layers: int, width: int, heads: int, intermediate: int, max_positions: int,

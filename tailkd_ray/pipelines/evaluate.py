@@ -30,13 +30,12 @@ import torch
 
 from tailkd_ray.config import Config
 from tailkd_ray.core.generation import greedy_decode, score_example, summarize_scores
-from tailkd_ray.core.losses import teacher_logits_over
 from tailkd_ray.core.metrics import evaluate
 from tailkd_ray.data.prompts import PromptSet, read_prompts
 from tailkd_ray.data.samples import end_of_turn_ids
 from tailkd_ray.data.splits import data_tokenizer, validation_dataset
 from tailkd_ray.errors import ConfigError, DataError
-from tailkd_ray.models import StudentWithHead, load_model, load_teacher, shared_vocab_size
+from tailkd_ray.models import StudentWithHead, load_model, load_teacher, shared_vocab_size, teacher_logits
 from tailkd_ray.runtime import init_ray
 from tailkd_ray.teacher.cache import teacher_identity
 from tailkd_ray.train.runlog import write_eval_json
@@ -96,9 +95,9 @@ def _token_metrics(cfg: Config, student, teacher, device: str) -> dict:
     student = StudentWithHead(student)
     shared_vocab, student_rows = shared_vocab_size(cfg), student.head.weight.shape[0]
     metrics = evaluate(student, val_ds.iter_torch_batches(batch_size=cfg.train.batch_size),
-                       teacher=lambda ids, positions: teacher_logits_over(
-                           teacher(input_ids=ids, position_ids=positions, use_cache=False).logits, shared_vocab,
-                           student_rows), k=cfg.loss.k, chunk_tokens=cfg.loss.chunk_tokens, device=device)
+                       teacher=lambda ids, positions: teacher_logits(teacher, ids, positions, shared_vocab=shared_vocab,
+                                                                     student_rows=student_rows),
+                       k=cfg.loss.k, chunk_tokens=cfg.loss.chunk_tokens, device=device)
     return {**metrics, "kl_source": "exact"}
 
 

@@ -65,7 +65,7 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 2  # bump when the shard layout changes; older caches are then refused (2: whole supervised samples)
 SHARD_BYTES = 256 * 2**20  # target Parquet shard size
 # Target Parquet row-group size. Ray Data reads a shard row group by row group, so a training stream's first batch
-# waits for one group, not the whole shard (the default demo: 34 s -> 6 s cold, 8.5 s -> 5 s warm, loaded machine).
+# waits for one group, not the whole shard (`jobs/bench.py cache --shard`, README "Fixed costs of a run").
 ROW_GROUP_BYTES = 4 * 2**20
 _SAMPLE_BYTES = 64 * 2**10
 _SAMPLES_PER_FILE = 32

@@ -59,12 +59,13 @@ from ray.util.annotations import RayDeprecationWarning
 from torch import nn
 
 from tailkd_ray.config import Config, ConfigError, from_dict, to_dict
-from tailkd_ray.core.losses import distill_objective, teacher_logits_over
+from tailkd_ray.core.losses import distill_objective
 from tailkd_ray.core.metrics import block_tensors, evaluate
 from tailkd_ray.core.summary import FIELDS, TeacherSummary
 from tailkd_ray.data.hashing import epoch_shuffle_seed, rows_fingerprint
 from tailkd_ray.errors import NonFiniteLossError
-from tailkd_ray.models import build_student, inference_dtype, load_teacher, shared_vocab_size, student_config
+from tailkd_ray.models import (build_student, inference_dtype, load_teacher, shared_vocab_size, student_config,
+                               teacher_logits)
 from tailkd_ray.placement import require_train_placement, train_worker_resources
 from tailkd_ray.runtime import train_logging_config
 from tailkd_ray.train.checkpoint import (Progress, export_student, load_checkpoint, resume_checkpoint,
@@ -387,10 +388,9 @@ def _teacher_for_batch(worker: _Worker, inputs: torch.Tensor, positions: Optiona
 
 
 def _colocated_logits(worker: _Worker, inputs: torch.Tensor, positions: Optional[torch.Tensor]) -> torch.Tensor:
-    """The co-located teacher's logits over the student's rows (``core.losses.teacher_logits_over``), at the
-    block's ``positions`` (None: 0..T-1)."""
-    logits = worker.teacher(input_ids=inputs, position_ids=positions, use_cache=False).logits  # no cache: packed mask
-    return teacher_logits_over(logits, worker.shared_vocab, worker.student_rows)
+    """The co-located teacher's logits over the student's rows (``models.teacher_logits``)."""
+    return teacher_logits(worker.teacher, inputs, positions, shared_vocab=worker.shared_vocab,
+                          student_rows=worker.student_rows)
 
 
 def progress_due(step: int, train) -> bool:
