@@ -154,6 +154,28 @@ def test_prompt_records_from_jsonl_parquet_and_chat(tmp_path, tiny_tokenizer_dir
         read_prompts(str(tmp_path), tokenizer, DataConfig(), limit=10)
 
 
+def test_prompt_records_from_a_hugging_face_dataset(tmp_path, tiny_tokenizer_dir):
+    """The rows of a datasets.Dataset (``tailkd eval``'s val_data) read as the same records written to jsonl, named
+    by row; its label without the dataset is one line saying what to pass."""
+    import datasets
+
+    from tailkd_ray.data.read import InMemoryCorpus
+
+    tokenizer = load_tokenizer(tiny_tokenizer_dir)
+    rows = [{"prompt": "Q: 2 + 2?\nA: ", "completion": "#### 4"}, {"prompt": "Q: 1?", "completion": None},
+            {"prompt": "Q: 5?", "completion": "#### 5"}]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    by_path = read_prompts(str(tmp_path / "a.jsonl"), tokenizer, DataConfig(), limit=10)
+    corpus = InMemoryCorpus.of(datasets.Dataset.from_list(rows), "val_data")
+    found = read_prompts(corpus.label, tokenizer, DataConfig(), limit=10, corpora={corpus.label: corpus})
+    assert (found.prompt_ids, found.references, found.skipped) == (by_path.prompt_ids, by_path.references,
+                                                                  by_path.skipped) and len(found.references) == 2
+    assert found.sources == ["hf:dataset[row 0]", "hf:dataset[row 2]"]
+    assert found.first_skipped["malformed"] == "hf:dataset[row 1] ('completion' is NoneType, expected a string)"
+    with pytest.raises(DataError, match=r"hf:dataset@\w+ names a datasets.Dataset .* which this call was not given"):
+        read_prompts(corpus.label, tokenizer, DataConfig(), limit=10)
+
+
 @pytest.mark.parametrize("name", ["llama3", "qwen2.5"])
 def test_chat_prompts_are_the_template_before_the_last_assistant_turn(chat_tokenizer_dirs, tmp_path, name):
     """Prompt ids = the chat template's text (Llama 3's starting with its BOS, once) tokenized without special tokens."""

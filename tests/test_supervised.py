@@ -4,6 +4,8 @@ through packing, the teacher pool, the cache, training and evaluation."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -361,6 +363,22 @@ def test_chat_distillation_trains_and_evaluates_on_the_completion_tokens(ray_ses
     assert (val_positions[:, 0] == 0).all() and (val_positions == 0).sum(1).max() > 2  # two samples and padding
     steps = read_records(out / "run", "step")
     assert len(steps) == 3 and all(r["tokens"] < 2 * 160 for r in steps) and sum(r["tokens"] for r in steps) > 0
+    # tailkd eval's Python API on the same val conversations as a datasets.Dataset: the token metrics and the
+    # completions of the path's
+    import datasets
+
+    from tailkd_ray.pipelines.evaluate import evaluate_student
+
+    generation = replace(cfg.generation, examples=4, max_new_tokens=4)
+    by_path = evaluate_student(replace(cfg, generation=generation), out / "run" / "student")
+    conversations = datasets.Dataset.from_list([json.loads(line) for line in _conversations(8, 100)])
+    in_memory = evaluate_student(replace(cfg, generation=generation, data=replace(cfg.data, val=None)),
+                                 out / "run" / "student", val_data=conversations)
+    assert by_path["tokens"] == in_memory["tokens"] == metrics["tokens"]
+    for name in ("val_loss", "kl_to_teacher", "exact_match", "rouge_l", "teacher_exact_match"):
+        assert by_path[name] == in_memory[name], name
+    generated = [json.loads(line) for line in Path(in_memory["generation"]["generations"]).read_text().splitlines()]
+    assert [g["source"] for g in generated] == [f"hf:dataset[row {i}]" for i in range(4)]
 
 
 def test_a_batch_without_completion_tokens_gives_zero_gradients_everywhere():
@@ -506,6 +524,7 @@ def test_a_dataset_and_a_path_for_one_split_are_refused(tmp_path):
     from tailkd_ray.config import from_dict
     from tailkd_ray.data.splits import with_in_memory_data
     from tailkd_ray.pipelines.distill import distill
+    from tailkd_ray.pipelines.evaluate import evaluate_student
     from tailkd_ray.pipelines.score import score
 
     cfg = from_dict({"data": {"format": "prompt_completion", "train": "train.jsonl"},
@@ -515,8 +534,8 @@ def test_a_dataset_and_a_path_for_one_split_are_refused(tmp_path):
         with_in_memory_data(cfg, train_data=rows)
     with pytest.raises(DataError, match="val_data must be a datasets.Dataset, got DatasetDict .* dataset\\['train'\\]"):
         with_in_memory_data(cfg, val_data=datasets.DatasetDict({"train": rows}))
-    for run in (distill, score):  # before any work
-        with pytest.raises(ConfigError, match=r"data.train \(train.jsonl\) and train_data"):
+    for run in (distill, score, lambda *args, **kwargs: evaluate_student(*args, tmp_path / "student", **kwargs)):
+        with pytest.raises(ConfigError, match=r"data.train \(train.jsonl\) and train_data"):  # before any work
             run(cfg, train_data=rows)
     with_val, corpora = with_in_memory_data(cfg, val_data=rows)
     assert with_val.data.train == "train.jsonl" and list(corpora) == [with_val.data.val]

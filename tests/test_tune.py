@@ -256,6 +256,30 @@ def test_trials_validating_only_at_their_last_step_report_it(grid, tiny_llama_di
 
 
 @pytest.mark.ray
+def test_a_search_on_hugging_face_datasets_scores_them_in_its_one_teacher_pass(ray_session, tiny_llama_dir, corpus,
+                                                                              tmp_path):
+    """``run_tune(cfg, train_data=, val_data=)``: the search's one teacher pass reads the datasets (the cache holds
+    the blocks they pack into) and its trial trains on that cache."""
+    import datasets
+
+    from tailkd_ray.data.splits import train_val_datasets, with_in_memory_data
+    from tailkd_ray.pipelines.tune import run_tune
+
+    train, val = (datasets.Dataset.from_dict({"text": [line for line in path.read_text().split(". ") if line]})
+                  for path in (corpus[0] / "a.txt", corpus[1] / "b.txt"))
+    cfg = search_config(tmp_path, tiny_llama_dir, corpus, data={"train": None, "val": None},
+                        train={"num_workers": 1, "max_steps": 1}, tune={"k": [2], "beta": [1.0]})
+    summary = run_tune(cfg, train_data=train, val_data=val)
+    assert summary["teacher_passes"] == 1 and summary["trials"] == summary["completed"] == 1, summary
+    _, _, report = train_val_datasets(*with_in_memory_data(cfg, train, val))
+    assert report.documents == len(train) + len(val) and report.val_blocks > 0
+    assert summary["cache_tokens"] == report.blocks * SEQ_LEN
+    assert (Path(summary["best"]["student"]) / "config.json").is_file()
+    with pytest.raises(ConfigError, match=r"data.val \(.*\) and val_data .* both given"):
+        run_tune(search_config(tmp_path, tiny_llama_dir, corpus), val_data=val)
+
+
+@pytest.mark.ray
 def test_cli_tune_example_runs_as_written(ray_session, tiny_llama_dir, corpus, tmp_path, monkeypatch):
     """The help's `tailkd tune` example on jobs/configs/smoke.yaml, which validates only at its last step, with
     the smoke config's teacher, corpus and output_dir pointed at test files (as test_job_submit.py does)."""

@@ -2,11 +2,12 @@
 
     generation.data --read on the driver, first generation.examples usable records--> PromptSet
 
-A record is a jsonl line or a Parquet row holding ``prompt`` and ``completion`` (the reference), or ``messages``
-(a chat: a list of {role, content}). A chat's prompt is the data tokenizer's chat template applied to the turns
-before its last assistant turn, with ``add_generation_prompt=True``; its reference is that turn's content. Prompts
-are tokenized as the packer tokenizes a sample's text (no special tokens added), after the BOS a document of that
-format starts with (``pack.document_bos_id``: a chat starts as its template renders it).
+A record is a jsonl line, a Parquet row or a row of a ``datasets.Dataset`` (``tailkd eval``'s Python API) holding
+``prompt`` and ``completion`` (the reference), or ``messages`` (a chat: a list of {role, content}). A chat's prompt
+is the data tokenizer's chat template applied to the turns before its last assistant turn, with
+``add_generation_prompt=True``; its reference is that turn's content. Prompts are tokenized as the packer tokenizes
+a sample's text (no special tokens added), after the BOS a document of that format starts with
+(``pack.document_bos_id``: a chat starts as its template renders it).
 
 A record without those fields stops the read with a ``DataError`` naming it (the file is not such data); a record
 whose fields are malformed (the checks of training's ``samples.py``: not strings, an empty completion, an unknown
@@ -26,7 +27,7 @@ import pyarrow.parquet as pq
 
 from tailkd_ray.config import DataConfig
 from tailkd_ray.data.pack import document_bos_id
-from tailkd_ray.data.read import expand_paths, json_record
+from tailkd_ray.data.read import HF_PREFIX, InMemoryCorpus, expand_paths, in_memory_corpus, json_record, row_source
 from tailkd_ray.data.samples import ChatTemplate, MalformedSample, check_messages, check_prompt_completion
 from tailkd_ray.errors import DataError
 
@@ -49,13 +50,15 @@ class PromptSet:
         self.first_skipped.setdefault(reason, where)
 
 
-def read_prompts(pattern: str, tokenizer, data_cfg: DataConfig, *, limit: int) -> PromptSet:
-    """The first ``limit`` usable records of the files ``pattern`` names (sorted; ``read.expand_paths``)."""
+def read_prompts(pattern: str, tokenizer, data_cfg: DataConfig, *, limit: int,
+                 corpora: Optional[dict[str, InMemoryCorpus]] = None) -> PromptSet:
+    """The first ``limit`` usable records of the files ``pattern`` names (sorted; ``read.expand_paths``), or of the
+    rows of the in-memory corpus it labels (``hf:...``; ``corpora``: ``splits.with_in_memory_data``'s)."""
     found = PromptSet()
     bos = {fmt: document_bos_id(tokenizer, dataclasses.replace(data_cfg, format=fmt))
            for fmt in ("chat", "prompt_completion")}
     template = None  # the data tokenizer's chat template, once a chat record needs it
-    for record, where in _records(pattern):
+    for record, where in _records(pattern, corpora or {}):
         if record is None:
             found.skip("invalid_utf8", where)
             continue
@@ -81,8 +84,13 @@ def read_prompts(pattern: str, tokenizer, data_cfg: DataConfig, *, limit: int) -
     return found
 
 
-def _records(pattern: str) -> Iterator[tuple[Optional[dict], str]]:
-    """(record, where) of every file in order; record None for a jsonl line that is not UTF-8."""
+def _records(pattern: str, corpora: dict[str, InMemoryCorpus]) -> Iterator[tuple[Optional[dict], str]]:
+    """(record, where) of every file in order, or of every row of an in-memory corpus; record None for a jsonl line
+    that is not UTF-8."""
+    if pattern.startswith(HF_PREFIX):
+        corpus = in_memory_corpus(pattern, corpora)
+        yield from ((row, row_source(corpus.name, number)) for number, row in enumerate(corpus.dataset))
+        return
     for path in expand_paths(pattern):
         fs, inner = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
         if path.endswith(".parquet"):

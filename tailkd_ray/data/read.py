@@ -83,6 +83,19 @@ class InMemoryCorpus:
         return f"{HF_PREFIX}{self.name}@{self.dataset._fingerprint}"
 
 
+def in_memory_corpus(label: str, corpora: dict[str, InMemoryCorpus]) -> InMemoryCorpus:
+    """The corpus an ``hf:`` label in data.train / data.val names, or a ``DataError`` when this call was not given it."""
+    if label not in corpora:
+        raise DataError(f"{label} names a datasets.Dataset passed through the Python API (train_data= / val_data=), "
+                        f"which this call was not given: pass it, or set a path")
+    return corpora[label]
+
+
+def row_source(name: str, row: int) -> str:
+    """Where a record of an in-memory corpus came from, in messages and reports: ``hf:NAME[row N]`` (from 0)."""
+    return f"{HF_PREFIX}{name}[row {row}]"
+
+
 def read_documents(source: str | InMemoryCorpus, data_cfg: DataConfig, chat_template: Optional[ChatTemplate] = None
                    ) -> ray.data.Dataset:
     """One row per document: ``text`` (``input_ids`` for the tokens format; ``segments`` and ``trained`` for the
@@ -157,7 +170,7 @@ def _read_in_memory(corpus: InMemoryCorpus, data_cfg: DataConfig, chat_template:
 
 
 def _row_sources(batch, name: str) -> list[str]:
-    return [f"{HF_PREFIX}{name}[row {row}]" for row in batch[_ROW_COLUMN].to_pylist()]
+    return [row_source(name, row) for row in batch[_ROW_COLUMN].to_pylist()]
 
 
 def _in_memory_samples(batch, *, name: str, fmt: str, chat_template: Optional[ChatTemplate]):

@@ -25,7 +25,7 @@ import ray.data
 from tailkd_ray.config import Config, ConfigError
 from tailkd_ray.data.hashing import select_split
 from tailkd_ray.data.pack import IngestReport, tokenize_and_pack
-from tailkd_ray.data.read import HF_PREFIX, InMemoryCorpus, expand_paths, read_documents
+from tailkd_ray.data.read import HF_PREFIX, InMemoryCorpus, expand_paths, in_memory_corpus, read_documents
 from tailkd_ray.data.samples import ChatTemplate
 from tailkd_ray.errors import DataError
 from tailkd_ray.models import data_tokenizer_path, load_tokenizer, tokenizer_size
@@ -64,11 +64,12 @@ def train_val_datasets(cfg: Config, corpora: Optional[Corpora] = None) -> Ingest
     return train, val, report
 
 
-def validation_dataset(cfg: Config) -> Optional[ray.data.Dataset]:
-    """The val blocks of ``train_val_datasets``, reading the training corpus only when they are held out of it."""
+def validation_dataset(cfg: Config, corpora: Optional[Corpora] = None) -> Optional[ray.data.Dataset]:
+    """The val blocks of ``train_val_datasets``, reading the training corpus only when they are held out of it.
+    ``corpora``: ``with_in_memory_data``'s."""
     if cfg.data.val is None:
-        return _corpus_splits(cfg, {})[1]
-    return _packed(cfg, cfg.data.val, IngestReport(), {})
+        return _corpus_splits(cfg, corpora or {})[1]
+    return _packed(cfg, cfg.data.val, IngestReport(), corpora or {})
 
 
 def shuffled_blocks(blocks: ray.data.Dataset, seed: int, count: int) -> ray.data.Dataset:
@@ -109,10 +110,8 @@ def _packed(cfg: Config, pattern: str, report: IngestReport, corpora: Corpora) -
     before = report.blocks
     tokenizer = data_tokenizer(cfg)
     if pattern.startswith(HF_PREFIX):
-        if pattern not in corpora:
-            raise DataError(f"{pattern} names a datasets.Dataset passed through the Python API (train_data= / "
-                            f"val_data=), which this call was not given: pass it, or set a path")
-        source, size = corpora[pattern], f"{len(corpora[pattern].dataset)} row(s)"
+        source = in_memory_corpus(pattern, corpora)
+        size = f"{len(source.dataset)} row(s)"
     else:
         source, size = pattern, f"{len(expand_paths(pattern))} file(s)"
     log.info("tokenizing %s: %s with %s, blocks of data.seq_len + 1 = %d ids", pattern, size,

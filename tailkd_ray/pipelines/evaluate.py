@@ -24,7 +24,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 
@@ -33,7 +33,7 @@ from tailkd_ray.core.generation import greedy_decode, score_example, summarize_s
 from tailkd_ray.core.metrics import evaluate
 from tailkd_ray.data.prompts import PromptSet, read_prompts
 from tailkd_ray.data.samples import end_of_turn_ids
-from tailkd_ray.data.splits import data_tokenizer, validation_dataset
+from tailkd_ray.data.splits import Corpora, data_tokenizer, validation_dataset, with_in_memory_data
 from tailkd_ray.errors import ConfigError, DataError
 from tailkd_ray.models import StudentWithHead, load_model, load_teacher, shared_vocab_size, teacher_logits
 from tailkd_ray.runtime import init_ray
@@ -46,9 +46,13 @@ TEACHER_GENERATIONS = "teacher_generations.json"  # in output_dir: the teacher's
 _GENERATIONS_VERSION = 2  # bump when what decides the teacher's completions changes
 
 
-def evaluate_student(cfg: Config, student_path: Union[str, Path]) -> dict:
+def evaluate_student(cfg: Config, student_path: Union[str, Path], *, train_data: Any = None,
+                     val_data: Any = None) -> dict:
     """Evaluate the student at ``student_path``; writes ``<student_path>_eval.json`` (``student_eval_path``) and
-    returns the metrics, with ``eval_json``: where they were written."""
+    returns the metrics, with ``eval_json``: where they were written. ``train_data`` / ``val_data``: a Hugging Face
+    ``datasets.Dataset`` in place of data.train / data.val (``with_in_memory_data``), for the token metrics and, in
+    a supervised format with generation.data null, the prompts."""
+    cfg, corpora = with_in_memory_data(cfg, train_data, val_data)
     init_ray()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     student, teacher = _setup_models(cfg, student_path, device)
@@ -59,9 +63,9 @@ def evaluate_student(cfg: Config, student_path: Union[str, Path]) -> dict:
                         "metrics, generation.data for task accuracy, or lm_eval.tasks")
     metrics = {"student": str(student_path)}
     if token_data:
-        metrics.update(_token_metrics(cfg, student, teacher, device))
+        metrics.update(_token_metrics(cfg, corpora, student, teacher, device))
     if prompts is not None:
-        metrics.update(_generation_metrics(cfg, prompts, student_path, student, teacher))
+        metrics.update(_generation_metrics(cfg, prompts, corpora, student_path, student, teacher))
     if cfg.lm_eval.tasks:
         metrics["lm_eval"] = _lm_eval_results(cfg, student_path, device)
     target = student_eval_path(student_path)
@@ -87,9 +91,9 @@ def _setup_models(cfg: Config, student_path: Union[str, Path], device: str):
     return student, load_teacher(cfg.teacher, device=device)
 
 
-def _token_metrics(cfg: Config, student, teacher, device: str) -> dict:
+def _token_metrics(cfg: Config, corpora: Corpora, student, teacher, device: str) -> dict:
     """core.metrics on the val blocks, the student run chunk by chunk from its hidden states."""
-    val_ds = validation_dataset(cfg)
+    val_ds = validation_dataset(cfg, corpora)
     if val_ds is None:
         raise DataError("no validation data: set data.val, or data.val_fraction > 0 to hold out part of data.train")
     student = StudentWithHead(student)
@@ -101,13 +105,14 @@ def _token_metrics(cfg: Config, student, teacher, device: str) -> dict:
     return {**metrics, "kl_source": "exact"}
 
 
-def _generation_metrics(cfg: Config, records: str, student_path: Union[str, Path], student, teacher) -> dict:
+def _generation_metrics(cfg: Config, records: str, corpora: Corpora, student_path: Union[str, Path], student,
+                        teacher) -> dict:
     """``exact_match``, ``rouge_l`` (and ``teacher_exact_match``, ``teacher_rouge_l``) on the prompts of ``records``
     (``GenerationConfig.records``), with ``generation``: the counts behind them, the records skipped and where the
     completions went."""
     gen = cfg.generation
     tokenizer = data_tokenizer(cfg)
-    prompts = read_prompts(records, tokenizer, cfg.data, limit=gen.examples)
+    prompts = read_prompts(records, tokenizer, cfg.data, limit=gen.examples, corpora=corpora)
     skipped = ", ".join(f"{n} {reason} (first: {prompts.first_skipped[reason]})"
                         for reason, n in prompts.skipped.items()) or "none"
     if not prompts.references:

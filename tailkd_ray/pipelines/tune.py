@@ -47,7 +47,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import ray
@@ -58,6 +58,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from tailkd_ray.config import Config, ConfigError, differing_fields, from_dict, require_k_within_top_m, to_dict
+from tailkd_ray.data.splits import with_in_memory_data
 from tailkd_ray.errors import SearchError, find_tailkd_error
 from tailkd_ray.pipelines.preflight import TRIAL_DRIVER, check_inputs, require_resources, trial_demands
 from tailkd_ray.pipelines.score import score_splits
@@ -73,20 +74,23 @@ EXPERIMENT = "search"  # Tune experiment name under OUT/tune/
 RESULT_COLUMNS = ("trial", "k", "beta", "status", "steps", "evals", "final", "best", "student", "error")
 
 
-def run_tune(cfg: Config) -> dict:
+def run_tune(cfg: Config, *, train_data: Any = None, val_data: Any = None) -> dict:
     """``tailkd tune``: one teacher pass into the summary cache, then a Ray Tune search over K and β.
+    ``train_data`` / ``val_data``: a Hugging Face ``datasets.Dataset`` in place of data.train / data.val
+    (``data.splits.with_in_memory_data``); the trials read the cache only, so only the teacher pass reads it.
 
     Returns the summary printed by the CLI: trial counts by status, the best trial (K, β, metric, student
     and config paths), output files, and the teacher cost (``teacher_passes`` run by this call, 0 when the
     cache was reused; ``teacher_tokens_scored``; ``cache_tokens``; ``tokens_if_scored_per_trial``).
     """
+    cfg, corpora = with_in_memory_data(cfg, train_data, val_data)
     cfg = search_config(cfg)
     check_inputs(cfg)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     init_ray()
     require_resources(cfg, "tune")
     teacher_id = teacher_identity(cfg.teacher.model)
-    teacher = score_splits(cfg, teacher_id)  # the one teacher pass (none when the cache is complete)
+    teacher = score_splits(cfg, teacher_id, corpora=corpora)  # the one teacher pass (none when the cache is complete)
     for split in SPLITS:  # every shard hashed once here, not once per trial
         check_cache(cfg, split=split, teacher_id=teacher_id)
     tuner, restored = make_tuner(cfg, teacher_id)
