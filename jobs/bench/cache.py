@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import statistics
 import tempfile
-import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import ray.data
+import torch
 
 from tailkd_ray.config import from_dict
 from tailkd_ray.core.summary import FIELDS
@@ -37,7 +38,7 @@ from tailkd_ray.runtime import init_ray
 from tailkd_ray.teacher.cache import ROW_GROUP_BYTES, restore_shapes, write_shard
 from tailkd_ray.teacher.pool import TeacherScorer, scorer_kwargs
 
-from .measure import log
+from .measure import log, paired_ratio, time_interleaved
 
 NAME = "cache"
 HELP = "summary cache bytes per row with the summaries at masked positions blanked, and without"
@@ -109,7 +110,7 @@ def run(args) -> dict:
 
 def _first_batch_seconds(work: Path, scored_batches: list, args) -> dict:
     """Seconds to the first batch of 8 rows from one shard of every scored row (or of ``--shard``'s rows), per
-    row-group layout; one untimed read first (worker start-up, imports)."""
+    row-group layout, interleaved; one untimed round first (worker start-up, imports)."""
     if args.shard:
         table = pq.read_table(args.shard)
         seq_len = table.schema.field("input_ids").type.list_size - 1
@@ -125,23 +126,18 @@ def _first_batch_seconds(work: Path, scored_batches: list, args) -> dict:
                                                row_group_bytes=group_bytes)["shard"][0])
         groups[layout] = pq.ParquetFile(paths[layout]).metadata.num_row_groups
 
-    def first_batch(path: str) -> float:
-        start = time.perf_counter()
+    def first_batch(path: str) -> None:
         stream = ray.data.read_parquet([path]).map_batches(restore_shapes, fn_kwargs={"seq_len": seq_len},
                                                            batch_format="pyarrow")
         next(iter(stream.iter_batches(batch_size=8)))
-        return time.perf_counter() - start
 
-    first_batch(paths["row_groups"])
-    seconds = {layout: [] for layout in paths}
-    for repeat in range(args.repeats):  # order alternating
-        for layout in (list(paths) if repeat % 2 == 0 else list(paths)[::-1]):
-            seconds[layout].append(first_batch(paths[layout]))
-    paired = [g / one for g, one in zip(seconds["row_groups"], seconds["one_row_group"])]
+    seconds = time_interleaved({layout: partial(first_batch, path) for layout, path in paths.items()},
+                               repeats=args.repeats, warmup=1, device=torch.device("cpu"), progress=log)
+    paired = paired_ratio(seconds, "row_groups", "one_row_group")
     return {"shard": args.shard, "rows": len(everything["input_ids"]), "row_group_bytes": ROW_GROUP_BYTES,
             "row_groups": groups, "seconds": seconds, "median_seconds": {k: statistics.median(v) for k, v in
                                                                          seconds.items()},
-            "row_groups_over_one_median_of_paired": statistics.median(paired)}
+            "row_groups_over_one_median_of_paired": paired["median_of_paired_ratios"]}
 
 
 def _column_bytes(path: Path, columns) -> int:
