@@ -375,7 +375,7 @@ class ObjectiveOutput:
 
 # Below this a row's factor of q in a gradient is too small to divide by (√tiny: 1e-19 in float32; its reciprocal
 # stays far from overflow): such rows are written as they are (``_row_scale``).
-def _exp_sum_floor(dtype: torch.dtype) -> float:
+def _divisor_floor(dtype: torch.dtype) -> float:
     return math.sqrt(torch.finfo(dtype).tiny)
 
 
@@ -425,7 +425,7 @@ def _row_scale(coef: Tensor) -> tuple[Tensor, Tensor]:
     """(s, explicit rows): the per-row factor ``coef`` of q in a gradient, to fold out of the dense pass (the caller
     scales the matmuls' [n, d] sides by it), and the rows that cannot fold it, whose factor is 0 or too small to
     divide by; s = 1 there."""
-    explicit = coef.abs() < _exp_sum_floor(coef.dtype)
+    explicit = coef.abs() < _divisor_floor(coef.dtype)
     return torch.where(explicit, torch.ones_like(coef), coef), explicit.nonzero().squeeze(-1)
 
 

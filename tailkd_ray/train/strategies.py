@@ -2,8 +2,8 @@
 
 A strategy wraps the student (``models.StudentWithHead``) for its parallelism and owns the optimizer (AdamW)
 and the learning-rate schedule (``lr_scheduler``: ``train.lr_schedule``, built by transformers): the loop calls
-``strategy(input_ids, head_fn, position_ids=None)``, ``sync_context``, ``backward``, ``grad_norm``, ``step``, and for checkpoints
-``save`` / ``load`` / ``full_state_dict``. FSDP2 and DDP checkpoint with ``torch.distributed.checkpoint``,
+``strategy(input_ids, head_fn, position_ids=None)``, ``sync_context``, ``backward``, ``grad_norm``, ``step``, and for
+checkpoints ``save`` / ``load`` / ``full_state_dict``. FSDP2 and DDP checkpoint with ``torch.distributed.checkpoint``,
 DeepSpeed with its own ZeRO-partitioned checkpoints, read back with ``torch.load(weights_only=True)``
 (``weights_only_checkpoint_engine``). bf16 on GPU only (``mixed_precision``).
 
